@@ -1,0 +1,110 @@
+"""Building blocks with logical-axis metadata.
+
+Every parameter is an `nnx.Param` carrying `logical_axes` (names such as "embed", "mlp",
+"heads"); `sr_jax.sharding` maps them to mesh axes, so the model code never mentions a mesh.
+Parameters are stored in `param_dtype` and cast to the compute `dtype` at use.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype):
+    return INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is (in, out), i.e. the transpose of torch's weight."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], use_bias: bool,
+                 dtype, param_dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), param_dtype), logical_axes=axes)
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],)) if use_bias else None
+        )
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, num: int, features: int, *, axes: tuple[str, str], dtype, param_dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_normal(rngs, (num, features), param_dtype), logical_axes=axes)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output projection: logits against the embedding table."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+    """Normalises in float32, casts back to the input dtype, then scales (HF's order of casts)."""
+
+    def __init__(self, features: int, *, eps: float, axis_name: str, param_dtype):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), logical_axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, features: int, *, eps: float, axis_name: str, param_dtype):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), logical_axes=(axis_name,))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    return x * cos + rotate_half(x) * sin
+
+
+def activation(name: str):
+    table = {
+        "silu": jax.nn.silu,
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(table)}")
+    return table[name]
+
+
+def masked_softmax_attention(q, k, v, mask, *, scale: float):
+    """Grouped-query attention on (B, Tq, Hkv, G, D) queries and (B, Tk, Hkv, D) keys/values.
+
+    `mask` (B, Tq, Tk) is True where attention is allowed. Scores and softmax run in float32;
+    a large negative (not -inf) fill keeps fully masked rows (padding queries) finite.
+    """
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)

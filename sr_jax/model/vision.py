@@ -1,0 +1,209 @@
+"""Qwen3-VL vision tower: patch embedding, interpolated learned positions, 2-D RoPE blocks,
+the 2x2 patch merger and the deepstack mergers.
+
+Patches arrive as HF's processor lays them out: (num_patches, C*T*P*P) rows, each image's
+patches in merge-window order (the 2x2 groups that become one LLM token are consecutive).
+Everything that depends only on `grid_thw` (positions, interpolation taps, which image a patch
+belongs to) is computed on the host by `vision_inputs` so the jitted tower sees static shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sr_jax.model.config import VisionConfig
+from sr_jax.model.layers import LayerNorm, Linear, activation, apply_rope
+
+
+@dataclasses.dataclass
+class VisionInputs:
+    """Host-side per-patch tables for a set of images (all arrays indexed by patch)."""
+
+    interp_index: np.ndarray   # (N, 4) int32 taps into the learned position table
+    interp_weight: np.ndarray  # (N, 4) float32 bilinear weights
+    rope_hw: np.ndarray        # (N, 2) int32 (row, col) of the patch in its image
+    segment: np.ndarray        # (N,) int32 which image/frame the patch belongs to (attention blocks)
+
+    def as_tuple(self):
+        return (self.interp_index, self.interp_weight, self.rope_hw, self.segment)
+
+
+def _axis_taps(index: np.ndarray, size: int, side: int):
+    """Bilinear, align-corners sampling of a `side`-long table at `size` evenly spread points."""
+    src = index.astype(np.float64) * (side - 1) / max(size - 1, 1)
+    lo = np.floor(src)
+    taps = np.stack([lo, lo + 1], axis=-1)
+    weights = np.clip(1.0 - np.abs(src[:, None] - taps), 0.0, None)
+    return np.clip(taps, 0, side - 1).astype(np.int64), weights
+
+
+def vision_inputs(grid_thw, cfg: VisionConfig) -> VisionInputs:
+    grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    m = cfg.spatial_merge_size
+    side = int(round(cfg.num_position_embeddings**0.5))
+    idx, wts, hw, seg = [], [], [], []
+    segment = 0
+    for t, h, w in grid.tolist():
+        if h % m or w % m:
+            raise ValueError(f"image grid {h}x{w} is not divisible by spatial_merge_size {m}")
+        # (row, col) of each patch in merge-window order: block row, block col, inner row, inner col.
+        br, bc, ir, ic = np.meshgrid(np.arange(h // m), np.arange(w // m), np.arange(m), np.arange(m), indexing="ij")
+        row = (br * m + ir).ravel()
+        col = (bc * m + ic).ravel()
+        h_taps, h_w = _axis_taps(row, h, side)
+        w_taps, w_w = _axis_taps(col, w, side)
+        frame_idx = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+        frame_wts = (h_w[:, :, None] * w_w[:, None, :]).reshape(-1, 4)
+        for _ in range(t):
+            idx.append(frame_idx)
+            wts.append(frame_wts)
+            hw.append(np.stack([row, col], axis=-1))
+            seg.append(np.full(h * w, segment))
+            segment += 1
+    if not idx:
+        raise ValueError("image_grid_thw is empty")
+    return VisionInputs(
+        interp_index=np.concatenate(idx).astype(np.int32),
+        interp_weight=np.concatenate(wts).astype(np.float32),
+        rope_hw=np.concatenate(hw).astype(np.int32),
+        segment=np.concatenate(seg).astype(np.int32),
+    )
+
+
+def vision_rope(rope_hw: jax.Array, cfg: VisionConfig):
+    """cos/sin (N, head_dim) in float32: a quarter of the frequencies per axis, [h, w, h, w] layout."""
+    quarter = cfg.head_dim // 4
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(quarter, dtype=jnp.float32) * 2 / (cfg.head_dim // 2)))
+    freqs = rope_hw.astype(jnp.float32)[:, :, None] * inv_freq  # (N, 2, quarter)
+    freqs = freqs.reshape(freqs.shape[0], -1)  # [h freqs..., w freqs...]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+class VisionPatchEmbed(nnx.Module):
+    """The Conv3d with kernel == stride over (T, P, P) patches is a matmul on flattened patches."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+        self.proj = Linear(cfg.patch_dim, cfg.hidden_size, axes=("patch", "vision_embed"), use_bias=True,
+                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, patches):
+        return self.proj(patches)
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+        d = cfg.hidden_size
+        self.qkv = Linear(d, 3 * d, axes=("vision_embed", "vision_qkv"), use_bias=True,
+                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj = Linear(d, d, axes=("vision_heads", "vision_embed"), use_bias=True,
+                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.dtype = dtype
+
+    def __call__(self, x, cos, sin, segment):
+        n = x.shape[0]
+        qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        # RoPE in float32, as the reference does, then back to the compute dtype.
+        q = apply_rope(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
+        k = apply_rope(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
+        scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * self.head_dim**-0.5
+        same_image = segment[:, None] == segment[None, :]
+        scores = jnp.where(same_image[None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("hqk,khd->qhd", probs, v).reshape(n, -1)
+        return self.proj(out)
+
+
+class VisionMLP(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+        self.linear_fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("vision_embed", "vision_mlp"),
+                                 use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("vision_mlp", "vision_embed"),
+                                 use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+        self.norm1 = LayerNorm(cfg.hidden_size, eps=1e-6, axis_name="vision_embed", param_dtype=param_dtype)
+        self.norm2 = LayerNorm(cfg.hidden_size, eps=1e-6, axis_name="vision_embed", param_dtype=param_dtype)
+        self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, segment):
+        x = x + self.attn(self.norm1(x), cos, sin, segment)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionPatchMerger(nnx.Module):
+    """Concatenates each 2x2 window of patch features and projects to the LLM width.
+
+    The main merger normalises per patch before concatenating; the deepstack mergers
+    (`postshuffle_norm`) normalise the concatenated window.
+    """
+
+    def __init__(self, cfg: VisionConfig, *, postshuffle_norm: bool, dtype, param_dtype, rngs):
+        self.window_dim = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.postshuffle_norm = postshuffle_norm
+        self.norm = LayerNorm(self.window_dim if postshuffle_norm else cfg.hidden_size, eps=1e-6,
+                              axis_name="vision_merge" if postshuffle_norm else "vision_embed",
+                              param_dtype=param_dtype)
+        self.linear_fc1 = Linear(self.window_dim, self.window_dim, axes=("vision_merge", "vision_mlp"),
+                                 use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_fc2 = Linear(self.window_dim, cfg.out_hidden_size, axes=("vision_mlp", "embed"),
+                                 use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        if self.postshuffle_norm:
+            x = self.norm(x.reshape(-1, self.window_dim))
+        else:
+            x = self.norm(x).reshape(-1, self.window_dim)
+        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=False))
+
+
+class VisionModel(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+        self.config = cfg
+        self.patch_embed = VisionPatchEmbed(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.pos_embed = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (cfg.num_position_embeddings, cfg.hidden_size), param_dtype),
+            logical_axes=("vision_pos", "vision_embed"),
+        )
+        self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.depth)])
+        self.merger = VisionPatchMerger(cfg, postshuffle_norm=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.deepstack_merger_list = nnx.List([
+            VisionPatchMerger(cfg, postshuffle_norm=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in cfg.deepstack_visual_indexes
+        ])
+        self.dtype = dtype
+
+    def __call__(self, pixel_values, inputs: VisionInputs | tuple):
+        """Returns (merged features (N/4, out_hidden), [deepstack features (N/4, out_hidden)...])."""
+        interp_index, interp_weight, rope_hw, segment = (
+            inputs.as_tuple() if isinstance(inputs, VisionInputs) else inputs
+        )
+        x = self.patch_embed(jnp.asarray(pixel_values))
+        table = self.pos_embed[...]
+        pos = jnp.einsum("nk,nkd->nd", jnp.asarray(interp_weight, table.dtype), jnp.take(table, interp_index, axis=0))
+        x = x + pos.astype(x.dtype)
+        cos, sin = vision_rope(jnp.asarray(rope_hw), self.config)
+        segment = jnp.asarray(segment)
+        deepstack = []
+        taps = list(self.config.deepstack_visual_indexes)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, segment)
+            if i in taps:
+                deepstack.append(self.deepstack_merger_list[taps.index(i)](x))
+        return self.merger(x), deepstack
