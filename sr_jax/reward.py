@@ -1,0 +1,468 @@
+"""Turning the reward model's answers into numbers: a forgiving parser and the reward formula.
+
+`parse_output(text)` reads one generated answer (SC: edit regions + reasoning + [success,
+overediting]; PQ: reasoning + [naturalness, artifacts]). A policy being trained against this reward
+sees thousands of samples, and a reward model occasionally writes broken JSON, so the parser never
+raises: it repairs what it can and falls back to the middle of the scale for what it cannot.
+
+`aggregate` / `aggregate_batch` combine the two score pairs into the scalar reward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+SCORE_RANGE = 25.0
+BOX_GRID = 1000
+_MAX_DEPTH = 64  # deeper nesting is never a real answer; stopping there keeps recursion bounded
+
+_NOTHING = object()  # "no value could be read here" (distinct from a JSON null)
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_WORDS = {"true": True, "false": False, "null": None, "none": None,
+          "nan": math.nan, "infinity": math.inf, "inf": math.inf}
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "/": "/", "\\": "\\", '"': '"', "'": "'"}
+_HEX_ESCAPES = {"u": 4, "x": 2, "U": 8}
+_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+_PLAIN_RUN = {q: re.compile(r"[^\\" + q + r"]+") for q in "\"'"}
+_STRING_END = ",:}])"  # what may follow a closing quote; anything else means the quote was literal
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+_SCORE_FALLBACK = re.compile(
+    r"""["']?scores?["']?\s*[:=]\s*[\[(]([^,\]\)\n]*)(?:,([^,\]\)\n]*))?""", re.IGNORECASE
+)
+
+
+class _LenientReader:
+    """Reads JSON, Python-literal style JSON and truncated JSON.
+
+    Instead of failing on something unexpected it stops and returns what it has read so far
+    (an object cut by garbage or by the end of the text keeps its complete entries). Tolerated:
+    single quotes, bare keys, True/False/None, trailing or doubled commas, tuples, raw newlines
+    and unescaped quotes inside strings (a quote only closes a string if a delimiter follows it).
+    """
+
+    def __init__(self, text: str):
+        self.s = text
+        self.n = len(text)
+        self.hit_end = False  # the text ended inside a value: the answer was truncated
+
+    def _ws(self, i: int) -> int:
+        while i < self.n and self.s[i].isspace():
+            i += 1
+        return i
+
+    def _ws_commas(self, i: int) -> int:
+        while i < self.n and (self.s[i].isspace() or self.s[i] == ","):
+            i += 1
+        return i
+
+    def value(self, i: int, depth: int) -> tuple[Any, int]:
+        i = self._ws(i)
+        if i >= self.n:
+            self.hit_end = True
+            return _NOTHING, i
+        c = self.s[i]
+        if depth > _MAX_DEPTH:
+            return _NOTHING, i
+        if c == "{":
+            return self.obj(i, depth)
+        if c in "[(":
+            return self.array(i, depth)
+        if c in "\"'":
+            return self.string(i)
+        m = _NUMBER.match(self.s, i)
+        if m:
+            text = m.group()
+            try:
+                return (int(text) if text.lstrip("+-").isdigit() else float(text)), m.end()
+            except (ValueError, OverflowError):
+                return _NOTHING, i
+        m = _WORD.match(self.s, i)
+        if m and m.group().lower() in _WORDS:
+            return _WORDS[m.group().lower()], m.end()
+        return _NOTHING, i
+
+    def obj(self, i: int, depth: int) -> tuple[dict, int]:
+        out: dict = {}
+        i += 1
+        while True:
+            i = self._ws_commas(i)
+            if i >= self.n:
+                self.hit_end = True
+                return out, i
+            if self.s[i] == "}":
+                return out, i + 1
+            if self.s[i] in "\"'":
+                key, j = self.string(i)
+            else:
+                m = _WORD.match(self.s, i)
+                if not m:
+                    return out, i
+                key, j = m.group(), m.end()
+            j = self._ws(j)
+            if j >= self.n:
+                self.hit_end = True
+                return out, j
+            if self.s[j] not in ":=":
+                return out, j
+            val, k = self.value(j + 1, depth + 1)
+            if val is _NOTHING:
+                return out, k
+            out[key] = val
+            i = self._ws(k)
+            if i < self.n and self.s[i] not in ",}":
+                return out, i
+
+    def array(self, i: int, depth: int) -> tuple[list, int]:
+        close = "]" if self.s[i] == "[" else ")"
+        out: list = []
+        i += 1
+        while True:
+            i = self._ws_commas(i)
+            if i >= self.n:
+                self.hit_end = True
+                return out, i
+            if self.s[i] == close:
+                return out, i + 1
+            val, k = self.value(i, depth + 1)
+            if val is _NOTHING:
+                return out, k
+            out.append(val)
+            i = self._ws(k)
+            if i < self.n and self.s[i] not in "," + close:
+                return out, i
+
+    def string(self, i: int) -> tuple[str, int]:
+        quote, plain = self.s[i], _PLAIN_RUN[self.s[i]]
+        parts: list[str] = []
+        j = i + 1
+        while j < self.n:
+            m = plain.match(self.s, j)
+            if m:
+                parts.append(m.group())
+                j = m.end()
+                continue
+            c = self.s[j]
+            if c == "\\":
+                if j + 1 >= self.n:
+                    break
+                e = self.s[j + 1]
+                width = _HEX_ESCAPES.get(e, 0)  # \uXXXX (JSON), \xXX and \UXXXXXXXX (Python)
+                digits = self.s[j + 2 : j + 2 + width]
+                if width and len(digits) == width and all(d in string.hexdigits for d in digits) \
+                        and int(digits, 16) <= sys.maxunicode:
+                    parts.append(chr(int(digits, 16)))
+                    j += 2 + width
+                else:
+                    parts.append(_ESCAPES.get(e, e))
+                    j += 2
+                continue
+            k = self._ws(j + 1)  # c is the quote character
+            if k >= self.n or self.s[k] in _STRING_END:
+                return _join_surrogates("".join(parts)), j + 1
+            parts.append(c)
+            j += 1
+        self.hit_end = True
+        return _join_surrogates("".join(parts)), self.n
+
+
+def _join_surrogates(text: str) -> str:
+    """JSON writes characters beyond the BMP as two \\u escapes; fuse such pairs (lone halves stay)."""
+    return _SURROGATE_PAIR.sub(lambda m: m.group().encode("utf-16", "surrogatepass").decode("utf-16"), text)
+
+
+def _strip_thinking(text: str, errors: list[str]) -> str:
+    text = _THINK_BLOCK.sub("", text)
+    low = text.lower()
+    close = low.rfind("</think>")
+    if close >= 0:  # the opening tag was in the prompt (or lost): only what follows is the answer
+        text, low = text[close + len("</think>") :], low[close + len("</think>") :]
+    start = low.find("<think>")
+    if start >= 0:  # never closed: the answer, if any, can only be inside; search all of it
+        errors.append("unclosed_think")
+        text = text[:start] + text[start + len("<think>") :]
+    return text
+
+
+def _candidate_objects(text: str) -> tuple[list[dict], bool, bool]:
+    """All `{...}` objects (nested ones included, in reading order), whether the text was cut
+    inside one, and whether the chosen top-level spans were all strict JSON."""
+    reader = _LenientReader(text)
+    found: list[dict] = []
+    strict = True
+    i = 0
+    while (i := text.find("{", i)) >= 0:
+        obj, end = reader.obj(i, 0)
+        _collect_dicts(obj, found)
+        if any(k in obj for k in ("score", "scores", "reasoning", "edit_region")):
+            try:
+                json.loads(text[i:end])
+            except ValueError:
+                strict = False
+        i = max(end, i + 1)
+    return found, reader.hit_end, strict
+
+
+def _collect_dicts(value: Any, out: list[dict]) -> None:
+    if isinstance(value, dict):
+        out.append(value)
+        for v in value.values():
+            _collect_dicts(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            _collect_dicts(v, out)
+
+
+def _choose_answer(objects: list[dict]) -> dict | None:
+    """The last object holding a score, else the last holding answer fields: models sometimes
+    echo an example before the real answer, and the real one comes last."""
+    for keys in (("score", "scores"), ("reasoning", "edit_region")):
+        for obj in reversed(objects):
+            if any(k in obj for k in keys):
+                return obj
+    return None
+
+
+def _as_number(x: Any) -> float | None:
+    if isinstance(x, bool) or x is None:
+        return None
+    if isinstance(x, (int, float)):
+        v = float(x)
+    elif isinstance(x, str):
+        m = _NUMBER.search(x)
+        if not m:
+            return None
+        try:
+            v = float(m.group())
+        except (ValueError, OverflowError):
+            return None
+    else:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _scores_from(raw: Any) -> list[float | None]:
+    if isinstance(raw, str):  # "20, 18" written as one string
+        raw = raw.strip("[]() ").split(",")
+    items = list(raw.values()) if isinstance(raw, dict) else raw
+    items = list(items[:2]) if isinstance(items, (list, tuple)) else [items]
+    return [_as_number(x) for x in items] + [None] * (2 - len(items))
+
+
+def _scores_by_pattern(text: str) -> list[float | None] | None:
+    for m in reversed(list(_SCORE_FALLBACK.finditer(text))):
+        pair = [_as_number(g) if g else None for g in m.groups()]
+        if any(v is not None for v in pair):
+            return pair
+    return None
+
+
+def _clean_box(box: Any) -> tuple[list[int] | None, str]:
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        return None, "box_shape"
+    values = [_as_number(v) for v in box]
+    if any(v is None for v in values):
+        return None, "box_value"
+    x1, y1, x2, y2 = (int(round(min(max(v, 0.0), BOX_GRID))) for v in values)
+    reason = "box_reordered" if x1 > x2 or y1 > y2 else ""
+    x1, x2 = sorted((x1, x2))
+    y1, y2 = sorted((y1, y2))
+    if x1 == x2 or y1 == y2:
+        return None, "box_empty"
+    return [x1, y1, x2, y2], reason
+
+
+def _regions_from(raw: Any, errors: list[str]) -> list[dict]:
+    if raw is None:
+        return []
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list):
+        errors.append("edit_region_not_list")
+        return []
+    regions = []
+    for index, item in enumerate(raw):
+        if isinstance(item, dict):
+            box = item.get("bbox_2d", item.get("bbox"))
+            rid, label = item.get("id", index), item.get("label", "")
+        else:  # a bare [x1, y1, x2, y2]
+            box, rid, label = item, index, ""
+        clean, reason = _clean_box(box)
+        if reason:
+            errors.append(f"region{index}:{reason}")
+        if clean is None:
+            continue
+        rid_num = _as_number(rid)
+        regions.append({
+            "id": int(rid_num) if rid_num is not None and rid_num.is_integer() else index,
+            "label": label if isinstance(label, str) else ("" if label is None else str(label)),
+            "bbox_2d": clean,
+        })
+    return regions
+
+
+def parse_output(text: Any, with_region: bool = True, score_range: float = SCORE_RANGE) -> dict:
+    """Reads one generated answer. Never raises.
+
+    Returns {"score": [float, float], "reasoning": str, "edit_region": [...] (only when
+    with_region, i.e. SC answers), "parsed": bool, "missing_scores": 0..2, "errors": [codes]}.
+
+    - A `<think>...</think>` block is dropped (also a dangling `</think>`, whose opener was in the
+      prompt, and an unclosed `<think>`, whose text is then searched as is).
+    - The answer is the last `{...}` object holding "score" (else "reasoning"/"edit_region"),
+      read leniently (see `_LenientReader`), so fences and text around it do not matter.
+    - Scores may be numbers or numeric strings; if no object holds a score, `"score": [a, b`
+      is looked for by pattern (a number cut by the end of the text is taken as written).
+      Each score is clamped to [0, score_range]; one that is missing or unreadable becomes
+      score_range / 2 and counts in `missing_scores`.
+    - Boxes must be 4 finite numbers. They are clamped to 0..1000 and rounded to integers;
+      swapped corners are put back in order (code `box_reordered`), and a box with no area
+      left (x1 == x2 or y1 == y2, e.g. lying wholly outside the image) is dropped with its region.
+    - `parsed` is True when an answer object was found; error codes: no_json, truncated,
+      not_strict_json, unclosed_think, score_clamped, regionN:<why>, edit_region_not_list.
+    """
+    errors: list[str] = []
+    default = float(score_range) / 2.0
+    try:
+        if not isinstance(text, str):
+            text = text.decode("utf-8", "replace") if isinstance(text, bytes) else ("" if text is None else str(text))
+        body = _strip_thinking(text, errors)
+        objects, truncated, strict = _candidate_objects(body)
+        answer = _choose_answer(objects)
+        if truncated:
+            errors.append("truncated")
+        if answer is None:
+            errors.append("no_json")
+        elif not strict:
+            errors.append("not_strict_json")
+        answer = answer or {}
+
+        raw_score = answer.get("score", answer.get("scores", _NOTHING))
+        pair = _scores_from(raw_score) if raw_score is not _NOTHING else _scores_by_pattern(body) or [None, None]
+        scores = []
+        for v in pair:
+            if v is None:
+                scores.append(default)
+                continue
+            if not 0.0 <= v <= score_range:
+                errors.append("score_clamped")
+            scores.append(min(max(v, 0.0), float(score_range)))
+
+        reasoning = answer.get("reasoning", "")
+        result = {
+            "score": scores,
+            "reasoning": reasoning if isinstance(reasoning, str) else ("" if reasoning is None else str(reasoning)),
+            "parsed": bool(answer),
+            "missing_scores": sum(v is None for v in pair),
+            "errors": errors,
+        }
+        if with_region:
+            result["edit_region"] = _regions_from(answer.get("edit_region"), errors)
+        return result
+    except Exception as exc:  # the last line of defence: a reward must always come out
+        result = {"score": [default, default], "reasoning": "", "parsed": False, "missing_scores": 2,
+                  "errors": errors + [f"internal:{type(exc).__name__}"]}
+        if with_region:
+            result["edit_region"] = []
+        return result
+
+
+AGGREGATION_MODES = ("weighted", "min_geometric")
+
+
+def _pairs(values: Any, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: expected numbers, got {values!r}") from exc
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"{name}: expected pairs of scores (shape [N, 2]), got shape {arr.shape}")
+    bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{name}: row {int(bad[0])} is not finite: {arr[bad[0]].tolist()}")
+    return arr
+
+
+def aggregate_batch(
+    sc_scores: Any,
+    pq_scores: Any,
+    mode: str = "weighted",
+    w1: float = 0.6,
+    w2: float = 0.4,
+    w3: float = 0.5,
+    w4: float = 0.5,
+    a: float = 0.8,
+    score_range: float = SCORE_RANGE,
+    grounding: Any = None,
+    grounding_weight: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised `aggregate` for N answers: sc_scores and pq_scores are [N, 2]; returns three
+    float64 arrays of shape [N] (reward, SC, PQ). See `aggregate` for the formula."""
+    if mode not in AGGREGATION_MODES:
+        raise ValueError(f"mode must be one of {AGGREGATION_MODES}, got {mode!r}")
+    if not score_range > 0:
+        raise ValueError(f"score_range must be positive, got {score_range!r}")
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"a must lie in [0, 1], got {a!r}")
+    if not 0.0 <= grounding_weight <= 1.0:
+        raise ValueError(f"grounding_weight must lie in [0, 1], got {grounding_weight!r}")
+    sc, pq = _pairs(sc_scores, "sc_scores"), _pairs(pq_scores, "pq_scores")
+    if sc.shape != pq.shape:
+        raise ValueError(f"sc_scores has {sc.shape[0]} rows but pq_scores has {pq.shape[0]}")
+    unit = score_range / 10.0  # both components live on 0..10
+    if mode == "weighted":
+        sc_raw, pq_raw = w1 * sc[:, 0] + w2 * sc[:, 1], w3 * pq[:, 0] + w4 * pq[:, 1]
+    else:
+        sc_raw, pq_raw = sc.min(axis=1), pq.min(axis=1)
+    sc_10 = np.clip(sc_raw / unit, 0.0, 10.0)
+    pq_10 = np.clip(pq_raw / unit, 0.0, 10.0)
+    # Bases are >= 0 after clipping, so the powers are real; numpy gives 0**x = 0 (x > 0), 0**0 = 1.
+    reward = sc_10**a * pq_10 ** (1.0 - a) / 10.0
+    if grounding is not None:
+        g = np.broadcast_to(np.asarray(grounding, dtype=np.float64), reward.shape)
+        if not (np.isfinite(g) & (g >= 0) & (g <= 1)).all():
+            raise ValueError(f"grounding must lie in [0, 1], got {np.asarray(grounding).tolist()}")
+        reward = (1.0 - grounding_weight) * reward + grounding_weight * g
+    return reward, sc_10, pq_10
+
+
+def aggregate(
+    sc_scores: Sequence[float],
+    pq_scores: Sequence[float],
+    mode: str = "weighted",
+    w1: float = 0.6,
+    w2: float = 0.4,
+    w3: float = 0.5,
+    w4: float = 0.5,
+    a: float = 0.8,
+    score_range: float = SCORE_RANGE,
+    grounding: float | None = None,
+    grounding_weight: float = 0.0,
+) -> tuple[float, float, float]:
+    """Scalar reward in [0, 1] from SC scores (success, overediting) and PQ scores
+    (naturalness, artifacts), each on 0..score_range. Returns (reward, SC, PQ), SC and PQ on 0..10.
+
+    mode "weighted":      SC = (w1*s1 + w2*s2) / (score_range/10),  PQ = (w3*n + w4*art) / (score_range/10)
+    mode "min_geometric": SC = min(s1, s2) / (score_range/10),      PQ = min(n, art) / (score_range/10)
+    (the min variant follows VIEScore: an edit is only as good as its weakest criterion; w1..w4
+    are unused there). SC and PQ are clamped to [0, 10]; then in both modes
+        reward = SC**a * PQ**(1 - a) / 10      (a zero component gives a zero reward, never NaN).
+    If `grounding` (a pixel-grounding score in [0, 1]) is given, the reward becomes
+    (1 - grounding_weight) * reward + grounding_weight * grounding; without it grounding_weight
+    is ignored, so a scorer can keep one setting for answers with and without a reference image.
+    Non-finite scores, a bad mode or out-of-range weights raise ValueError.
+    """
+    reward, sc, pq = aggregate_batch(
+        [sc_scores], [pq_scores], mode, w1, w2, w3, w4, a, score_range,
+        None if grounding is None else [grounding], grounding_weight,
+    )
+    return float(reward[0]), float(sc[0]), float(pq[0])

@@ -1,0 +1,324 @@
+"""Reward parsing and aggregation: hand-written cases, hypothesis properties, hand-computed formulas."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sr_jax.data.records import Region, SpatialExample
+from sr_jax.reward import aggregate, aggregate_batch, parse_output
+
+GOOD_SC = (
+    '{"edit_region": [{"id": 0, "label": "red hat", "bbox_2d": [120, 40, 480, 300]}], '
+    '"reasoning": "The hat <|bbox_0|> was added; <|global|> the rest is intact.", "score": [20, 18]}'
+)
+
+
+def _ok(result, with_region=True):
+    """Shape invariants every result must satisfy, plus: the safety net never fired."""
+    assert isinstance(result["score"], list) and len(result["score"]) == 2
+    assert all(type(s) is float and 0.0 <= s <= 25.0 for s in result["score"])
+    assert isinstance(result["reasoning"], str)
+    assert 0 <= result["missing_scores"] <= 2
+    assert not any(e.startswith("internal:") for e in result["errors"]), result["errors"]
+    if with_region:
+        for r in result["edit_region"]:
+            assert type(r["id"]) is int and isinstance(r["label"], str)
+            x1, y1, x2, y2 = r["bbox_2d"]
+            assert all(type(v) is int for v in r["bbox_2d"])
+            assert 0 <= x1 < x2 <= 1000 and 0 <= y1 < y2 <= 1000
+    else:
+        assert "edit_region" not in result
+    return result
+
+
+# ---------------------------------------------------------------- parse_output: tolerated cases
+
+def test_valid_sc_answer():
+    r = _ok(parse_output(GOOD_SC))
+    assert r["score"] == [20.0, 18.0] and r["missing_scores"] == 0 and r["parsed"]
+    assert r["edit_region"] == [{"id": 0, "label": "red hat", "bbox_2d": [120, 40, 480, 300]}]
+    assert r["reasoning"] == "The hat <|bbox_0|> was added; <|global|> the rest is intact."
+    assert r["errors"] == []
+
+
+def test_round_trip_of_training_targets():
+    sc = SpatialExample("a", "sc", [b"x", b"y"], "add a hat",
+                        [Region(0, "hat", (1, 2, 30, 40)), Region(1, "scarf \"wool\"", (500, 500, 999, 1000))],
+                        "see <|bbox_0|> and <|bbox_1|>", (21.5, 3))
+    r = _ok(parse_output(sc.target_json()))
+    assert r["score"] == [21.5, 3.0] and r["reasoning"] == sc.reasoning
+    assert r["edit_region"] == [reg.to_json() for reg in sc.edit_region]
+    pq = SpatialExample("b", "pq", [b"y"], reasoning="natural", score=(24, 0))
+    r = _ok(parse_output(pq.target_json(), with_region=False), with_region=False)
+    assert r["score"] == [24.0, 0.0] and r["reasoning"] == "natural" and r["errors"] == []
+
+
+def test_think_block_is_removed():
+    # The score inside the thinking is a draft; only the answer after it counts.
+    text = '<think>maybe {"score": [1, 2]}?</think>\n' + GOOD_SC
+    assert _ok(parse_output(text))["score"] == [20.0, 18.0]
+    assert _ok(parse_output("I think </think>" + GOOD_SC))["score"] == [20.0, 18.0]
+
+
+def test_unclosed_think_prefix():
+    r = _ok(parse_output("<think>the hat looks fine"))
+    assert r["score"] == [12.5, 12.5] and "unclosed_think" in r["errors"] and not r["parsed"]
+    r = _ok(parse_output("<think>the hat looks fine\n" + GOOD_SC))
+    assert r["score"] == [20.0, 18.0] and "unclosed_think" in r["errors"]
+
+
+def test_code_fences_and_surrounding_text():
+    text = "Here is my evaluation:\n```json\n" + GOOD_SC + "\n```\nHope this helps {really}."
+    r = _ok(parse_output(text))
+    assert r["score"] == [20.0, 18.0] and len(r["edit_region"]) == 1
+
+
+def test_single_quotes_python_literals_trailing_commas():
+    text = "{'edit_region': [{'id': 0, 'label': 'it\\'s', 'bbox_2d': (1, 2, 3, 4),},], 'reasoning': None, 'score': [True, 7,],}"
+    r = _ok(parse_output(text))
+    # True is not a score (booleans are rejected), so the first falls back to the middle.
+    assert r["score"] == [12.5, 7.0] and r["missing_scores"] == 1
+    assert r["edit_region"] == [{"id": 0, "label": "it's", "bbox_2d": [1, 2, 3, 4]}]
+    assert r["reasoning"] == "" and "not_strict_json" in r["errors"]
+
+
+def test_unescaped_quotes_inside_reasoning():
+    r = _ok(parse_output('{"edit_region": [], "reasoning": "the "hat" is there", "score": [9, 8]}'))
+    assert r["reasoning"] == 'the "hat" is there' and r["score"] == [9.0, 8.0]
+
+
+@pytest.mark.parametrize("text, expected, missing", [
+    ('{"edit_region": [], "reasoning": "cut here', [12.5, 12.5], 2),
+    ('{"edit_region": [], "reasoning": "ok", "score": [20, 18', [20.0, 18.0], 0),
+    ('{"edit_region": [], "reasoning": "ok", "score":[ "20", "18" ', [20.0, 18.0], 0),
+    ('{"edit_region": [], "reasoning": "ok", "score": [20, ', [20.0, 12.5], 1),
+    ('{"edit_region": [], "reasoning": "ok", "score": [', [12.5, 12.5], 2),
+    # The object is unreadable, but the score is still found by pattern.
+    ('{"edit_region": [{"id": 0, "bbox_2d": [1, 2, 3, 4]}] <junk> "score": [20, 18]', [20.0, 18.0], 0),
+    ('the answer is "score":[ "20", "18" ] bye', [20.0, 18.0], 0),
+    ("score = (3.5, 4", [3.5, 4.0], 0),
+])
+def test_truncated_and_broken_answers(text, expected, missing):
+    r = _ok(parse_output(text))
+    assert r["score"] == expected and r["missing_scores"] == missing
+
+
+def test_truncation_keeps_complete_regions():
+    r = _ok(parse_output('{"edit_region": [{"id": 0, "label": "a", "bbox_2d": [1, 2, 3, 4]}, {"id": 1, "label": "b", "bbox_2d": [5, 6'))
+    assert r["edit_region"] == [{"id": 0, "label": "a", "bbox_2d": [1, 2, 3, 4]}]
+    assert "truncated" in r["errors"] and r["score"] == [12.5, 12.5]
+
+
+def test_numbers_as_strings_and_clamping():
+    r = _ok(parse_output('{"score": ["20.5", "30"]}', with_region=False), with_region=False)
+    assert r["score"] == [20.5, 25.0] and "score_clamped" in r["errors"]
+    assert _ok(parse_output('{"score": [-3, 1e1]}'))["score"] == [0.0, 10.0]
+    assert _ok(parse_output('{"score": "20, 18"}'))["score"] == [20.0, 18.0]
+    assert _ok(parse_output('{"score": {"success": 4, "overediting": 5}}'))["score"] == [4.0, 5.0]
+
+
+def test_missing_and_unreadable_scores_default_to_middle():
+    for text in ['{"reasoning": "no score"}', '{"score": ["high", null]}', '{"score": [NaN, Infinity]}', "", "garbage"]:
+        r = _ok(parse_output(text))
+        assert r["score"] == [12.5, 12.5] and r["missing_scores"] == 2, text
+    r = parse_output('{"score": [3]}', with_region=False, score_range=10)
+    assert r["score"] == [3.0, 5.0] and r["missing_scores"] == 1
+    assert parse_output('{"score": [30, 40]}', score_range=10)["score"] == [10.0, 10.0]
+
+
+def test_box_validation():
+    regions = [
+        {"id": 0, "label": "clamped", "bbox_2d": [-20, 10.4, 1100, 999.6]},
+        {"id": 1, "label": "swapped", "bbox_2d": [400, 300, 100, 200]},
+        {"id": 2, "label": "outside", "bbox_2d": [1200, 0, 1100, 50]},
+        {"id": 3, "label": "flat", "bbox_2d": [10, 10, 10, 50]},
+        {"id": 4, "label": "three", "bbox_2d": [1, 2, 3]},
+        {"id": 5, "label": "word", "bbox_2d": [1, 2, "x", 4]},
+        {"id": 6, "label": "nan", "bbox_2d": [1, 2, float("nan"), 4]},
+        {"id": "7", "label": "strings", "bbox_2d": ["1", "2", "30", "40"]},
+        [5, 5, 50, 50],
+        "not a region",
+    ]
+    text = json.dumps({"edit_region": regions, "reasoning": "r", "score": [1, 2]})  # NaN is written as NaN
+    r = _ok(parse_output(text))
+    assert r["edit_region"] == [
+        {"id": 0, "label": "clamped", "bbox_2d": [0, 10, 1000, 1000]},
+        {"id": 1, "label": "swapped", "bbox_2d": [100, 200, 400, 300]},
+        {"id": 7, "label": "strings", "bbox_2d": [1, 2, 30, 40]},
+        {"id": 8, "label": "", "bbox_2d": [5, 5, 50, 50]},
+    ]
+    for code in ["region1:box_reordered", "region2:box_empty", "region3:box_empty", "region4:box_shape",
+                 "region5:box_value", "region6:box_value", "region9:box_shape"]:
+        assert code in r["errors"]
+
+
+def test_empty_region_list_and_pq_mode():
+    r = _ok(parse_output('{"edit_region": [], "reasoning": "failed", "score": [0, 25]}'))
+    assert r["edit_region"] == [] and r["score"] == [0.0, 25.0] and r["errors"] == []
+    r = _ok(parse_output(GOOD_SC, with_region=False), with_region=False)
+    assert r["score"] == [20.0, 18.0]
+    assert _ok(parse_output('{"edit_region": "none", "score": [1, 1]}'))["errors"] == ["edit_region_not_list"]
+
+
+def test_last_answer_wins_over_an_echoed_example():
+    text = 'Format: {"edit_region": [], "reasoning": "...", "score": [0, 0]}\nAnswer: ' + GOOD_SC
+    assert _ok(parse_output(text))["score"] == [20.0, 18.0]
+
+
+def test_odd_inputs_never_raise():
+    for text in [None, b'{"score": [3, 4]}', 123, "{" * 3000, "[" * 3000, '{"a":' * 500, "\\", "'", '"score": [' + "1" * 500]:
+        _ok(parse_output(text))
+    assert parse_output(b'{"score": [3, 4]}')["score"] == [3.0, 4.0]
+
+
+# ---------------------------------------------------------------- parse_output: properties
+
+JSONISH = st.text(alphabet=list('{}[]()"\':,.-+ \n\t0123456789eE<>/`\\scoretTrueNnlaxbid_2kg'), max_size=80)
+
+
+@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(st.text(max_size=120), JSONISH))
+def test_never_raises_on_arbitrary_text(text):
+    _ok(parse_output(text))
+    _ok(parse_output(text, with_region=False), with_region=False)
+
+
+def _expected_box(box):
+    v = [int(round(min(max(x, 0), 1000))) for x in box]
+    x1, x2 = sorted(v[0::2])
+    y1, y2 = sorted(v[1::2])
+    return [x1, y1, x2, y2] if x1 < x2 and y1 < y2 else None
+
+
+score_value = st.one_of(st.integers(-10, 40), st.floats(-10, 40, allow_nan=False), st.integers(0, 25).map(str))
+answers = st.fixed_dictionaries({
+    "edit_region": st.lists(st.fixed_dictionaries({
+        "id": st.integers(0, 9),
+        "label": st.text(max_size=12),
+        "bbox_2d": st.lists(st.integers(-100, 1100), min_size=4, max_size=4),
+    }), max_size=3),
+    "reasoning": st.text(max_size=60),
+    "score": st.lists(score_value, min_size=2, max_size=2),
+})
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(answers, st.sampled_from(["json", "indent", "python", "trailing_commas"]),
+       st.sampled_from(["", "fence", "think", "chatter"]), st.floats(0, 1))
+def test_near_valid_answers(answer, style, wrap, cut):
+    if style == "python":
+        body = repr(answer)
+    else:
+        body = json.dumps(answer, ensure_ascii=style == "indent", indent=2 if style == "indent" else None)
+    close = body.index("]", body.rindex("score") if style != "python" else body.rindex("'score'")) + 1
+    if style == "trailing_commas":
+        body = body[: close - 1] + ",]" + body[close:-1] + ",}"
+        close += 1
+    prefix, suffix = {"": ("", ""), "fence": ("```json\n", "\n```"),
+                      "think": ('<think>draft {"score": [1, 1]}</think>', ""),
+                      "chatter": ("My verdict: ", " -- done.")}[wrap]
+    expected_scores = [min(max(float(s), 0.0), 25.0) for s in answer["score"]]
+    expected_regions = [
+        {"id": r["id"], "label": r["label"], "bbox_2d": b}
+        for r in answer["edit_region"] if (b := _expected_box(r["bbox_2d"])) is not None
+    ]
+
+    whole = _ok(parse_output(prefix + body + suffix))
+    assert whole["score"] == pytest.approx(expected_scores) and whole["missing_scores"] == 0
+    assert whole["edit_region"] == expected_regions
+    assert whole["reasoning"] == answer["reasoning"]
+
+    # Truncated anywhere: still a valid result; cut after the score list, the scores survive.
+    k = int(cut * len(body))
+    truncated = _ok(parse_output(prefix + body[:k]))
+    if k >= close:
+        assert truncated["score"] == pytest.approx(expected_scores)
+
+
+# ---------------------------------------------------------------- aggregate
+
+def test_weighted_hand_computed():
+    # SC = (0.6*20 + 0.4*15) / 2.5 = 18 / 2.5 = 7.2 ; PQ = (0.5*20 + 0.5*10) / 2.5 = 15 / 2.5 = 6.0
+    reward, sc, pq = aggregate([20, 15], [20, 10])
+    assert sc == pytest.approx(7.2) and pq == pytest.approx(6.0)
+    # exp(0.8*ln 7.2 + 0.2*ln 6) = exp(0.8*1.97408 + 0.2*1.79176) = exp(1.93762) = 6.9422
+    assert reward == pytest.approx(7.2**0.8 * 6.0**0.2 / 10)
+    assert reward == pytest.approx(0.69422, abs=1e-5)
+
+
+def test_perfect_and_zero_scores():
+    assert aggregate([25, 25], [25, 25]) == pytest.approx((1.0, 10.0, 10.0))
+    # PQ = 0 makes the reward 0 (0**0.2 = 0), without NaN.
+    reward, sc, pq = aggregate([25, 25], [0, 0])
+    assert (reward, sc, pq) == (0.0, 10.0, 0.0)
+    assert aggregate([0, 0], [0, 0]) == (0.0, 0.0, 0.0)
+    # a = 1 ignores PQ entirely: 0**0 = 1.  SC = (0.6*25 + 0.4*0)/2.5 = 6 -> reward 0.6
+    assert aggregate([25, 0], [0, 0], a=1.0)[0] == pytest.approx(0.6)
+
+
+def test_min_geometric_hand_computed():
+    # SC = min(20, 15) / 2.5 = 6.0 ; PQ = min(20, 10) / 2.5 = 4.0 ; reward = 6^0.8 * 4^0.2 / 10
+    reward, sc, pq = aggregate([20, 15], [20, 10], mode="min_geometric")
+    assert (sc, pq) == pytest.approx((6.0, 4.0))
+    # exp(0.8*ln 6 + 0.2*ln 4) = exp(0.8*1.79176 + 0.2*1.38629) = exp(1.71067) = 5.5326
+    assert reward == pytest.approx(6.0**0.8 * 4.0**0.2 / 10)
+    assert reward == pytest.approx(0.55326, abs=1e-5)
+
+
+def test_other_score_range_and_clamping():
+    # score_range 10: unit = 1.  SC = 0.6*10 + 0.4*5 = 8 ; PQ = 0.5*12 + 0.5*12 = 12 -> clamped to 10
+    reward, sc, pq = aggregate([10, 5], [12, 12], score_range=10)
+    assert (sc, pq) == pytest.approx((8.0, 10.0))
+    assert reward == pytest.approx(8.0**0.8 * 10.0**0.2 / 10)
+    assert aggregate([-5, -5], [25, 25])[1] == 0.0
+
+
+def test_grounding_blend():
+    base = aggregate([20, 15], [20, 10])[0]
+    # (1 - 0.25) * base + 0.25 * 0.4
+    assert aggregate([20, 15], [20, 10], grounding=0.4, grounding_weight=0.25)[0] == pytest.approx(0.75 * base + 0.1)
+    assert aggregate([20, 15], [20, 10], grounding=None, grounding_weight=0.25)[0] == base
+    with pytest.raises(ValueError, match="grounding"):
+        aggregate([20, 15], [20, 10], grounding=1.5, grounding_weight=0.5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="mode"):
+        aggregate([1, 2], [3, 4], mode="mean")
+    with pytest.raises(ValueError, match="sc_scores"):
+        aggregate([1, float("nan")], [3, 4])
+    with pytest.raises(ValueError, match="pq_scores"):
+        aggregate([1, 2], [3, 4, 5])
+    with pytest.raises(ValueError, match="a must"):
+        aggregate([1, 2], [3, 4], a=1.5)
+
+
+def test_batch_matches_scalar():
+    rng = np.random.default_rng(0)
+    sc = rng.uniform(-2, 27, size=(64, 2))
+    pq = rng.uniform(-2, 27, size=(64, 2))
+    sc[0] = 0.0
+    g = rng.uniform(0, 1, size=64)
+    for mode in ["weighted", "min_geometric"]:
+        reward, sc10, pq10 = aggregate_batch(sc, pq, mode=mode, grounding=g, grounding_weight=0.3)
+        assert reward.shape == (64,) and np.isfinite(reward).all()
+        assert ((reward >= 0) & (reward <= 1)).all()
+        for i in range(64):
+            expected = aggregate(sc[i], pq[i], mode=mode, grounding=g[i], grounding_weight=0.3)
+            assert (reward[i], sc10[i], pq10[i]) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="rows"):
+        aggregate_batch(sc, pq[:3])
+
+
+def test_parse_then_aggregate():
+    sc = parse_output(GOOD_SC)
+    pq = parse_output('{"reasoning": "clean", "score": [25, 20]}', with_region=False)
+    reward, s, p = aggregate(sc["score"], pq["score"])
+    # SC = (0.6*20 + 0.4*18)/2.5 = 19.2/2.5 = 7.68 ; PQ = (12.5 + 10)/2.5 = 9.0
+    assert (s, p) == pytest.approx((7.68, 9.0))
+    assert reward == pytest.approx(7.68**0.8 * 9.0**0.2 / 10)
+    assert math.isfinite(reward)
