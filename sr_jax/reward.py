@@ -179,7 +179,8 @@ def _join_surrogates(text: str) -> str:
 
 
 def _strip_thinking(text: str, errors: list[str]) -> str:
-    text = _THINK_BLOCK.sub("", text)
+    if "</think>" in text.lower():  # guard: the lazy regex is quadratic on many unclosed tags
+        text = _THINK_BLOCK.sub("", text)
     low = text.lower()
     close = low.rfind("</think>")
     if close >= 0:  # the opening tag was in the prompt (or lost): only what follows is the answer
