@@ -130,10 +130,10 @@ class TextModel(nnx.Module):
         hidden_states = []
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask)
+            if output_hidden_states:  # the layer's own output, before any deepstack addition (as HF records it)
+                hidden_states.append(x)
             if i < len(deepstack):
                 x = add_visual(x, visual_index, deepstack[i])
-            if output_hidden_states:
-                hidden_states.append(x)
         x = self.norm(x)
         return (x, hidden_states) if output_hidden_states else x
 

@@ -1,0 +1,185 @@
+"""Our Qwen3-VL against HF transformers (the oracle) on the same tiny random weights, float32."""
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from hf_oracle import (IMAGE, hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels,
+                       tiny_hf_config)
+from sr_jax.model import ModelConfig, get_rope_index
+
+TOL = 1e-4
+
+
+def assert_close(ours, ref, tol=TOL):
+    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+    assert ours.shape == ref.shape
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(ours - ref).max())
+    assert err <= tol * scale, f"max abs error {err:.3g} > {tol} x scale {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def untied():
+    """Untied head, deepstack on 2 of 3 layers, non-default mrope sections (4, 2, 2)."""
+    hf = random_hf_model(tiny_hf_config(tie=False, deepstack=(0, 2), mrope_section=(4, 2, 2)), seed=1)
+    return hf, our_model_from_hf(hf)
+
+
+@pytest.fixture(scope="module")
+def tied():
+    """Tied embeddings, deepstack on all 3 layers, uneven sections (2, 3, 3) where the w slice is cut short."""
+    hf = random_hf_model(tiny_hf_config(tie=True, deepstack=(0, 1, 2), mrope_section=(2, 3, 3)), seed=2)
+    return hf, our_model_from_hf(hf)
+
+
+def hf_logits(hf, ids, mask=None, pv=None, grids=None, **kw):
+    with torch.no_grad():
+        return hf(**hf_inputs(ids, mask, pv, grids), **kw)
+
+
+def test_text_only(untied):
+    hf, ours = untied
+    ids = np.random.default_rng(0).integers(0, 151000, (2, 13))
+    assert_close(ours(ids), hf_logits(hf, ids).logits.numpy())
+
+
+def test_one_image(untied):
+    hf, ours = untied
+    rng = np.random.default_rng(1)
+    grids = [(1, 6, 8)]
+    ids = image_prompt(rng, grids, [4, 6])[None]
+    pv = random_pixels(rng, grids)
+    assert_close(ours(ids, pixel_values=pv, image_grid_thw=np.array(grids)),
+                 hf_logits(hf, ids, None, pv, grids).logits.numpy())
+
+
+def test_two_non_square_images_and_each_layer(untied):
+    hf, ours = untied
+    rng = np.random.default_rng(2)
+    grids = [(1, 6, 10), (1, 12, 4)]
+    ids = image_prompt(rng, grids, [5, 7, 4])[None]
+    pv = random_pixels(rng, grids)
+    ref = hf_logits(hf, ids, None, pv, grids, output_hidden_states=True)
+    out = ours.features(ids, pixel_values=pv, image_grid_thw=np.array(grids), output_hidden_states=True)
+    # HF records [embeddings, layer 0 .. layer L-2 outputs, final normed output].
+    for i, h in enumerate(out.hidden_states[:-1]):
+        assert_close(h, ref.hidden_states[i + 1].numpy())
+    assert_close(out.hidden, ref.hidden_states[-1].numpy())
+    assert_close(ours.logits(out.hidden), ref.logits.numpy())
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch(untied, side):
+    hf, ours = untied
+    rng = np.random.default_rng(3)
+    rows = [([(1, 4, 6), (1, 8, 4)], [3, 5, 2]), ([(1, 6, 6)], [6, 9])]
+    seqs = [image_prompt(rng, g, t) for g, t in rows]
+    width = max(len(s) for s in seqs)
+    ids = np.full((2, width), 151643, np.int64)
+    mask = np.zeros((2, width), np.int64)
+    for b, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[b, sl], mask[b, sl] = s, 1
+    grids = [g for r in rows for g in r[0]]
+    pv = random_pixels(rng, grids)
+    ref = hf_logits(hf, ids, mask, pv, grids).logits.numpy()
+    out = np.asarray(ours(ids, mask, pv, np.array(grids)))
+    real = mask.astype(bool)
+    assert_close(out[real], ref[real])
+
+
+def test_tied_embeddings(tied):
+    hf, ours = tied
+    assert ours.lm_head is None
+    rng = np.random.default_rng(4)
+    grids = [(1, 4, 4), (1, 6, 8)]
+    ids = image_prompt(rng, grids, [2, 3, 5])[None]
+    pv = random_pixels(rng, grids)
+    assert_close(ours(ids, pixel_values=pv, image_grid_thw=np.array(grids)),
+                 hf_logits(hf, ids, None, pv, grids).logits.numpy())
+
+
+def test_vision_tower_and_deepstack(tied):
+    hf, ours = tied
+    rng = np.random.default_rng(5)
+    grids = [(1, 10, 6), (1, 4, 12)]
+    pv = random_pixels(rng, grids)
+    with torch.no_grad():
+        ref = hf.model.visual(torch.as_tensor(pv), grid_thw=torch.as_tensor(grids))
+    merged, deep = ours.model.visual(pv, ours.prepare_vision(np.array(grids)))
+    assert_close(merged, ref.pooler_output.numpy())
+    assert len(deep) == len(ref.deepstack_features) == 3
+    for a, b in zip(deep, ref.deepstack_features):
+        assert_close(a, b.numpy())
+
+
+def test_position_ids_match_hf_get_rope_index(untied):
+    hf, _ = untied
+    rng = np.random.default_rng(6)
+    grids = [(1, 4, 10), (1, 8, 2), (1, 6, 6)]
+    a = image_prompt(rng, grids[:2], [3, 4, 5])
+    b = image_prompt(rng, grids[2:], [7, 1])
+    width = max(len(a), len(b)) + 2
+    ids = np.full((2, width), 151643, np.int64)
+    mask = np.zeros_like(ids)
+    ids[0, -len(a):], mask[0, -len(a):] = a, 1
+    ids[1, :len(b)], mask[1, :len(b)] = b, 1
+    ref_pos, ref_delta = hf.model.get_rope_index(
+        torch.as_tensor(ids), mm_token_type_ids=torch.as_tensor(ids == IMAGE).int(),
+        image_grid_thw=torch.as_tensor(grids), attention_mask=torch.as_tensor(mask))
+    pos, delta = get_rope_index(ids, np.array(grids), mask)
+    np.testing.assert_array_equal(pos, ref_pos.numpy())
+    np.testing.assert_array_equal(delta, ref_delta.numpy())
+
+
+def test_jit_with_precomputed_inputs_equals_eager(untied):
+    """The training path: positions and vision tables computed on the host, the network jitted."""
+    _, ours = untied
+    rng = np.random.default_rng(7)
+    grids = np.array([(1, 6, 4)])
+    ids = image_prompt(rng, grids, [3, 3])[None]
+    pv = random_pixels(rng, grids)
+    eager = ours(ids, pixel_values=pv, image_grid_thw=grids)
+    pos = ours.prepare_positions(ids, None, grids)
+    vis = ours.prepare_vision(grids).as_tuple()
+
+    @nnx.jit
+    def run(model, ids, pv, pos, vis):
+        return model(ids, pixel_values=pv, position_ids=pos, vision=vis)
+
+    assert_close(run(ours, ids, pv, pos, vis), eager, tol=1e-5)
+
+
+def test_bfloat16_kl_against_fp32_reference(untied):
+    hf, _ = untied
+    ours_bf16 = our_model_from_hf(hf, dtype="bfloat16")
+    rng = np.random.default_rng(8)
+    grids = [(1, 6, 8), (1, 4, 4)]
+    ids = image_prompt(rng, grids, [6, 5, 6])[None]
+    pv = random_pixels(rng, grids)
+    ref = torch.log_softmax(hf_logits(hf, ids, None, pv, grids).logits.double(), -1).numpy()
+    out = np.asarray(ours_bf16(ids, pixel_values=pv, image_grid_thw=np.array(grids)), np.float64)
+    out = out - out.max(-1, keepdims=True)
+    out = out - np.log(np.exp(out).sum(-1, keepdims=True))
+    kl = float((np.exp(ref) * (ref - out)).sum(-1).mean())
+    agree = float((ref.argmax(-1) == out.argmax(-1)).mean())
+    print(f"bf16 vs HF fp32: mean KL {kl:.2e}, greedy agreement {agree:.1%}")
+    assert kl < 2e-2 and agree >= 0.9
+
+
+def test_config_round_trip_and_presets(untied):
+    hf, _ = untied
+    cfg = ModelConfig.from_hf_dict(hf.config.to_dict())
+    again = ModelConfig.from_hf_dict(cfg.to_hf_dict())
+    assert again == cfg
+    from transformers import Qwen3VLConfig
+    rebuilt = Qwen3VLConfig(**cfg.to_hf_dict())
+    assert rebuilt.text_config.rope_parameters["mrope_section"] == [4, 2, 2]
+    assert rebuilt.vision_config.deepstack_visual_indexes == [0, 2]
+    for name in ["tiny", "2b", "4b", "8b", "32b"]:
+        ModelConfig.preset(name).validate()
+    big = ModelConfig.preset("8b")
+    assert (big.text.hidden_size, big.text.num_hidden_layers, big.text.intermediate_size) == (4096, 36, 12288)
+    assert big.vision.deepstack_visual_indexes == [8, 16, 24] and not big.tie_word_embeddings
