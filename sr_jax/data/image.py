@@ -1,0 +1,143 @@
+"""Qwen3-VL image preprocessing: decode -> RGB -> resize to a 32-multiple grid -> patches.
+
+Matches HF's PIL image processor for Qwen2/3-VL step by step:
+- transparency (an alpha band or a `transparency` entry) is composited onto white, every
+  other mode goes through PIL's own `convert("RGB")`;
+- resizing is PIL bicubic on the uint8 RGB image;
+- values are x * (1/255) in float64, cast to float32, then (x - mean) / std in float32. Every
+  step is per-pixel, so a 256-entry lookup table gives the identical float32 bits;
+- patches are ordered by 2x2 merge window (row-major over windows, then row-major inside a
+  window), each flattened as (channel, time, patch_row, patch_col) with the single frame
+  repeated over the 2 time steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MAX_ASPECT_RATIO = 200
+
+
+class ImageError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConfig:
+    min_pixels: int = 3136
+    max_pixels: int = 262144
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.temporal_patch_size * self.patch_size * self.patch_size
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, close to the input aspect ratio, area in budget."""
+    if min(height, width) <= 0:
+        raise ImageError(f"image has an empty side: {height}x{width}")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(f"aspect ratio {ratio:.1f} exceeds {MAX_ASPECT_RATIO} ({width}x{height})")
+    # Python's round() (half to even) is what the reference uses; keep it.
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+def open_image(source: bytes | str | Path | Image.Image) -> Image.Image:
+    """Decodes bytes or a file path fully (so truncated files fail here, not later)."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        img = Image.open(io.BytesIO(bytes(source)))
+    elif isinstance(source, (str, Path)):
+        img = Image.open(source)
+    else:
+        raise ImageError(f"expected image bytes or a path, got {type(source).__name__}")
+    img.load()
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB the way the reference does it: transparent pixels become white, others use PIL."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+@functools.cache
+def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(256, 3) float32: the normalised value of every uint8 level for each channel."""
+    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[:, None]
+    return (levels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def resize_rgb(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
+    """RGB image -> uint8 (H, W, 3) at the smart-resized size."""
+    width, height = img.size
+    new_h, new_w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    resized = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def patchify(pixels: np.ndarray, cfg: ImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """uint8 (H, W, 3) -> float32 (grid_h*grid_w, patch_dim) and grid (1, grid_h, grid_w)."""
+    height, width, channels = pixels.shape
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    if height % (p * m) or width % (p * m):
+        raise ImageError(f"image {width}x{height} is not a multiple of {p * m}")
+    gh, gw = height // p, width // p
+    # (win_row, merge_row, patch_row, win_col, merge_col, patch_col, channel)
+    blocks = pixels.reshape(gh // m, m, p, gw // m, m, p, channels)
+    # -> (win_row, win_col, merge_row, merge_col, channel, patch_row, patch_col): still uint8,
+    # so the transpose copies a quarter of the bytes the float version would.
+    blocks = np.ascontiguousarray(blocks.transpose(0, 3, 1, 4, 6, 2, 5)).reshape(gh * gw, channels, p * p)
+    table = _normalise_table(cfg.image_mean, cfg.image_std)
+    values = np.empty((gh * gw, channels, p * p), np.float32)
+    for c in range(channels):
+        values[:, c] = table[blocks[:, c], c]
+    out = np.broadcast_to(values[:, :, None, :], (gh * gw, channels, t, p * p))
+    return out.reshape(gh * gw, channels * t * p * p), (1, gh, gw)
+
+
+def preprocess_image(source, cfg: ImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """bytes / path / PIL image -> (patches float32 (N, patch_dim), grid_thw)."""
+    img = to_rgb(open_image(source))
+    return patchify(resize_rgb(img, cfg), cfg)
+
+
+def preprocess_images(sources, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Several images -> concatenated patches (sum N, patch_dim) and grids (n, 3) int64."""
+    if not sources:
+        return np.zeros((0, cfg.patch_dim), np.float32), np.zeros((0, 3), np.int64)
+    results = [preprocess_image(s, cfg) for s in sources]
+    patches = np.concatenate([r[0] for r in results], axis=0)
+    grids = np.asarray([r[1] for r in results], dtype=np.int64)
+    return patches, grids
