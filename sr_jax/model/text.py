@@ -66,9 +66,16 @@ class TextAttention(nnx.Module):
                                        scale=self.head_dim**-0.5)
         return self.o_proj(out.reshape(b, tq, self.num_heads * self.head_dim))
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        """With `kv_cache` (k, v) of shape (B, S, KV, D), this call's keys/values are written at
+        `cache_index` and attention runs over the whole cache; returns (out, new_cache) then."""
         q, k, v = self.project_qkv(x, cos, sin)
-        return self.attend(q, k, v, mask)
+        if kv_cache is None:
+            return self.attend(q, k, v, mask)
+        ck, cv = kv_cache
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+        return self.attend(q, ck, cv, mask), (ck, cv)
 
 
 class TextMLP(nnx.Module):
@@ -92,9 +99,13 @@ class TextDecoderLayer(nnx.Module):
         self.self_attn = TextAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp = TextMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        if kv_cache is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
 
 def attention_mask_3d(attention_mask, segment_ids=None):
@@ -118,23 +129,32 @@ class TextModel(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, inputs_embeds, position_ids, attention_mask, *, visual_index=None, deepstack=(),
-                 segment_ids=None, output_hidden_states=False):
+                 segment_ids=None, output_hidden_states=False, mask=None, kv_cache=None, cache_index=None):
         """inputs_embeds (B, T, hidden); position_ids (3, B, T); attention_mask (B, T).
 
         `visual_index` (B, T) holds, for each image-token position, its row in the visual feature
         arrays and -1 elsewhere; `deepstack[i]` is added at those positions after layer i.
+        Decoding passes `kv_cache` (one (k, v) per layer), `cache_index` and an explicit `mask`
+        (B, T, S) over the cache slots; it then returns (hidden, new_cache).
         """
         cos, sin = text_rope(position_ids, self.config, self.dtype)
-        mask = attention_mask_3d(attention_mask, segment_ids)
+        if mask is None:
+            mask = attention_mask_3d(attention_mask, segment_ids)
         x = inputs_embeds
-        hidden_states = []
+        hidden_states, new_cache = [], []
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask)
+            if kv_cache is None:
+                x = layer(x, cos, sin, mask)
+            else:
+                x, layer_cache = layer(x, cos, sin, mask, kv_cache[i], cache_index)
+                new_cache.append(layer_cache)
             if output_hidden_states:  # the layer's own output, before any deepstack addition (as HF records it)
                 hidden_states.append(x)
             if i < len(deepstack):
                 x = add_visual(x, visual_index, deepstack[i])
         x = self.norm(x)
+        if kv_cache is not None:
+            return x, new_cache
         return (x, hidden_states) if output_hidden_states else x
 
 
