@@ -24,7 +24,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from sr_jax.data import IGNORE_INDEX, Processor, RecordError, Region, SpatialExample, load_tokenizer
-from sr_jax.data.image import ImageConfig, ImageError, smart_resize
+from sr_jax.data.image import ImageConfig, ImageError, preprocess_image, smart_resize
 from sr_jax.data.tokenizer import SPECIAL_TOKENS, load_tiktoken_ranks, qwen_tiktoken_path
 
 MIN_PIXELS, MAX_PIXELS = 3136, 262144
@@ -233,6 +233,18 @@ def test_single_image_matches_hf(ours, hf, hf_rope, size, mode):
     img = _image(*size, mode=mode)
     text = _prompt(1)
     _assert_same_as_hf(ours(text=text, images=[img]), hf(text=[text], images=[img], return_tensors="np"), hf_rope)
+
+
+def test_per_channel_mean_std_matches_hf():
+    """The per-channel lookup path (Qwen3-VL uses 0.5 everywhere, other checkpoints may not)."""
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    hf_images = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=16,
+                                         temporal_patch_size=2, merge_size=2, image_mean=list(mean), image_std=list(std))
+    img = _image(150, 110, seed=9)
+    got, grid = preprocess_image(img, ImageConfig(MIN_PIXELS, MAX_PIXELS, image_mean=mean, image_std=std))
+    want = hf_images(img, return_tensors="np")
+    np.testing.assert_array_equal(got, want["pixel_values"])
+    assert grid == tuple(want["image_grid_thw"][0])
 
 
 def test_two_images_of_different_sizes_match_hf(ours, hf, hf_rope):

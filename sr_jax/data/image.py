@@ -94,9 +94,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 @functools.cache
 def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """(256, 3) float32: the normalised value of every uint8 level for each channel."""
+    """(3, 256) float32: the normalised value of every uint8 level, one contiguous row per channel."""
     levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[:, None]
-    return (levels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    table = (levels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(table.T)
 
 
 def resize_rgb(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
@@ -107,6 +108,17 @@ def resize_rgb(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
+def normalise(pixels: np.ndarray, cfg: ImageConfig) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (H, W, 3) through the per-channel lookup table."""
+    table = _normalise_table(cfg.image_mean, cfg.image_std)
+    if (table == table[:1]).all():  # same mean/std for every channel: one gather
+        return np.take(table[0], pixels, mode="clip")
+    out = np.empty(pixels.shape, np.float32)
+    for c in range(pixels.shape[-1]):
+        out[..., c] = np.take(table[c], pixels[..., c], mode="clip")
+    return out
+
+
 def patchify(pixels: np.ndarray, cfg: ImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
     """uint8 (H, W, 3) -> float32 (grid_h*grid_w, patch_dim) and grid (1, grid_h, grid_w)."""
     height, width, channels = pixels.shape
@@ -114,16 +126,13 @@ def patchify(pixels: np.ndarray, cfg: ImageConfig) -> tuple[np.ndarray, tuple[in
     if height % (p * m) or width % (p * m):
         raise ImageError(f"image {width}x{height} is not a multiple of {p * m}")
     gh, gw = height // p, width // p
-    # (win_row, merge_row, patch_row, win_col, merge_col, patch_col, channel)
-    blocks = pixels.reshape(gh // m, m, p, gw // m, m, p, channels)
-    # -> (win_row, win_col, merge_row, merge_col, channel, patch_row, patch_col): still uint8,
-    # so the transpose copies a quarter of the bytes the float version would.
-    blocks = np.ascontiguousarray(blocks.transpose(0, 3, 1, 4, 6, 2, 5)).reshape(gh * gw, channels, p * p)
-    table = _normalise_table(cfg.image_mean, cfg.image_std)
-    values = np.empty((gh * gw, channels, p * p), np.float32)
-    for c in range(channels):
-        values[:, c] = table[blocks[:, c], c]
-    out = np.broadcast_to(values[:, :, None, :], (gh * gw, channels, t, p * p))
+    # (win_row, merge_row, patch_row, win_col, merge_col, patch_col, channel) ->
+    # (win_row, win_col, merge_row, merge_col, channel, patch_row, patch_col)
+    blocks = normalise(pixels, cfg).reshape(gh // m, m, p, gw // m, m, p, channels).transpose(0, 3, 1, 4, 6, 2, 5)
+    out = np.empty((gh // m, gw // m, m, m, channels, t, p, p), np.float32)
+    out[..., 0, :, :] = blocks  # the one strided copy; the other time steps repeat it
+    for step in range(1, t):
+        out[..., step, :, :] = out[..., 0, :, :]
     return out.reshape(gh * gw, channels * t * p * p), (1, gh, gw)
 
 
