@@ -12,8 +12,15 @@ from sr_jax.config import from_dict, load_yaml, apply_overrides, to_dict
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 
+def _config_hash(self) -> int:
+    # Modules keep their config as a static attribute, and JAX hashes static graph data.
+    return hash(json.dumps(to_dict(self), sort_keys=True))
+
+
 @dataclasses.dataclass
 class VisionConfig:
+    __hash__ = _config_hash
+
     depth: int = 27
     hidden_size: int = 1152
     intermediate_size: int = 4304
@@ -39,6 +46,8 @@ class VisionConfig:
 
 @dataclasses.dataclass
 class TextConfig:
+    __hash__ = _config_hash
+
     vocab_size: int = 151936
     hidden_size: int = 4096
     intermediate_size: int = 12288
@@ -56,6 +65,8 @@ class TextConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
+    __hash__ = _config_hash
+
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     tie_word_embeddings: bool = False

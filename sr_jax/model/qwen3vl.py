@@ -37,6 +37,7 @@ class ForwardOutput:
     hidden_states: list | None = None      # per decoder layer (before the final norm)
     image_embeds: jax.Array | None = None  # (num_image_tokens, hidden)
     deepstack: list | None = None
+    kv_cache: list | None = None           # per layer (k, v), when decoding with a cache
 
 
 def visual_index(input_ids, image_token_id: int):
@@ -78,9 +79,11 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
 
     # ---- the network ----
     def features(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
-                 position_ids=None, vision=None, segment_ids=None, output_hidden_states=False) -> ForwardOutput:
+                 position_ids=None, vision=None, segment_ids=None, output_hidden_states=False,
+                 mask=None, kv_cache=None, cache_index=None) -> ForwardOutput:
         """Final hidden states (before the LM head). Traceable under jit when `position_ids` and,
-        with images, `vision` (from `prepare_vision`) are given; otherwise they are derived here."""
+        with images, `vision` (from `prepare_vision`) are given; otherwise they are derived here.
+        `mask`/`kv_cache`/`cache_index` are the decoding path (see `TextModel.__call__`)."""
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -102,7 +105,9 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
             embeds = jnp.where((vis_index >= 0)[..., None], gathered, embeds)
         out = lm(embeds, position_ids, jnp.asarray(attention_mask), visual_index=vis_index, deepstack=deepstack,
                  segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
-                 output_hidden_states=output_hidden_states)
+                 output_hidden_states=output_hidden_states, mask=mask, kv_cache=kv_cache, cache_index=cache_index)
+        if kv_cache is not None:
+            return ForwardOutput(hidden=out[0], kv_cache=out[1], image_embeds=image_embeds, deepstack=deepstack)
         hidden, states = out if output_hidden_states else (out, None)
         return ForwardOutput(hidden=hidden, hidden_states=states, image_embeds=image_embeds, deepstack=deepstack)
 

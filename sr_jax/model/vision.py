@@ -207,3 +207,27 @@ class VisionModel(nnx.Module):
             if i in taps:
                 deepstack.append(self.deepstack_merger_list[taps.index(i)](x))
         return self.merger(x), deepstack
+
+
+def pad_patches(pixel_values: np.ndarray, inputs: VisionInputs, total: int, merge_unit: int = 4):
+    """Pads the patch rows to `total` (a fixed budget, so jitted code sees one shape).
+
+    Padding patches form their own attention segment and have zero position weights; they
+    yield extra merged rows at the end, which no image token ever gathers.
+    """
+    n = pixel_values.shape[0]
+    if total < n or total % merge_unit:
+        raise ValueError(f"patch budget {total} must be >= {n} and a multiple of {merge_unit}")
+    extra = total - n
+    if extra == 0:
+        return pixel_values, inputs
+    pad_seg = int(inputs.segment.max()) + 1 if n else 0
+    return (
+        np.concatenate([pixel_values, np.zeros((extra, pixel_values.shape[1]), pixel_values.dtype)]),
+        VisionInputs(
+            interp_index=np.concatenate([inputs.interp_index, np.zeros((extra, 4), np.int32)]),
+            interp_weight=np.concatenate([inputs.interp_weight, np.zeros((extra, 4), np.float32)]),
+            rope_hw=np.concatenate([inputs.rope_hw, np.zeros((extra, 2), np.int32)]),
+            segment=np.concatenate([inputs.segment, np.full(extra, pad_seg, np.int32)]),
+        ),
+    )

@@ -1,0 +1,181 @@
+"""Batched generation: one jitted prefill (images included) plus a `lax.while_loop` of decode
+steps over a preallocated KV cache.
+
+Prompt lengths and patch counts are rounded up to buckets so that repeated calls with
+similar inputs reuse one compiled program. Positions follow HF: the prompt's 3-D M-RoPE ids
+come from `get_rope_index` (padding-aware), and generated token i sits at max prompt position
++ 1 + i on all three axes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sr_jax.model.rope_index import get_rope_index
+from sr_jax.model.vision import pad_patches
+
+PAD_ID = 151643
+DEFAULT_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+TRACE_COUNT: collections.Counter = collections.Counter()  # incremented when a program is (re)traced
+
+
+def bucket_length(n: int, minimum: int = 64) -> int:
+    """Powers of two up to 2048, then multiples of 1024: few programs, at most ~2x padding."""
+    if n <= minimum:
+        return minimum
+    if n <= 2048:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 1024) * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    max_new_tokens: int
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    use_repetition_penalty: bool
+
+
+def _apply_repetition_penalty(logits, seen, penalty):
+    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def _sample(logits, rng, temperature, top_p, static: _Static):
+    if static.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if static.top_k > 0:
+        kth = jax.lax.top_k(logits, static.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if static.use_top_p:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = mass_before < top_p  # the most likely token is always kept
+        floor = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < floor, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _generate_program(state, ids, mask, positions, next_pos, pixel_values, vision, rng, temperature, top_p,
+                      penalty, stop_ids, *, graphdef, static: _Static):
+    TRACE_COUNT["generate"] += 1
+    model = nnx.merge(graphdef, state)
+    tcfg = model.config.text
+    batch, prompt_len = ids.shape
+    n_new = static.max_new_tokens
+    total = prompt_len + n_new
+    dtype = model.model.language_model.dtype
+    cache = [(jnp.zeros((batch, total, tcfg.num_key_value_heads, tcfg.head_dim), dtype),) * 2
+             for _ in range(tcfg.num_hidden_layers)]
+    key_valid = jnp.concatenate([mask.astype(bool), jnp.zeros((batch, n_new), bool)], axis=1)
+    causal = jnp.arange(total)[None, :] <= jnp.arange(prompt_len)[:, None]
+    out = model.features(ids, mask, pixel_values, position_ids=positions,
+                         vision=vision, mask=causal[None] & key_valid[:, None, :], kv_cache=cache, cache_index=0)
+    last = prompt_len - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+    logits = model.logits(out.hidden[jnp.arange(batch), last]).astype(jnp.float32)
+
+    vocab = logits.shape[-1]
+    seen = jnp.zeros((batch, vocab), bool)
+    if static.use_repetition_penalty:
+        seen = seen.at[jnp.arange(batch)[:, None], ids].max(mask.astype(bool))
+        logits = _apply_repetition_penalty(logits, seen, penalty)
+    tok = _sample(logits, jax.random.fold_in(rng, 0), temperature, top_p, static)
+    tokens = jnp.full((batch, n_new), PAD_ID, jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, stop_ids)
+    if static.use_repetition_penalty:
+        seen = seen.at[jnp.arange(batch), tok].set(True)
+
+    def cond(carry):
+        i, _, _, done, _, _, _ = carry
+        return (i < n_new) & ~jnp.all(done)
+
+    def body(carry):
+        i, tok, tokens, done, cache, key_valid, seen = carry
+        slot = prompt_len + i - 1  # where the previous token's keys/values go
+        key_valid = key_valid.at[:, slot].set(True)
+        pos = jnp.broadcast_to((next_pos + i - 1)[None, :, None], (3, batch, 1))
+        step = model.features(tok[:, None], jnp.ones((batch, 1), jnp.int32), position_ids=pos,
+                              mask=key_valid[:, None, :], kv_cache=cache, cache_index=slot)
+        logits = model.logits(step.hidden[:, 0]).astype(jnp.float32)
+        if static.use_repetition_penalty:
+            logits = _apply_repetition_penalty(logits, seen, penalty)
+        new = _sample(logits, jax.random.fold_in(rng, i), temperature, top_p, static)
+        new = jnp.where(done, PAD_ID, new)
+        if static.use_repetition_penalty:
+            seen = seen.at[jnp.arange(batch), new].set(True)
+        tokens = tokens.at[:, i].set(new)
+        done = done | jnp.isin(new, stop_ids)
+        return i + 1, new, tokens, done, step.kv_cache, key_valid, seen
+
+    carry = (jnp.int32(1), tok, tokens, done, out.kv_cache, key_valid, seen)
+    return jax.lax.while_loop(cond, body, carry)[2]
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(graphdef, static: _Static):
+    return jax.jit(functools.partial(_generate_program, graphdef=graphdef, static=static))
+
+
+def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, max_new_tokens=128,
+             temperature=0.0, top_p=1.0, top_k=0, seed=0, stop_ids=None, repetition_penalty=1.0,
+             min_prompt_bucket: int = 64) -> np.ndarray:
+    """New token ids (batch, max_new_tokens); after a stop token the row holds the pad id 151643.
+
+    Inputs are laid out as for the model call (left or right padding both work).
+    `temperature == 0` is greedy decoding.
+    """
+    ids = np.asarray(input_ids, np.int64)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got {ids.shape}")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+    if (mask.sum(1) == 0).any():
+        raise ValueError("a batch row has no real tokens")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    cfg = model.config
+    grids = None if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    positions, _ = get_rope_index(ids, grids, mask, spatial_merge_size=cfg.vision.spatial_merge_size,
+                                  image_token_id=cfg.image_token_id)
+    next_pos = np.where(mask.astype(bool)[None], positions, -1).max(axis=(0, 2)) + 1
+
+    batch, seq = ids.shape
+    width = bucket_length(seq, min_prompt_bucket)
+    pad = width - seq
+    ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=PAD_ID)
+    mask = np.pad(mask, ((0, 0), (0, pad)))
+    positions = np.pad(positions, ((0, 0), (0, 0), (0, pad)))
+
+    vision = None
+    if pixel_values is not None:
+        if grids is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        pv = np.asarray(pixel_values, np.float32)
+        budget = bucket_length(pv.shape[0], 256)
+        pv, vinputs = pad_patches(pv, model.prepare_vision(grids), budget)
+        pixel_values, vision = pv, vinputs.as_tuple()
+
+    static = _Static(
+        max_new_tokens=int(max_new_tokens),
+        greedy=temperature <= 0,
+        top_k=int(top_k),
+        use_top_p=top_p < 1.0,
+        use_repetition_penalty=repetition_penalty != 1.0,
+    )
+    stops = np.asarray(DEFAULT_STOP_IDS if stop_ids is None else list(stop_ids), np.int32).reshape(-1)
+    graphdef, state = nnx.split(model)
+    tokens = _compiled(graphdef, static)(
+        state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(positions, jnp.int32),
+        jnp.asarray(next_pos, jnp.int32), pixel_values, vision, jax.random.PRNGKey(seed),
+        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.float32(repetition_penalty), jnp.asarray(stops),
+    )
+    return np.asarray(tokens)

@@ -1,0 +1,103 @@
+"""Generation against HF `generate` (greedy, KV cache) on the same tiny random weights."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_oracle import hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels, tiny_hf_config
+from sr_jax.generate import PAD_ID, TRACE_COUNT, bucket_length, generate
+
+IM_END = 151645
+
+
+@pytest.fixture(scope="module")
+def pair():
+    hf = random_hf_model(tiny_hf_config(deepstack=(0, 1)), seed=3)
+    return hf, our_model_from_hf(hf)
+
+
+def hf_generate(hf, ids, mask=None, pv=None, grids=None, n=64, **kw):
+    with torch.no_grad():
+        out = hf.generate(**hf_inputs(ids, mask, pv, grids), max_new_tokens=n, do_sample=False,
+                          eos_token_id=[IM_END], pad_token_id=PAD_ID, **kw)
+    return out[:, ids.shape[1]:].numpy()
+
+
+def padded(ref, n):
+    """HF stops early when every row is done; fill up to n with pad like ours."""
+    return np.pad(ref, ((0, 0), (0, n - ref.shape[1])), constant_values=PAD_ID)
+
+
+def test_greedy_two_image_prompt_matches_hf(pair):
+    hf, ours = pair
+    rng = np.random.default_rng(0)
+    grids = [(1, 6, 10), (1, 8, 4)]
+    ids = image_prompt(rng, grids, [5, 7, 4])[None]
+    pv = random_pixels(rng, grids)
+    out = generate(ours, ids, None, pv, np.array(grids), max_new_tokens=64, stop_ids=[IM_END])
+    np.testing.assert_array_equal(out, padded(hf_generate(hf, ids, None, pv, grids), 64))
+
+
+def test_greedy_batch_of_mixed_lengths_matches_hf(pair):
+    hf, ours = pair
+    rng = np.random.default_rng(1)
+    rows = [([(1, 4, 6)], [3, 9]), ([(1, 6, 6), (1, 4, 4)], [2, 4, 6]), ([], [17])]
+    seqs = [image_prompt(rng, g, t) for g, t in rows]
+    width = max(map(len, seqs))
+    ids = np.full((len(seqs), width), PAD_ID)
+    mask = np.zeros_like(ids)
+    for b, s in enumerate(seqs):  # left padding, as HF generation expects
+        ids[b, width - len(s):], mask[b, width - len(s):] = s, 1
+    grids = [g for r in rows for g in r[0]]
+    pv = random_pixels(rng, grids)
+    out = generate(ours, ids, mask, pv, np.array(grids), max_new_tokens=64, stop_ids=[IM_END])
+    np.testing.assert_array_equal(out, padded(hf_generate(hf, ids, mask, pv, grids), 64))
+
+
+def test_repetition_penalty_matches_hf(pair):
+    hf, ours = pair
+    ids = np.random.default_rng(2).integers(0, 151000, (1, 12))
+    out = generate(ours, ids, max_new_tokens=24, repetition_penalty=1.3, stop_ids=[IM_END])
+    np.testing.assert_array_equal(out, padded(hf_generate(hf, ids, n=24, repetition_penalty=1.3), 24))
+
+
+def test_stop_token_is_kept_and_followed_by_pad(pair):
+    _, ours = pair
+    ids = np.random.default_rng(3).integers(0, 151000, (2, 9))
+    free = generate(ours, ids, max_new_tokens=16, stop_ids=[])
+    stop = int(free[0, 4])
+    first = int(np.argmax(free[0] == stop))  # the first occurrence is where decoding must stop
+    out = generate(ours, ids, max_new_tokens=16, stop_ids=[stop])
+    np.testing.assert_array_equal(out[0, :first + 1], free[0, :first + 1])
+    assert (out[0, first + 1:] == PAD_ID).all()
+    row1_stop = np.flatnonzero(free[1] == stop)
+    if row1_stop.size == 0:  # the other row is unaffected by row 0 stopping
+        np.testing.assert_array_equal(out[1], free[1])
+
+
+def test_prompt_buckets_avoid_recompilation(pair):
+    _, ours = pair
+    rng = np.random.default_rng(4)
+    assert bucket_length(40) == bucket_length(60) == 64 and bucket_length(65) == 128
+    generate(ours, rng.integers(0, 151000, (1, 40)), max_new_tokens=8)
+    before = TRACE_COUNT["generate"]
+    generate(ours, rng.integers(0, 151000, (1, 52)), max_new_tokens=8)
+    generate(ours, rng.integers(0, 151000, (1, 61)), max_new_tokens=8)
+    assert TRACE_COUNT["generate"] == before
+    generate(ours, rng.integers(0, 151000, (1, 70)), max_new_tokens=8)
+    assert TRACE_COUNT["generate"] == before + 1
+
+
+def test_sampling_is_seeded_and_filters_reduce_to_greedy(pair):
+    _, ours = pair
+    ids = np.random.default_rng(5).integers(0, 151000, (2, 10))
+    greedy = generate(ours, ids, max_new_tokens=12, stop_ids=[])
+    a = generate(ours, ids, max_new_tokens=12, temperature=1.5, seed=1, stop_ids=[])
+    b = generate(ours, ids, max_new_tokens=12, temperature=1.5, seed=1, stop_ids=[])
+    c = generate(ours, ids, max_new_tokens=12, temperature=1.5, seed=2, stop_ids=[])
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any() and (a != greedy).any()
+    np.testing.assert_array_equal(generate(ours, ids, max_new_tokens=12, temperature=0.9, top_k=1, stop_ids=[]),
+                                  greedy)
+    np.testing.assert_array_equal(generate(ours, ids, max_new_tokens=12, temperature=0.9, top_p=1e-6, stop_ids=[]),
+                                  greedy)
