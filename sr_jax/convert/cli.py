@@ -1,0 +1,69 @@
+"""`sr-jax convert hf-to-jax` and `sr-jax verify`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DTYPES = ("float32", "bfloat16")
+
+
+def register(subparsers) -> None:
+    convert = subparsers.add_parser("convert", help="convert checkpoints")
+    kinds = convert.add_subparsers(dest="convert_kind", required=True)
+    to_jax = kinds.add_parser("hf-to-jax", help="Hugging Face Qwen3-VL checkpoint -> sr_jax Orbax directory")
+    to_jax.add_argument("--hf", required=True, help="HF checkpoint directory (config.json + weights)")
+    to_jax.add_argument("--out", required=True, help="output directory (appears only when complete)")
+    to_jax.add_argument("--dtype", choices=DTYPES + ("float16",), default=None,
+                        help="stored parameter dtype (default: the dtype in config.json, else float32)")
+    to_jax.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    to_jax.set_defaults(func=run_convert)
+
+    verify = subparsers.add_parser("verify", help="compare our model's logits with the HF PyTorch model")
+    verify.add_argument("--hf", required=True, help="HF checkpoint directory (the reference)")
+    verify.add_argument("--jax", default=None, help="converted directory (default: import --hf directly)")
+    verify.add_argument("--dtype", choices=DTYPES, default="float32", help="our parameter/compute dtype")
+    verify.add_argument("--device", default=None, help="JAX platform for our model, e.g. cpu (default: JAX's)")
+    verify.add_argument("--atol", type=float, default=None, help="max abs logit error (default: unchecked)")
+    verify.add_argument("--rtol", type=float, default=None, help="max abs error / max |HF logit|")
+    verify.add_argument("--max-kl", type=float, default=None, help="max mean KL(HF || ours)")
+    verify.add_argument("--min-agreement", type=float, default=None, help="min greedy agreement, 0..1")
+    verify.set_defaults(func=run_verify_command)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from sr_jax.convert.hf_import import CheckpointError, convert_hf_to_jax
+
+    start = time.perf_counter()
+    try:
+        out = convert_hf_to_jax(args.hf, args.out, args.dtype, overwrite=args.overwrite)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def run_verify_command(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from sr_jax.convert.hf_import import CheckpointError
+    from sr_jax.convert.verify import DEFAULT_THRESHOLDS, run_verify
+
+    limits = DEFAULT_THRESHOLDS[args.dtype]
+    overrides = {"max_rel": args.rtol, "max_kl": args.max_kl, "min_agreement": args.min_agreement,
+                 "max_abs": args.atol}
+    limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        report = run_verify(args.hf, args.jax, args.dtype, args.device)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    failures = report.failures(limits)
+    for failure in failures:
+        print(f"FAIL: {failure}")
+    if not failures:
+        print(f"OK ({args.dtype} thresholds: {limits})")
+    return 1 if failures else 0

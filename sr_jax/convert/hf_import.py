@@ -1,0 +1,270 @@
+"""Reading Hugging Face Qwen3-VL checkpoints tensor by tensor into our parameter layout.
+
+A checkpoint directory holds `config.json` and weights in one of four layouts: `model.safetensors`,
+sharded `*.safetensors` (+ `model.safetensors.index.json`), `pytorch_model.bin`, or sharded
+`pytorch_model-*.bin` (+ `pytorch_model.bin.index.json`). Every problem is found from the file
+headers alone (missing / unexpected / mis-shaped keys, unreadable files) before any tensor data is
+read, so a bad checkpoint fails fast and with the full list. Tensors are then read one at a time
+and converted (layout + dtype) on their own, so memory holds the target parameters plus one tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from pathlib import Path
+from typing import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from sr_jax.convert.names import from_hf, hf_key, hf_shape_of, normalize_hf_key
+from sr_jax.model.config import ModelConfig
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+LM_HEAD, EMBED = "lm_head.weight", "model.language_model.embed_tokens.weight"
+MAX_LISTED = 20
+
+# Dtype names in safetensors headers.
+_SAFE_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                "BOOL": np.bool_}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be imported; the message names the file or keys at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    key: str          # the name as stored in the file
+    file: Path
+    shape: tuple
+
+
+def _listing(kind: str, items: list[str]) -> str:
+    shown = items[:MAX_LISTED]
+    more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return f"  {len(items)} {kind}:\n" + "\n".join(f"    {s}" for s in shown) + more
+
+
+def weight_files(directory: Path) -> tuple[str, list[Path]]:
+    """('safetensors' | 'bin', files) for a HF checkpoint directory."""
+    for index_name, kind in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid weight index ({e})") from None
+            files = [directory / name for name in sorted(set(weight_map.values()))]
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise CheckpointError(f"{index} lists shard files that do not exist: {absent}")
+            return kind, files
+    if (directory / SAFE_SINGLE).is_file():
+        return "safetensors", [directory / SAFE_SINGLE]
+    shards = sorted(directory.glob("*.safetensors"))
+    if shards:
+        return "safetensors", shards
+    if (directory / BIN_SINGLE).is_file():
+        return "bin", [directory / BIN_SINGLE]
+    raise CheckpointError(f"{directory}: no weights found (looked for {SAFE_SINGLE}, {SAFE_INDEX}, "
+                          f"*.safetensors, {BIN_SINGLE}, {BIN_INDEX})")
+
+
+def read_safetensors_raw(path: Path, key: str) -> np.ndarray:
+    """One tensor straight from the file bytes (header offsets), for dtypes the installed
+    `safetensors` cannot hand to numpy (bfloat16 before safetensors 0.6)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(header_len))[key]
+        start, end = entry["data_offsets"]
+        f.seek(8 + header_len + start)
+        data = f.read(end - start)
+    if len(data) != end - start:
+        raise CheckpointError(f"{path}: truncated inside tensor {key!r}")
+    return np.frombuffer(data, dtype=_SAFE_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+class _SafetensorsFile:
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            self.handle = safe_open(str(path), framework="numpy")
+            self.shapes = {k: tuple(self.handle.get_slice(k).get_shape()) for k in self.handle.keys()}
+        except Exception as e:  # the Rust reader raises its own error types for bad headers/lengths
+            raise CheckpointError(f"{path}: cannot read safetensors file, it is truncated or corrupt ({e})") from None
+
+    def read(self, key: str) -> np.ndarray:
+        try:
+            return self.handle.get_tensor(key)
+        except TypeError:  # old safetensors: no numpy bfloat16
+            return read_safetensors_raw(self.path, key)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
+
+
+class _TorchBinFile:
+    def __init__(self, path: Path):
+        import torch
+
+        self.path = path
+        try:
+            try:  # zip-format files are memory-mapped: nothing is read until a tensor is used
+                self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                self.tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read PyTorch weights file, it is truncated or corrupt ({e})") from None
+        if not isinstance(self.tensors, dict):
+            raise CheckpointError(f"{path}: expected a state dict, found {type(self.tensors).__name__}")
+        self.shapes = {k: tuple(v.shape) for k, v in self.tensors.items()}
+
+    def read(self, key: str) -> np.ndarray:
+        import torch
+
+        t = self.tensors[key].detach()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the same 16-bit words
+            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+
+class HFCheckpoint:
+    """The tensors of a HF checkpoint directory, indexed by normalized HF name."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: not a directory")
+        self.config = ModelConfig.from_hf_dir(self.directory)
+        self.kind, files = weight_files(self.directory)
+        opener = _SafetensorsFile if self.kind == "safetensors" else _TorchBinFile
+        self.files = {f: opener(f) for f in files}
+        self.entries: dict[str, TensorEntry] = {}
+        duplicates = []
+        for path, handle in self.files.items():
+            for key, shape in handle.shapes.items():
+                name = normalize_hf_key(key)
+                if name in self.entries:
+                    duplicates.append(f"{name} ({self.entries[name].file.name} and {path.name})")
+                self.entries[name] = TensorEntry(key, path, shape)
+        if duplicates:
+            raise CheckpointError(f"{self.directory}: tensors stored more than once\n"
+                                  + _listing("duplicated keys", duplicates))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def read(self, name: str) -> np.ndarray:
+        entry = self.entries[name]
+        return self.files[entry.file].read(entry.key)
+
+
+def param_specs(abstract_flat) -> dict[str, tuple[tuple, tuple]]:
+    """HF name -> (our parameter path, our shape) for every parameter of the abstract model."""
+    return {hf_key(path): (path, tuple(var.get_value().shape)) for path, var in abstract_flat}
+
+
+def check_keys(ckpt: HFCheckpoint, cfg: ModelConfig, abstract_flat) -> None:
+    """Raises one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
+    expected = param_specs(abstract_flat)
+    available = dict(ckpt.entries)
+    if cfg.tie_word_embeddings and LM_HEAD in available:
+        tied_head = available.pop(LM_HEAD)  # allowed when equal to the embedding (checked on read)
+        if EMBED in available and tied_head.shape != available[EMBED].shape:
+            raise CheckpointError(f"{tied_head.file}: tied checkpoint has {LM_HEAD} of shape {tied_head.shape}, "
+                                  f"embedding is {available[EMBED].shape}")
+    missing = sorted(set(expected) - set(available))
+    unexpected = sorted(set(available) - set(expected))
+    mismatched = []
+    for name in sorted(set(expected) & set(available)):
+        path, shape = expected[name]
+        want = hf_shape_of(path, shape, cfg)
+        got = available[name].shape
+        if tuple(got) != tuple(want):
+            mismatched.append(f"{name}: checkpoint {list(got)}, model expects {list(want)} "
+                              f"({available[name].file.name})")
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{ckpt.directory}: checkpoint does not match the model in config.json"]
+    if missing:
+        parts.append(_listing("missing keys", missing))
+        if LM_HEAD in missing:
+            parts.append(f"  ({LM_HEAD} is required: config.json has tie_word_embeddings=false)")
+    if unexpected:
+        parts.append(_listing("unexpected keys", unexpected))
+    if mismatched:
+        parts.append(_listing("shape mismatches", mismatched))
+    raise CheckpointError("\n".join(parts))
+
+
+def check_tied_head(ckpt: HFCheckpoint, cfg: ModelConfig) -> None:
+    if not (cfg.tie_word_embeddings and LM_HEAD in ckpt.entries):
+        return
+    if not np.array_equal(ckpt.read(LM_HEAD), ckpt.read(EMBED)):
+        raise CheckpointError(f"{ckpt.entries[LM_HEAD].file}: config.json ties the embeddings but {LM_HEAD} "
+                              f"differs from {EMBED}")
+
+
+def converted_tensors(ckpt: HFCheckpoint, cfg: ModelConfig, abstract_flat, dtype) -> Iterator[tuple[tuple, np.ndarray]]:
+    """(our path, contiguous array in our layout and `dtype`) for every parameter, one at a time."""
+    for name, (path, shape) in param_specs(abstract_flat).items():
+        tensor = from_hf(path, ckpt.read(name))
+        array = np.ascontiguousarray(tensor, dtype=dtype)  # one copy: layout and dtype together
+        del tensor
+        if array.shape != shape:  # names.from_hf and the header check disagree: a bug, not bad input
+            raise AssertionError(f"{name}: converted to {array.shape}, parameter is {shape}")
+        yield path, array
+
+
+def import_params(directory: str | Path, dtype: str | None, place: Callable[[tuple, np.ndarray], object]):
+    """Reads a HF checkpoint into the abstract model's parameters.
+
+    Returns (ModelConfig with dtype applied, graphdef, filled nnx.State). `place(path, array)`
+    turns each converted numpy array into the stored leaf (a device array, or the array itself).
+    """
+    from flax import nnx
+
+    from sr_jax.model import abstract_model, resolve_dtype
+
+    ckpt = HFCheckpoint(directory)
+    cfg = ckpt.config
+    if dtype is not None:
+        cfg.dtype = cfg.param_dtype = dtype
+    graph, params = nnx.split(abstract_model(cfg), nnx.Param)
+    flat = list(nnx.to_flat_state(params))
+    check_keys(ckpt, cfg, flat)
+    check_tied_head(ckpt, cfg)
+    variables = dict(flat)
+    target = resolve_dtype(cfg.param_dtype)
+    for path, array in converted_tensors(ckpt, cfg, flat, target):
+        variables[path].set_value(place(path, array))
+    return cfg, graph, nnx.from_flat_state(variables)
+
+
+def source_dtype(directory: str | Path) -> str:
+    """The dtype config.json declares (`dtype`, or `torch_dtype` before transformers 5), else float32."""
+    cfg = json.loads((Path(directory) / "config.json").read_text())
+    declared = cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype")
+    return declared if declared in ("float32", "bfloat16", "float16") else "float32"
+
+
+def convert_hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """HF checkpoint directory -> our converted directory (see `sr_jax.convert.orbax_io`)."""
+    from flax import nnx
+
+    from sr_jax.convert.orbax_io import check_output_dir, write_model_dir
+
+    check_output_dir(out, overwrite)  # before reading gigabytes, not after
+    dtype = dtype or source_dtype(hf_dir)
+    cfg, _, params = import_params(hf_dir, dtype, lambda _, array: array)  # host numpy: no device copy
+    return write_model_dir(out, cfg, nnx.to_pure_dict(params), hf_dir=hf_dir, overwrite=overwrite,
+                           source=str(Path(hf_dir).absolute()))

@@ -1,0 +1,212 @@
+"""Our converted model directory: an Orbax checkpoint of the parameters plus configs and tokenizer files.
+
+Layout of a directory written by `write_model_dir`:
+    sr_jax_model.json   marker + summary {"format": "sr_jax.orbax", "version": 1, "param_dtype", "num_params", "source"}
+    model_config.yaml   our ModelConfig (architecture + dtypes the params were stored in)
+    config.json         the Hugging Face config (copied from the source, else generated)
+    params/             Orbax StandardCheckpointer tree = nnx.to_pure_dict(parameter state)
+    tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, preprocessor_config.json,
+    chat_template*, generation_config.json, ...   copied from the HF directory when present
+
+The directory appears only once complete: everything is written to a hidden sibling, fsynced,
+then renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from sr_jax.config import dump_yaml, load_config
+from sr_jax.model.config import ModelConfig
+
+FORMAT, FORMAT_VERSION = "sr_jax.orbax", 1
+MARKER, CONFIG_YAML, HF_CONFIG, PARAMS = "sr_jax_model.json", "model_config.yaml", "config.json", "params"
+SIDECAR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                 "added_tokens.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                 "generation_config.json")
+SIDECAR_GLOBS = ("chat_template*",)
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def sidecar_files(hf_dir: Path) -> list[Path]:
+    found = [hf_dir / name for name in SIDECAR_FILES if (hf_dir / name).is_file()]
+    for pattern in SIDECAR_GLOBS:
+        found += sorted(p for p in hf_dir.glob(pattern) if p.is_file())
+    return found
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> None:
+    out = Path(out).absolute()
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not empty (use --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, overwrite: bool = False):
+    """Yields a fresh temporary directory beside `out` that becomes `out` when the block succeeds."""
+    out = Path(out).absolute()
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{tag}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.rename(tmp, out)
+        _fsync(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    # Orbax logs every step of a save at INFO/WARNING through absl; keep the CLI output readable.
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def write_model_dir(out: str | Path, cfg: ModelConfig, params: dict, *, hf_dir: str | Path | None = None,
+                    overwrite: bool = False, source: str = "") -> Path:
+    """Writes `params` (nested dict of arrays, as from nnx.to_pure_dict) and configs atomically to `out`."""
+    leaves = _leaves(params)
+    dtypes = sorted({str(np.dtype(leaf.dtype)) for leaf in leaves})
+    summary = {"format": FORMAT, "version": FORMAT_VERSION, "param_dtype": cfg.param_dtype, "leaf_dtypes": dtypes,
+               "num_params": int(sum(int(np.prod(leaf.shape)) for leaf in leaves)), "source": source}
+    with atomic_directory(out, overwrite) as tmp:
+        checkpointer = _checkpointer()
+        with _quiet_orbax():
+            checkpointer.save(tmp / PARAMS, params)
+            checkpointer.wait_until_finished()
+        checkpointer.close()
+        dump_yaml(cfg, tmp / CONFIG_YAML)
+        hf_dir = Path(hf_dir) if hf_dir is not None else None
+        if hf_dir is not None and (hf_dir / HF_CONFIG).is_file():
+            shutil.copy2(hf_dir / HF_CONFIG, tmp / HF_CONFIG)
+        else:
+            (tmp / HF_CONFIG).write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+        for f in sidecar_files(hf_dir) if hf_dir is not None else []:
+            shutil.copy2(f, tmp / f.name)
+        (tmp / MARKER).write_text(json.dumps(summary, indent=2))  # last: its presence means complete
+    return Path(out)
+
+
+def _leaves(tree) -> list:
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    marker = json.loads((path / MARKER).read_text())
+    if marker.get("format") != FORMAT or marker.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path / MARKER}: unsupported format {marker.get('format')!r} "
+                         f"version {marker.get('version')!r} (expected {FORMAT!r} {FORMAT_VERSION})")
+    return load_config(ModelConfig, path / CONFIG_YAML)
+
+
+def read_model_dir(path: str | Path, dtype: str | None = None, sharding=None):
+    """Restores a model written by `write_model_dir` straight into the abstract module (no random init).
+
+    `dtype` (compute and parameter dtype) casts on restore; `sharding` defaults to the default device.
+    """
+    import jax
+    from flax import nnx
+
+    from sr_jax.model import abstract_model
+
+    path = Path(path).absolute()
+    cfg = read_model_config(path)
+    if dtype is not None:
+        cfg.dtype = cfg.param_dtype = dtype
+    graph, params = nnx.split(abstract_model(cfg), nnx.Param)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          nnx.to_pure_dict(params))
+    checkpointer = _checkpointer()
+    try:
+        with _quiet_orbax():
+            try:
+                stored = checkpointer.metadata(path / PARAMS).item_metadata.tree
+            except Exception as e:
+                raise ValueError(f"{path / PARAMS}: cannot read checkpoint metadata ({type(e).__name__}: {e})") from None
+            _check_stored_shapes(path / PARAMS, stored, target)
+            try:
+                restored = checkpointer.restore(path / PARAMS, target)
+            except Exception as e:
+                raise ValueError(f"{path / PARAMS}: cannot restore parameters ({type(e).__name__}: {e})") from None
+    finally:
+        checkpointer.close()
+    nnx.replace_by_pure_dict(params, restored)
+    return nnx.merge(graph, params)
+
+
+def _check_stored_shapes(where: Path, stored, target) -> None:
+    """Orbax may pad or slice on a shape change; a checkpoint from another config must fail instead."""
+    import jax
+
+    def flat(tree):
+        return {"/".join(str(getattr(k, "key", k)) for k in p): leaf
+                for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    have, want = flat(stored), flat(target)
+    problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: stored {tuple(have[k].shape)}, model expects {tuple(want[k].shape)}"
+                 for k in sorted(set(want) & set(have)) if tuple(have[k].shape) != tuple(want[k].shape)]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ValueError(f"{where}: parameters do not match {CONFIG_YAML} ({len(problems)} problems)\n  {shown}")
+
+
+def save_model(model, out: str | Path, *, hf_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Writes an NNX model (e.g. after fine-tuning) in the converted-directory format."""
+    from flax import nnx
+
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return write_model_dir(out, model.config, params, hf_dir=hf_dir, overwrite=overwrite, source="save_model")

@@ -1,0 +1,224 @@
+"""Checkpoint import, the Orbax converter and `sr-jax verify`, against HF Qwen3-VL (the oracle)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+import sr_jax
+from hf_oracle import image_prompt, random_hf_model, random_pixels, tiny_hf_config
+from sr_jax.cli import main as cli_main
+from sr_jax.convert import orbax_io
+from sr_jax.convert.hf_import import CheckpointError, convert_hf_to_jax, read_safetensors_raw
+from sr_jax.convert.verify import model_logits
+
+GRIDS = [(1, 4, 6), (1, 8, 4)]  # two non-square images
+REL_TOL = 1e-4
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    ids = image_prompt(rng, GRIDS, [5, 4, 3])[None]
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": random_pixels(rng, GRIDS),
+            "image_grid_thw": np.asarray(GRIDS, np.int64)}
+
+
+def _hf_reference(hf, inputs):
+    ids = torch.as_tensor(inputs["input_ids"])
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=torch.as_tensor(inputs["attention_mask"]),
+                  pixel_values=torch.as_tensor(inputs["pixel_values"]),
+                  image_grid_thw=torch.as_tensor(inputs["image_grid_thw"]),
+                  mm_token_type_ids=(ids == hf.config.image_token_id).long()).logits[0].numpy()
+
+
+def _assert_matches(model, oracle):
+    hf, inputs, reference = oracle
+    ours = model_logits(model, inputs)
+    rel = np.abs(ours - reference).max() / np.abs(reference).max()
+    assert rel < REL_TOL, f"relative logit error {rel:.3g}"
+
+
+def _numpy_state(hf):
+    return {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+
+
+def _write_checkpoint(directory, hf, tensors):
+    directory.mkdir(parents=True)
+    hf.config.save_pretrained(directory)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    hf = random_hf_model(tiny_hf_config(), seed=1)
+    inputs = _inputs()
+    return hf, inputs, _hf_reference(hf, inputs)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(oracle, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf") / "ckpt"
+    oracle[0].save_pretrained(directory)
+    # Tokenizer/processor side files a real checkpoint ships; the converter must carry them along.
+    (directory / "tokenizer_config.json").write_text('{"model_max_length": 262144}')
+    (directory / "chat_template.jinja").write_text("{{ messages }}")
+    return directory
+
+
+def test_load_single_safetensors(oracle, hf_dir):
+    assert (hf_dir / "model.safetensors").is_file()
+    _assert_matches(sr_jax.load_model(hf_dir), oracle)
+
+
+def test_load_sharded_safetensors(oracle, tmp_path):
+    oracle[0].save_pretrained(tmp_path, max_shard_size="20MB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    _assert_matches(sr_jax.load_model(tmp_path), oracle)
+
+
+def test_load_pytorch_bin_single_and_sharded(oracle, tmp_path):
+    hf = oracle[0]
+    state = hf.state_dict()
+    single = tmp_path / "single"
+    single.mkdir()
+    hf.config.save_pretrained(single)
+    torch.save(state, single / "pytorch_model.bin")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    hf.config.save_pretrained(sharded)
+    keys = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        name = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, sharded / name)
+        weight_map.update({k: name for k in part})
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _assert_matches(sr_jax.load_model(single), oracle)
+    _assert_matches(sr_jax.load_model(sharded), oracle)
+
+
+def test_tied_checkpoint_with_and_without_lm_head(tmp_path):
+    hf = random_hf_model(tiny_hf_config(tie=True), seed=2)
+    inputs = _inputs()
+    tied = (hf, inputs, _hf_reference(hf, inputs))
+    hf.save_pretrained(tmp_path / "absent")
+    with __import__("safetensors").safe_open(str(tmp_path / "absent" / "model.safetensors"), "numpy") as f:
+        assert "lm_head.weight" not in f.keys()
+    _assert_matches(sr_jax.load_model(tmp_path / "absent"), tied)
+
+    state = _numpy_state(hf)
+    embed = state["model.language_model.embed_tokens.weight"]
+    state["lm_head.weight"] = embed.copy()
+    _assert_matches(sr_jax.load_model(_write_checkpoint(tmp_path / "equal", hf, state)), tied)
+
+    state["lm_head.weight"] = embed + 1.0
+    with pytest.raises(CheckpointError, match="ties the embeddings but lm_head.weight differs"):
+        sr_jax.load_model(_write_checkpoint(tmp_path / "different", hf, state))
+
+
+def test_convert_cli_and_load(oracle, hf_dir, tmp_path):
+    out = tmp_path / "jax"
+    assert cli_main(["convert", "hf-to-jax", "--hf", str(hf_dir), "--out", str(out)]) == 0
+    for name in ("sr_jax_model.json", "model_config.yaml", "config.json", "params", "generation_config.json"):
+        assert (out / name).exists(), name
+    for name in ("config.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (hf_dir / name).read_bytes(), name
+    assert json.loads((out / "sr_jax_model.json").read_text())["leaf_dtypes"] == ["float32"]
+    _assert_matches(sr_jax.load_model(out), oracle)
+
+    # An existing non-empty output is refused unless --overwrite.
+    assert cli_main(["convert", "hf-to-jax", "--hf", str(hf_dir), "--out", str(out), "--dtype", "bfloat16"]) == 1
+    assert json.loads((out / "sr_jax_model.json").read_text())["param_dtype"] == "float32"
+    assert cli_main(["convert", "hf-to-jax", "--hf", str(hf_dir), "--out", str(out), "--dtype", "bfloat16",
+                     "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jax"]  # no temporary siblings left behind
+
+    import orbax.checkpoint as ocp
+
+    stored = ocp.StandardCheckpointer().metadata(out / "params").item_metadata.tree
+    dtypes = {str(leaf.dtype) for leaf in __import__("jax").tree.leaves(stored)}
+    assert dtypes == {"bfloat16"}
+    model = sr_jax.load_model(out, dtype="bfloat16")
+    kernel = np.asarray(model.model.language_model.layers[1].mlp.up_proj.kernel[...])
+    hf_weight = oracle[0].state_dict()["model.language_model.layers.1.mlp.up_proj.weight"].numpy()
+    assert kernel.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(kernel, hf_weight.T.astype(ml_dtypes.bfloat16))
+    # A float32 load of bf16-stored params gives the bf16 values exactly.
+    widened = sr_jax.load_model(out).model.language_model.layers[1].mlp.up_proj.kernel[...]
+    assert widened.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(widened), kernel.astype(np.float32))
+
+
+def _bad_state(kind, state):
+    state = dict(state)
+    if kind == "missing":
+        del state["model.language_model.layers.1.mlp.up_proj.weight"], state["lm_head.weight"]
+    elif kind == "many_missing":
+        for key in [k for k in state if k.startswith("model.visual.")]:
+            del state[key]
+    elif kind == "extra":
+        state["model.language_model.layers.7.mlp.up_proj.weight"] = np.zeros((96, 64), np.float32)
+    elif kind == "shape":
+        state["model.visual.blocks.0.attn.qkv.weight"] = np.zeros((96, 31), np.float32)
+    return state
+
+
+BAD = {
+    "missing": r"2 missing keys:\n    lm_head.weight\n    model.language_model.layers.1.mlp.up_proj.weight"
+               r"(.|\n)*lm_head.weight is required",
+    "many_missing": r"missing keys:(.|\n)*\.\.\. and \d+ more",
+    "extra": r"1 unexpected keys:\n    model.language_model.layers.7.mlp.up_proj.weight",
+    "shape": r"model.visual.blocks.0.attn.qkv.weight: checkpoint \[96, 31\], model expects \[96, 32\] "
+             r"\(model.safetensors\)",
+    "truncated": r"model.safetensors: cannot read safetensors file, it is truncated or corrupt",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_checkpoint_is_named_error_and_leaves_no_output(kind, oracle, tmp_path):
+    hf = oracle[0]
+    directory = _write_checkpoint(tmp_path / "hf", hf, _bad_state(kind, _numpy_state(hf)))
+    if kind == "truncated":
+        data = (directory / "model.safetensors").read_bytes()
+        (directory / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=BAD[kind]):
+        convert_hf_to_jax(directory, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert cli_main(["convert", "hf-to-jax", "--hf", str(directory), "--out", str(out)]) == 1
+    assert not out.exists()
+
+
+def test_raw_bfloat16_reader_matches_safetensors(tmp_path):
+    values = np.random.default_rng(3).normal(size=(5, 7)).astype(ml_dtypes.bfloat16)
+    save_file({"a": np.arange(3, dtype=np.float32), "b": values}, str(tmp_path / "x.safetensors"))
+    np.testing.assert_array_equal(read_safetensors_raw(tmp_path / "x.safetensors", "b"), values)
+    (tmp_path / "x.safetensors").write_bytes((tmp_path / "x.safetensors").read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="truncated inside tensor 'b'"):
+        read_safetensors_raw(tmp_path / "x.safetensors", "b")
+
+
+def test_verify_passes_on_good_and_fails_on_corrupted(hf_dir, tmp_path, capsys):
+    good = tmp_path / "good"
+    convert_hf_to_jax(hf_dir, good)
+    assert cli_main(["verify", "--hf", str(hf_dir), "--jax", str(good), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "greedy agreement 100.00%" in printed and "OK" in printed
+
+    model = sr_jax.load_model(good)
+    kernel = model.model.language_model.layers[2].self_attn.o_proj.kernel
+    noise = np.random.default_rng(4).normal(0, 0.05, kernel[...].shape).astype(np.float32)
+    kernel.set_value(kernel[...] + noise)
+    orbax_io.save_model(model, tmp_path / "bad", hf_dir=hf_dir)
+    assert cli_main(["verify", "--hf", str(hf_dir), "--jax", str(tmp_path / "bad")]) == 1
+    assert "FAIL: max relative error" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "bad")
