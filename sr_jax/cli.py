@@ -13,6 +13,7 @@ import sys
 _COMMAND_MODULES = [
     "sr_jax.convert.cli",
     "sr_jax.data.cli",
+    "sr_jax.serve",
 ]
 
 

@@ -1,0 +1,420 @@
+"""The reward server and client over real HTTP on 127.0.0.1.
+
+`PixelScorer` is test scaffolding for the scorer interface: it computes a real result from the
+images (changed-pixel mask -> edit box -> grounding report -> `aggregate` on scores derived from
+pixel statistics), so every image pair and instruction has its own, checkable answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sr_jax.client import RewardClient, RewardServerError, encode_image
+from sr_jax.grounding import changed_mask, grounding_report, mask_bbox, pixels_to_grid
+from sr_jax.reward import AGGREGATION_MODES, aggregate
+from sr_jax.serve import BackgroundServer, ServeConfig, parse_request, to_jsonable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class PixelScorer:
+    """Deterministic scorer over pixels. Instructions "sleep:S" wait S seconds, "boom" raises,
+    "gate" waits for `gate` to be set; every call's (batch size, options) is recorded."""
+
+    def __init__(self, max_batch_size: int | None = None):
+        if max_batch_size is not None:
+            self.max_batch_size = max_batch_size
+        self.calls: list[tuple[int, dict]] = []
+        self.gate = threading.Event()
+        self._lock = threading.Lock()
+
+    def validate_options(self, options: dict) -> None:
+        if options.get("mode", "weighted") not in AGGREGATION_MODES:
+            raise ValueError(f"mode must be one of {AGGREGATION_MODES}")
+
+    def score(self, originals, edited, instructions, grounding_weight: float = 0.0, mode: str = "weighted"):
+        with self._lock:
+            self.calls.append((len(edited), {"grounding_weight": grounding_weight, "mode": mode}))
+        for text in instructions:
+            if text == "boom":
+                raise RuntimeError("the model fell over")
+            if text.startswith("sleep:"):
+                time.sleep(float(text[6:]))
+            if text == "gate" and not self.gate.wait(10):
+                raise RuntimeError("gate never opened")
+        return [self._one(o, e, t, grounding_weight, mode) for o, e, t in zip(originals, edited, instructions)]
+
+    @staticmethod
+    def _one(originals, edited, instruction, grounding_weight, mode):
+        mask = changed_mask(originals[-1], edited)
+        box = mask_bbox(mask)
+        regions = [] if box is None else [{"id": 0, "label": instruction[:16],
+                                           "bbox_2d": pixels_to_grid(box, *mask.shape)}]
+        report = grounding_report(mask, regions)
+        pixels = np.asarray(edited.convert("RGB"), dtype=np.float64)
+        sc = [25.0 * float(mask.mean()), 25.0 * float(pixels[..., 0].mean()) / 255.0]
+        pq = [min(25.0, float(pixels.std()) / 5.0), float(len(instruction) % 26)]
+        reward, sc10, pq10 = aggregate(sc, pq, mode=mode, grounding=report["grounding_score"],
+                                       grounding_weight=grounding_weight)
+        return {"reward": reward, "sc": sc10, "pq": pq10, "scores": {"sc": sc, "pq": pq},
+                "edit_region": regions, "grounding": report, "instruction": instruction,
+                "n_originals": len(originals), "edited_mode": edited.mode}
+
+
+def make_pixel_scorer(model_dir: str, **options) -> PixelScorer:
+    """Factory for `sr-jax serve --scorer-factory test_serve:make_pixel_scorer`."""
+    return PixelScorer(**options)
+
+
+def edit_pair(seed: int, size=(40, 32)) -> tuple[Image.Image, Image.Image]:
+    """A noisy background and the same picture with one seeded rectangle painted over."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 120, (h, w, 3), dtype=np.uint8)
+    edited = base.copy()
+    x1, y1 = rng.integers(0, w - 8), rng.integers(0, h - 8)
+    x2, y2 = x1 + rng.integers(4, 9), y1 + rng.integers(4, 9)
+    edited[y1:y2, x1:x2] = rng.integers(160, 256, 3, dtype=np.uint8)
+    return Image.fromarray(base), Image.fromarray(edited)
+
+
+def direct(originals, edited, instructions, **options):
+    """What the server must return: the scorer's own answer (from a fresh instance, so the served
+    one's call log stays the server's), as JSON would carry it."""
+    originals = [o if isinstance(o, list) else [o] for o in originals]
+    return json.loads(json.dumps(to_jsonable(PixelScorer().score(originals, edited, instructions, **options))))
+
+
+def png_b64(image: Image.Image, fmt="PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def post(url: str, body: bytes, timeout=10.0) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url + "/v1/score", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """A sample's value from Prometheus text (0 when absent)."""
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)$"
+    m = re.search(pattern, text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+
+
+CONFIG = dict(host="127.0.0.1", port=0, max_batch=8, max_wait_ms=40, max_items_per_request=4,
+              max_images_per_request=8, max_image_pixels=64 * 64, max_request_pixels=6 * 64 * 64,
+              max_body_mb=0.25, request_timeout_s=10)
+
+
+@pytest.fixture(scope="module")
+def served():
+    scorer = PixelScorer()
+    with BackgroundServer(scorer, ServeConfig(**CONFIG)) as server:
+        yield server, scorer
+
+
+def test_results_match_direct_call_and_keep_order(served):
+    server, scorer = served
+    pairs = [edit_pair(s) for s in range(3)]
+    originals = [pairs[0][0], [pairs[1][0], pairs[2][0], pairs[1][0]], pairs[2][0]]
+    edited = [p[1] for p in pairs]
+    instructions = ["paint a box", "another box", "third"]
+    client = RewardClient(server.url, timeout=10, retries=0)
+    for options in ({}, {"grounding_weight": 0.25, "mode": "min_geometric"}):
+        got = client.score(originals, edited, instructions, **options)
+        assert got == direct(originals, edited, instructions, **options)
+    assert [r["n_originals"] for r in got] == [1, 3, 1]
+    assert got[0]["edit_region"] and got[0]["grounding"]["grounding_score"] > 0.5  # a real, non-trivial answer
+    # Bytes and paths are sent as they are: a JPEG arrives as the same decoded JPEG (modes untouched).
+    jpeg = io.BytesIO()
+    pairs[0][1].convert("L").save(jpeg, format="JPEG", quality=90)
+    got = client.score([pairs[0][0]], [jpeg.getvalue()], ["gray jpeg"])
+    decoded = Image.open(io.BytesIO(jpeg.getvalue()))
+    assert got == direct([pairs[0][0]], [decoded], ["gray jpeg"]) and got[0]["edited_mode"] == "L"
+    # Calls larger than one request are split and reassembled in order.
+    many = [edit_pair(10 + s) for s in range(6)]
+    small = RewardClient(server.url, timeout=10, retries=0, max_items_per_request=4)
+    texts = [f"item {s}" for s in range(6)]
+    assert small.score([p[0] for p in many], [p[1] for p in many], texts) == \
+        direct([p[0] for p in many], [p[1] for p in many], texts)
+
+
+def test_client_accepts_paths_and_arrays(served, tmp_path):
+    server, scorer = served
+    original, edited = edit_pair(5)
+    path = tmp_path / "edited.png"
+    edited.save(path)
+    client = RewardClient(server.url, timeout=10, retries=0)
+    got = client.score([np.asarray(original)], [str(path)], ["from a path"])
+    assert got == direct([original], [edited], ["from a path"])
+
+
+def test_32_concurrent_clients_get_their_own_answers_in_batches(served):
+    server, scorer = served
+    client = RewardClient(server.url, timeout=20, retries=0)
+    before = client.metrics()
+    calls_before = len(scorer.calls)
+
+    def one_client(k: int):
+        n = 1 + k % 3
+        pairs = [edit_pair(1000 + 10 * k + j) for j in range(n)]
+        texts = [f"client {k} item {j}" for j in range(n)]
+        options = {"grounding_weight": 0.5} if k % 2 else {}
+        got = client.score([p[0] for p in pairs], [p[1] for p in pairs], texts, **options)
+        return got, direct([p[0] for p in pairs], [p[1] for p in pairs], texts, **options), n
+
+    with ThreadPoolExecutor(32) as pool:
+        outcomes = list(pool.map(one_client, range(32)))
+    for got, expected, n in outcomes:
+        assert len(got) == n and got == expected
+    total = sum(n for _, _, n in outcomes)
+    after = client.metrics()
+    batches = metric(after, "sr_jax_batch_size_count") - metric(before, "sr_jax_batch_size_count")
+    items = metric(after, "sr_jax_batch_size_sum") - metric(before, "sr_jax_batch_size_sum")
+    assert items == total == 63
+    print(f"{batches:.0f} model calls for 32 requests, sizes {sorted(size for size, _ in scorer.calls[calls_before:])}")
+    assert batches < 32, f"{batches} model calls for 32 requests: nothing was batched"
+    calls = scorer.calls[calls_before:]
+    assert max(size for size, _ in calls) > 1 and all(size <= 8 for size, _ in calls)
+    assert metric(after, "sr_jax_score_requests_total", 'code="200"') - \
+        metric(before, "sr_jax_score_requests_total", 'code="200"') == 32
+    assert metric(after, "sr_jax_queue_depth") == 0
+    assert "sr_jax_request_latency_seconds_bucket" in after and "sr_jax_inflight_requests" in after
+
+
+def _item(seed=0, **override):
+    original, edited = edit_pair(seed)
+    item = {"original": png_b64(original), "edited": png_b64(edited), "instruction": "fine"}
+    item.update(override)
+    return item
+
+
+def _body(items=None, **top) -> bytes:
+    return json.dumps({"items": [_item()] if items is None else items, **top}).encode()
+
+
+def _truncated_png() -> str:
+    raw = base64.b64decode(_item()["edited"])
+    return base64.b64encode(raw[: len(raw) // 2]).decode()
+
+
+def _gif() -> str:
+    buffer = io.BytesIO()
+    edit_pair(0)[1].save(buffer, format="GIF")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+MALFORMED = {
+    "not_json": (b"{items: nope", 400, "malformed JSON"),
+    "not_utf8": (b"\xff\xfe{}", 400, "not UTF-8"),
+    "not_an_object": (b"[1, 2]", 400, "body: expected a JSON object"),
+    "unknown_top_field": (json.dumps({"items": [], "extra": 1}).encode(), 400, "unknown field(s) ['extra']"),
+    "items_missing": (b"{}", 400, "items: missing"),
+    "items_not_list": (b'{"items": {}}', 400, "items: expected a list"),
+    "items_empty": (b'{"items": []}', 400, "items: the list is empty"),
+    "item_not_object": (_body(["x"]), 400, "items[0]: expected an object"),
+    "edited_missing": (_body([_item(), {"original": _item()["original"], "instruction": "x"}]), 400,
+                       "items[1].edited: missing"),
+    "instruction_not_string": (_body([_item(instruction=3)]), 400, "items[0].instruction: expected a string"),
+    "original_wrong_type": (_body([_item(original=7)]), 400, "items[0].original: expected a base64 string"),
+    "original_empty_list": (_body([_item(original=[])]), 400, "items[0].original: the list is empty"),
+    "unknown_item_field": (_body([_item(originals="x")]), 400, "items[0]: unknown field(s) ['originals']"),
+    "bad_base64": (_body([_item(), _item(edited="not base64 !!")]), 400, "items[1].edited: invalid base64"),
+    "not_an_image": (_body([_item(original=[_item()["original"], base64.b64encode(b"hello").decode()])]), 400,
+                     "items[0].original[1]: not a decodable image"),
+    "truncated_png": (_body([_item(edited=_truncated_png())]), 400, "items[0].edited: corrupt or truncated PNG"),
+    "gif_refused": (_body([_item(edited=_gif())]), 400, "items[0].edited: image format GIF is not accepted"),
+    "bad_data_url": (_body([_item(edited="data:image/png," + _item()["edited"])]), 400, "data URL"),
+    "options_not_object": (_body(options=[1]), 400, "options: expected an object"),
+    "unknown_option": (_body(options={"temperature": 1}), 400, "options: unknown option(s) ['temperature']"),
+    "bad_option_value": (_body(options={"mode": "max"}), 400, "options: mode must be one of"),
+    "bad_timeout": (_body(timeout_s=-1), 400, "timeout_s: expected a positive number"),
+    "too_many_items": (_body([_item(s) for s in range(5)]), 413, "max_items_per_request=4"),
+    "too_many_images": (_body([_item(original=[_item()["original"]] * 4)] * 2), 413, "max_images_per_request=8"),
+    "image_too_large": (_body([_item(edited=png_b64(Image.new("RGB", (65, 64))))]), 413,
+                        "items[0].edited: 65x64 image exceeds max_image_pixels"),
+    "request_pixels": (_body([_item(original=[png_b64(Image.new("RGB", (64, 64)))] * 3, edited=
+                                    png_b64(Image.new("RGB", (64, 64))))] * 2), 413, "max_request_pixels"),
+    "body_too_large": (b'{"items": "' + b"A" * 300_000 + b'"}', 413, "max_body_mb"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_requests_get_4xx_and_server_keeps_serving(served, case):
+    server, scorer = served
+    body, status, message = MALFORMED[case]
+    code, answer = post(server.url, body)
+    assert (code, answer["status"]) == (status, status) and message in answer["error"], answer
+    code, answer = post(server.url, _body([_item(3)]))
+    assert code == 200 and answer["results"][0]["instruction"] == "fine"
+
+
+def test_client_does_not_retry_4xx(served):
+    server, _ = served
+    client = RewardClient(server.url, timeout=10, retries=3, backoff=0.01)
+    before = metric(client.metrics(), "sr_jax_score_requests_total", 'code="400"')
+    with pytest.raises(RewardServerError) as err:
+        client.score([edit_pair(0)[0]], [base64.b64decode(_gif())], ["gif"])
+    assert err.value.status == 400 and "image format GIF" in err.value.message
+    assert metric(client.metrics(), "sr_jax_score_requests_total", 'code="400"') == before + 1
+
+
+def test_scorer_error_fails_only_its_request(served):
+    server, _ = served
+    client = RewardClient(server.url, timeout=10, retries=0)
+    pairs = [edit_pair(s) for s in range(4)]
+    texts = ["ok 0", "boom", "ok 2", "ok 3"]
+
+    def call(k):
+        try:
+            return client.score([pairs[k][0]], [pairs[k][1]], [texts[k]])[0]["instruction"]
+        except RewardServerError as exc:
+            return exc.status, exc.message
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(call, range(4)))
+    assert got[0] == "ok 0" and got[2] == "ok 2" and got[3] == "ok 3"
+    assert got[1][0] == 500 and "RuntimeError: the model fell over" in got[1][1]
+    assert metric(client.metrics(), "sr_jax_batch_failures_total") >= 1
+    assert client.score([pairs[0][0]], [pairs[0][1]], ["after"])[0]["instruction"] == "after"
+
+
+def test_timeout_gives_504_and_others_are_served(served):
+    server, scorer = served
+    client = RewardClient(server.url, timeout=10, retries=0, request_timeout_s=0.2)
+    original, edited = edit_pair(7)
+    start = time.monotonic()
+    with pytest.raises(RewardServerError) as err:
+        client.score([original], [edited], ["sleep:0.6"])
+    assert err.value.status == 504 and "not scored within 0.2 s" in err.value.message
+    assert time.monotonic() - start < 0.55
+    # The slow call still occupies the model; the next request waits for it, then is answered.
+    assert RewardClient(server.url, timeout=10, retries=0).score([original], [edited], ["next"]) == \
+        direct([original], [edited], ["next"])
+    assert metric(client.metrics(), "sr_jax_score_errors_total", 'reason="timeout"') >= 1
+
+
+def test_full_queue_gives_503_and_client_retries():
+    scorer = PixelScorer()
+    config = ServeConfig(port=0, max_batch=1, max_wait_ms=0, max_queue=2, request_timeout_s=10)
+    with BackgroundServer(scorer, config) as server:
+        fast = RewardClient(server.url, timeout=10, retries=0)
+        pairs = [edit_pair(s) for s in range(4)]
+        with ThreadPoolExecutor(2) as pool:
+            blocked = pool.submit(fast.score, [pairs[0][0]], [pairs[0][1]], ["gate"])  # holds the model
+            while not scorer.calls:
+                time.sleep(0.01)
+            queued = pool.submit(fast.score, [p[0] for p in pairs[1:3]], [p[1] for p in pairs[1:3]], ["a", "b"])
+            while fast.health()["queue_depth"] < 2:
+                time.sleep(0.01)
+            with pytest.raises(RewardServerError) as err:
+                fast.score([pairs[3][0]], [pairs[3][1]], ["no retry"])
+            assert err.value.status == 503 and "queue full" in err.value.message
+            threading.Timer(0.3, scorer.gate.set).start()
+            patient = RewardClient(server.url, timeout=10, retries=20, backoff=0.05, max_backoff=0.05)
+            got = patient.score([pairs[3][0]], [pairs[3][1]], ["retried"])
+            assert got == direct([pairs[3][0]], [pairs[3][1]], ["retried"])
+            assert blocked.result(10)[0]["instruction"] == "gate"
+            assert [r["instruction"] for r in queued.result(10)] == ["a", "b"]
+        assert metric(fast.metrics(), "sr_jax_score_errors_total", 'reason="unavailable"') >= 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_retries_until_server_is_up():
+    port = _free_port()
+    client = RewardClient(f"http://127.0.0.1:{port}", timeout=5, retries=30, backoff=0.05, max_backoff=0.1)
+    original, edited = edit_pair(9)
+    scorer = PixelScorer()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.score, [original], [edited], ["late server"])
+        time.sleep(0.3)
+        assert not pending.done()
+        with BackgroundServer(scorer, ServeConfig(port=port)):
+            assert pending.result(10) == direct([original], [edited], ["late server"])
+    with pytest.raises(RewardServerError) as err:  # and gives up with status 0 once retries run out
+        RewardClient(f"http://127.0.0.1:{port}", timeout=2, retries=1, backoff=0.01).score(
+            [original], [edited], ["nobody home"])
+    assert err.value.status == 0
+
+
+def test_server_batch_cap_follows_scorer():
+    scorer = PixelScorer(max_batch_size=3)
+    with BackgroundServer(scorer, ServeConfig(port=0, max_batch=16, max_wait_ms=100)) as server:
+        client = RewardClient(server.url, timeout=10, retries=0)
+        assert client.health()["max_batch"] == 3
+        pairs = [edit_pair(s) for s in range(7)]
+        texts = [str(s) for s in range(7)]
+        assert client.score([p[0] for p in pairs], [p[1] for p in pairs], texts) == \
+            direct([p[0] for p in pairs], [p[1] for p in pairs], texts)
+        assert [size for size, _ in scorer.calls] == [3, 3, 1]  # one request split over calls
+
+
+def test_parse_request_decodes_data_urls():
+    cfg = ServeConfig(max_items_per_request=2)
+    item = _item()
+    item["edited"] = "data:image/png;base64," + item["edited"]
+    parsed = parse_request(_body([item], timeout_s=2), cfg)
+    assert parsed.items[0].edited.size == (40, 32) and parsed.timeout_s == 2.0 and parsed.options == {}
+    assert np.array_equal(np.asarray(parsed.items[0].edited), np.asarray(edit_pair(0)[1]))
+
+
+def test_cli_serves_and_stops_on_sigterm(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sr_jax.cli", "serve", "--model", str(tmp_path), "--port", str(port),
+         "--max-batch", "4", "--scorer-factory", "test_serve:make_pixel_scorer", "--option", "max_batch_size=2"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        client = RewardClient(f"http://127.0.0.1:{port}", timeout=10, retries=0)
+        deadline, health = time.monotonic() + 60, {}
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                health = client.wait_until_ready(timeout=0.5)
+                break
+            except TimeoutError:
+                continue
+        assert process.poll() is None, "the server exited"
+        assert health["max_batch"] == 2
+        original, edited = edit_pair(4)
+        assert client.score([original], [edited], ["cli"]) == direct([original], [edited], ["cli"])
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+        print((tmp_path / "serve.log").read_text())
