@@ -10,7 +10,8 @@ Endpoints
                   Errors -> {"error": message, "status": code}: 400 malformed request (the message
                   names the item and field), 413 body/count/pixel limits, 500 the scorer failed,
                   503 queue full or shutting down (with Retry-After), 504 timed out.
-  GET  /healthz   -> {"status": "ok", "queue_depth", "max_batch", "limits"}; 503 once stopping.
+  GET  /healthz   -> {"status": "ok", "queue_depth", "max_batch", "options" (accepted scorer
+                  options; null: any), "limits"}; 503 (status "unavailable") once stopping.
   GET  /metrics   -> Prometheus text format (names in `_Metrics`).
 
 Why JSON and base64: the original SpatialReward server unpickles request bodies, which lets any
@@ -550,6 +551,7 @@ class RewardServer:
             "status": "ok" if alive else "unavailable",
             "queue_depth": self.batcher.depth if self.batcher else 0,
             "max_batch": self.max_batch,
+            "options": None if self.allowed_options is None else sorted(self.allowed_options),
             "limits": {"max_items_per_request": cfg.max_items_per_request, "max_body_mb": cfg.max_body_mb,
                        "max_images_per_request": cfg.max_images_per_request,
                        "max_image_pixels": cfg.max_image_pixels, "max_request_pixels": cfg.max_request_pixels,

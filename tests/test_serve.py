@@ -372,7 +372,8 @@ def test_server_batch_cap_follows_scorer():
     scorer = PixelScorer(max_batch_size=3)
     with BackgroundServer(scorer, ServeConfig(port=0, max_batch=16, max_wait_ms=100)) as server:
         client = RewardClient(server.url, timeout=10, retries=0)
-        assert client.health()["max_batch"] == 3
+        health = client.health()
+        assert health["max_batch"] == 3 and health["options"] == ["grounding_weight", "mode"]
         pairs = [edit_pair(s) for s in range(7)]
         texts = [str(s) for s in range(7)]
         assert client.score([p[0] for p in pairs], [p[1] for p in pairs], texts) == \
