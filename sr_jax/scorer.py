@@ -1,0 +1,185 @@
+"""SpatialReward scoring: SC and PQ prompts generated as one batch, parsed and aggregated.
+
+For each (original(s), edited, instruction) item the model answers two prompts: SC on
+[originals..., edited] with the instruction, and PQ on [edited]. Answers are parsed leniently
+(`sr_jax.reward.parse_output`), turned into a reward (`aggregate`) and, beyond the original
+method, checked against the pixels that actually changed (`sr_jax.grounding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sr_jax.data.image import open_image
+from sr_jax.data.processor import Processor
+from sr_jax.data.records import SpatialExample
+from sr_jax.data.templates import PromptTemplates
+from sr_jax.generate import PAD_ID, generate
+from sr_jax.grounding import grounding_check
+from sr_jax.reward import aggregate, parse_output
+
+
+@dataclasses.dataclass
+class ScorerOptions:
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 8            # prompts per generate call (SC and PQ prompts count separately)
+    mode: str = "weighted"         # or "min_geometric"
+    w1: float = 0.6
+    w2: float = 0.4
+    w3: float = 0.5
+    w4: float = 0.5
+    a: float = 0.8
+    score_range: float = 25.0
+    grounding: bool = True          # compute the changed-pixel check
+    grounding_weight: float = 0.0   # > 0 folds the grounding score into the reward
+    min_pixels: int = 3136
+    max_pixels: int = 589824        # SpatialReward's evaluation budget
+    dtype: str = "float32"
+    templates: PromptTemplates = dataclasses.field(default_factory=PromptTemplates)
+
+    def replace(self, **overrides) -> "ScorerOptions":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown scorer option(s): {sorted(unknown)}")
+        return dataclasses.replace(self, **overrides)
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+class Scorer:
+    def __init__(self, model, processor: Processor, options: ScorerOptions | None = None):
+        self.model = model
+        self.processor = processor
+        self.options = options or ScorerOptions()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **options) -> "Scorer":
+        """`path`: a HF checkpoint dir or a converted sr_jax dir; tokenizer files there are used when present."""
+        from sr_jax.loading import load_model
+
+        opts = ScorerOptions().replace(**options)
+        path = Path(path)
+        model = load_model(path, dtype=opts.dtype)
+        tokenizer = path if (path / "tokenizer.json").is_file() else None
+        processor = Processor(tokenizer, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels,
+                              templates=opts.templates)
+        return cls(model, processor, opts)
+
+    @property
+    def max_batch_size(self) -> int:
+        return max(1, self.options.batch_size // 2)  # items per call: each item makes two prompts
+
+    # ---- generation ----
+    def _encode_prompts(self, originals, edited, instructions) -> list[dict]:
+        prompts = []
+        for i, (orig, edit, instr) in enumerate(zip(originals, edited, instructions)):
+            origs = [open_image(o) for o in _as_list(orig)]
+            edit = open_image(edit)
+            sc = SpatialExample(id=f"item-{i}-sc", task="sc", images=origs + [edit], instruction=instr)
+            prompts.append(self.processor.encode(sc, with_target=False))
+        for i, edit in enumerate(edited):
+            pq = SpatialExample(id=f"item-{i}-pq", task="pq", images=[open_image(edit)])
+            prompts.append(self.processor.encode(pq, with_target=False))
+        return prompts
+
+    def generate_texts(self, prompts: list[dict], opts: ScorerOptions) -> list[str]:
+        """Greedy/sampled answers for encoded prompts, batched by similar length (left padding)."""
+        order = sorted(range(len(prompts)), key=lambda i: prompts[i]["input_ids"].shape[1])
+        texts: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), opts.batch_size):
+            chunk = [prompts[i] for i in order[start:start + opts.batch_size]]
+            width = max(p["input_ids"].shape[1] for p in chunk)
+            ids = np.full((len(chunk), width), PAD_ID, np.int64)
+            mask = np.zeros_like(ids)
+            for row, p in enumerate(chunk):
+                n = p["input_ids"].shape[1]
+                ids[row, width - n:], mask[row, width - n:] = p["input_ids"][0], 1
+            pixels = [p["pixel_values"] for p in chunk if len(p["image_grid_thw"])]
+            grids = [p["image_grid_thw"] for p in chunk if len(p["image_grid_thw"])]
+            new = generate(self.model, ids, mask, np.concatenate(pixels) if pixels else None,
+                           np.concatenate(grids) if grids else None, max_new_tokens=opts.max_new_tokens,
+                           temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed)
+            for row, idx in enumerate(order[start:start + opts.batch_size]):
+                texts[idx] = self.processor.tokenizer.decode(
+                    [t for t in new[row].tolist() if t != PAD_ID], skip_special_tokens=True)
+        return texts
+
+    # ---- the public call ----
+    def score(self, originals: Sequence[Any], edited: Sequence[Any], instructions: Sequence[str],
+              **overrides) -> list[dict]:
+        """One result per item, in order. `originals[i]` is an image or a list of images (several
+        originals for multi-input edits); images are PIL images, encoded bytes or file paths."""
+        opts = self.options.replace(**overrides) if overrides else self.options
+        if not (len(originals) == len(edited) == len(instructions)):
+            raise ValueError(f"originals ({len(originals)}), edited ({len(edited)}) and instructions "
+                             f"({len(instructions)}) must have the same length")
+        if not edited:
+            return []
+        texts = self.generate_texts(self._encode_prompts(originals, edited, instructions), opts)
+        n = len(edited)
+        return [self._result(originals[i], edited[i], texts[i], texts[n + i], opts) for i in range(n)]
+
+    def _result(self, original, edited, sc_text: str, pq_text: str, opts: ScorerOptions) -> dict:
+        sc = parse_output(sc_text, with_region=True, score_range=opts.score_range)
+        pq = parse_output(pq_text, with_region=False, score_range=opts.score_range)
+        grounding = None
+        if opts.grounding:
+            grounding = grounding_check(open_image(_as_list(original)[0]), open_image(edited), sc["edit_region"])
+        reward, sc_value, pq_value = aggregate(
+            sc["score"], pq["score"], mode=opts.mode, w1=opts.w1, w2=opts.w2, w3=opts.w3, w4=opts.w4, a=opts.a,
+            score_range=opts.score_range,
+            grounding=None if grounding is None else grounding["grounding_score"],
+            grounding_weight=opts.grounding_weight if grounding is not None else 0.0)
+        return {
+            "reward": reward,
+            "sc": sc_value,
+            "pq": pq_value,
+            "sc_scores": list(sc["score"]),
+            "pq_scores": list(pq["score"]),
+            "edit_region": sc["edit_region"],
+            "reasoning": {"sc": sc["reasoning"], "pq": pq["reasoning"]},
+            "grounding": grounding,
+            "parsed": {"sc": sc["parsed"], "pq": pq["parsed"]},
+            "raw": {"sc": sc_text, "pq": pq_text},
+        }
+
+
+# ---- CLI: sr-jax score ----
+def register(sub) -> None:
+    p = sub.add_parser("score", help="score one edit with a SpatialReward model and print JSON")
+    p.add_argument("--model", required=True, help="HF checkpoint dir or converted sr_jax dir")
+    p.add_argument("--original", required=True, action="append", help="original image (repeat for several)")
+    p.add_argument("--edited", required=True, help="edited image")
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--mode", default="weighted", choices=["weighted", "min_geometric"])
+    p.add_argument("--grounding-weight", type=float, default=0.0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any ScorerOptions field")
+    p.set_defaults(func=_score_command)
+
+
+def _score_command(args) -> int:
+    import json
+
+    import yaml
+
+    extra = {}
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        extra[key] = yaml.safe_load(raw)
+    scorer = Scorer.from_pretrained(args.model, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                                    mode=args.mode, grounding_weight=args.grounding_weight, **extra)
+    result = scorer.score([args.original], [args.edited], [args.instruction])[0]
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
