@@ -14,6 +14,7 @@ _COMMAND_MODULES = [
     "sr_jax.convert.cli",
     "sr_jax.data.cli",
     "sr_jax.serve",
+    "sr_jax.scorer",
 ]
 
 
