@@ -1,0 +1,109 @@
+"""Generation throughput: sr_jax `generate` vs HF `generate` (KV cache) on the same model and prompts.
+
+One run, same machine, same random weights (float32), a two-image prompt of about 600 tokens and
+128 new tokens (no early stop), at batch 1 and batch 8. Prints new tokens/s and the ratio.
+
+    python tools/bench_generate.py [--batches 1 8] [--new 128] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def bench_config():
+    from transformers import Qwen3VLConfig
+
+    text = dict(vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [16, 8, 8],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512,
+                  num_position_embeddings=2304, deepstack_visual_indexes=[1, 2, 3])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+
+
+def prompts(batch: int, rng):
+    """Two 448x448-ish images (196 + 168 visual tokens) and ~240 text tokens per row."""
+    from sr_jax.model.rope_index import IMAGE_TOKEN_ID
+
+    grids = []
+    rows = []
+    for _ in range(batch):
+        g = [(1, 28, 28), (1, 24, 28)]
+        ids = list(rng.integers(0, 150000, 100))
+        for t, h, w in g:
+            ids += [151652] + [IMAGE_TOKEN_ID] * (t * h * w // 4) + [151653] + list(rng.integers(0, 150000, 70))
+        rows.append(ids)
+        grids += g
+    ids = np.array(rows, np.int64)
+    pixels = rng.uniform(-1, 1, (sum(t * h * w for t, h, w in grids), 1536)).astype(np.float32)
+    return ids, pixels, np.array(grids)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    import jax
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from sr_jax import load_model
+    from sr_jax.generate import generate
+
+    torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(0)
+    hf = Qwen3VLForConditionalGeneration(bench_config()).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = load_model(d)
+    n_params = sum(p.numel() for p in hf.parameters())
+    print(f"model: {n_params / 1e6:.0f}M params, float32; jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in args.batches:
+        ids, pixels, grids = prompts(batch, rng)
+        t0 = time.perf_counter()
+        out = generate(ours, ids, None, pixels, grids, max_new_tokens=args.new, stop_ids=[])
+        compile_s = time.perf_counter() - t0
+        ours_s = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = generate(ours, ids, None, pixels, grids, max_new_tokens=args.new, stop_ids=[])
+            ours_s.append(time.perf_counter() - t0)
+        assert out.shape == (batch, args.new)
+        kw = dict(input_ids=torch.as_tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                  pixel_values=torch.as_tensor(pixels), image_grid_thw=torch.as_tensor(grids),
+                  mm_token_type_ids=torch.as_tensor(ids == 151655).int())
+        hf_s = []
+        with torch.no_grad():
+            hf.generate(**kw, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                ref = hf.generate(**kw, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
+                hf_s.append(time.perf_counter() - t0)
+        assert ref.shape[1] - ids.shape[1] == args.new
+        same = float((ref[:, ids.shape[1]:].numpy() == out).mean())
+        ours_tps = batch * args.new / min(ours_s)
+        hf_tps = batch * args.new / min(hf_s)
+        rows.append((batch, ids.shape[1], ours_tps, hf_tps, compile_s, same))
+    print(f"\n{'batch':>5} {'prompt':>6} {'sr_jax tok/s':>13} {'HF tok/s':>9} {'ratio':>6} {'first call s':>12} "
+          f"{'same tokens':>11}")
+    for batch, plen, o, h, c, same in rows:
+        print(f"{batch:>5} {plen:>6} {o:>13.1f} {h:>9.1f} {o / h:>5.1f}x {c:>12.1f} {same:>11.1%}")
+    print("\n(greedy decoding, prefill included in both timings; the first sr_jax call includes compilation)")
+
+
+if __name__ == "__main__":
+    main()
