@@ -11,6 +11,7 @@ import importlib
 import sys
 
 _COMMAND_MODULES = [
+    "sr_jax.demo",
     "sr_jax.convert.cli",
     "sr_jax.data.cli",
     "sr_jax.serve",
