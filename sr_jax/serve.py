@@ -26,7 +26,8 @@ with several requests raises, each request is retried alone so that only the cul
 
 The scorer is any object with `score(originals: list[list[PIL.Image]], edited: list[PIL.Image],
 instructions: list[str], **options) -> list[dict]`; an optional `max_batch_size` caps the batch
-and an optional `validate_options(options)` (raising ValueError/TypeError) vets options per request.
+and an optional `validate_options(options)` (raising ValueError/TypeError) vets options per request
+(without it, a dataclass `scorer.options` is used to check option names and types).
 Images reach it exactly as decoded (mode untouched), as if the caller had opened the files itself.
 """
 
@@ -45,7 +46,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from aiohttp import web
@@ -74,6 +75,7 @@ class ServeConfig:
     max_instruction_chars: int = 8192
     request_timeout_s: float = 600.0  # from arrival to answer; a request may ask for less
     image_formats: tuple[str, ...] = ("PNG", "JPEG")
+    request_options: list[str] | None = None  # options requests may set; None: all the scorer takes
     isolate_failures: bool = True  # on a failed multi-request call, retry each request alone
     decode_threads: int = 2
 
@@ -124,13 +126,29 @@ class ParsedRequest:
     timeout_s: float | None
 
 
-def accepted_options(scorer: Any) -> frozenset[str] | None:
-    """Keyword options `scorer.score` takes beyond the three inputs; None when it takes **kwargs."""
+def accepted_options(scorer: Any, allowlist: Sequence[str] | None = None) -> frozenset[str] | None:
+    """Keyword options `scorer.score` takes beyond the three inputs, narrowed to `allowlist`;
+    None (anything) when it takes **kwargs and no allowlist is given."""
     params = list(inspect.signature(scorer.score).parameters.values())
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
     named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return frozenset(p.name for p in named[3:])
+    takes = None if any(p.kind is p.VAR_KEYWORD for p in params) else frozenset(p.name for p in named[3:])
+    if allowlist is None:
+        return takes
+    return frozenset(allowlist) if takes is None else takes & frozenset(allowlist)
+
+
+def option_validator(scorer: Any) -> Callable[[dict], Any] | None:
+    """How request options are vetted before queueing: the scorer's own `validate_options`, else,
+    when `scorer.options` is a config dataclass (as `Scorer`'s is), its field names and types."""
+    validate = getattr(scorer, "validate_options", None)
+    if callable(validate):
+        return validate
+    defaults = getattr(scorer, "options", None)
+    if dataclasses.is_dataclass(defaults) and not isinstance(defaults, type):
+        from sr_jax.config import from_dict
+
+        return lambda options: from_dict(type(defaults), options, "options")
+    return None
 
 
 def _b64_bytes(value: Any, where: str) -> bytes:
@@ -183,7 +201,8 @@ def _check_options(options: Any, allowed: frozenset[str] | None, validate) -> di
         try:
             validate(dict(options))
         except (ValueError, TypeError) as exc:
-            raise RequestError(400, f"options: {exc}") from None
+            message = str(exc)
+            raise RequestError(400, message if message.startswith("options") else f"options: {message}") from None
     return options
 
 
@@ -477,8 +496,8 @@ class RewardServer:
         self.config = cfg = config or ServeConfig()
         cap = getattr(scorer, "max_batch_size", None)
         self.max_batch = min(cfg.max_batch or cap or 8, cap or math.inf)
-        self.allowed_options = accepted_options(scorer)
-        self.validate_options = getattr(scorer, "validate_options", None)
+        self.allowed_options = accepted_options(scorer, cfg.request_options)
+        self.validate_options = option_validator(scorer)
         self.inflight = 0
         self.batcher: Batcher | None = None
         self.metrics = _Metrics(lambda: self.batcher.depth if self.batcher else 0, lambda: self.inflight)

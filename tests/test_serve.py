@@ -390,32 +390,111 @@ def test_parse_request_decodes_data_urls():
     assert np.array_equal(np.asarray(parsed.items[0].edited), np.asarray(edit_pair(0)[1]))
 
 
-def test_cli_serves_and_stops_on_sigterm(tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "w")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sr_jax.cli", "serve", "--model", str(tmp_path), "--port", str(port),
-         "--max-batch", "4", "--scorer-factory", "test_serve:make_pixel_scorer", "--option", "max_batch_size=2"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        client = RewardClient(f"http://127.0.0.1:{port}", timeout=10, retries=0)
-        deadline, health = time.monotonic() + 60, {}
-        while process.poll() is None and time.monotonic() < deadline:
+class ServeProcess:
+    """`sr-jax serve ...` in a subprocess on a free port; always killed at exit."""
+
+    def __init__(self, args: list[str], log_path: Path):
+        self.port = _free_port()
+        self.log = open(log_path, "w")
+        self.log_path = log_path
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+        self.process = subprocess.Popen([sys.executable, "-m", "sr_jax.cli", "serve", "--port", str(self.port), *args],
+                                        env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=log_path.parent)
+        self.client = RewardClient(f"http://127.0.0.1:{self.port}", timeout=120, retries=0)
+
+    def wait_ready(self, timeout=120.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
             try:
-                health = client.wait_until_ready(timeout=0.5)
-                break
+                return self.client.wait_until_ready(timeout=0.5)
             except TimeoutError:
                 continue
-        assert process.poll() is None, "the server exited"
-        assert health["max_batch"] == 2
+        raise AssertionError(f"server not ready (exit code {self.process.poll()}):\n{self.log_path.read_text()}")
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def test_cli_serves_and_stops_on_sigterm(tmp_path):
+    args = ["--model", str(tmp_path), "--max-batch", "4", "--scorer-factory", "test_serve:make_pixel_scorer",
+            "--option", "max_batch_size=2"]
+    with ServeProcess(args, tmp_path / "serve.log") as served:
+        assert served.wait_ready()["max_batch"] == 2
         original, edited = edit_pair(4)
-        assert client.score([original], [edited], ["cli"]) == direct([original], [edited], ["cli"])
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
-        print((tmp_path / "serve.log").read_text())
+        assert served.client.score([original], [edited], ["cli"]) == direct([original], [edited], ["cli"])
+        assert served.terminate() == 0
+
+
+def test_request_options_allowlist(served):
+    scorer = PixelScorer()
+    with BackgroundServer(scorer, ServeConfig(port=0, request_options=["mode"])) as server:
+        assert RewardClient(server.url, retries=0).health()["options"] == ["mode"]
+        code, answer = post(server.url, _body(options={"grounding_weight": 0.5}))
+        assert code == 400 and "unknown option(s) ['grounding_weight']; accepted: ['mode']" in answer["error"]
+        code, answer = post(server.url, _body(options={"mode": "min_geometric"}))
+        assert code == 200 and answer["results"] == direct([edit_pair(0)[0]], [edit_pair(0)[1]], ["fine"],
+                                                            mode="min_geometric")
+
+
+# ---------------------------------------------------------------- the real Scorer on a tiny model
+
+@pytest.fixture(scope="module")
+def tiny_scorer(tmp_path_factory):
+    from hf_oracle import random_hf_model, tiny_hf_config
+    from sr_jax.data.tokenizer import load_tokenizer
+    from sr_jax.scorer import Scorer
+
+    model_dir = tmp_path_factory.mktemp("tiny_sr")
+    random_hf_model(tiny_hf_config(), seed=3).save_pretrained(model_dir)
+    load_tokenizer(None).save_tokenizer_dir(model_dir)
+    return Scorer.from_pretrained(model_dir, max_new_tokens=8, batch_size=4, max_pixels=64 * 64), model_dir
+
+
+@pytest.mark.slow
+def test_real_scorer_over_http_matches_direct_call(tiny_scorer):
+    scorer, _ = tiny_scorer
+    pairs = [edit_pair(50 + s, size=(64, 64)) for s in range(3)]
+    originals = [[p[0]] for p in pairs]
+    edited = [p[1] for p in pairs]
+    texts = ["add a box", "paint the corner", "brighten the square"]
+    options = {"grounding_weight": 0.3, "mode": "min_geometric"}
+    expected = json.loads(json.dumps(to_jsonable(scorer.score(originals, edited, texts, **options))))
+    assert all(r["raw"]["sc"] for r in expected)  # the tiny model did generate text
+    with BackgroundServer(scorer, ServeConfig(port=0, max_wait_ms=200, request_timeout_s=120)) as server:
+        client = RewardClient(server.url, timeout=120, retries=0)
+        assert client.health()["max_batch"] == scorer.max_batch_size == 2
+        with ThreadPoolExecutor(3) as pool:  # three callers, batched by the server
+            got = list(pool.map(lambda i: client.score([originals[i]], [edited[i]], [texts[i]], **options)[0],
+                                range(3)))
+        assert got == expected
+        assert client.score(originals, edited, texts, **options) == expected  # one request, split in two calls
+        code, answer = post(server.url, _body(options={"max_new_tokens": "many"}))
+        assert code == 400 and "options.max_new_tokens: expected int" in answer["error"]
+        code, answer = post(server.url, _body(options={"temprature": 0.5}))
+        assert code == 400 and "unknown key(s) ['temprature']" in answer["error"]
+        batches = metric(client.metrics(), "sr_jax_batch_size_count")
+        assert 2 <= batches < 5, batches  # 3 single-item requests share calls, then the 3-item one takes 2
+
+
+@pytest.mark.slow
+def test_cli_serves_the_real_scorer(tiny_scorer, tmp_path):
+    scorer, model_dir = tiny_scorer
+    args = ["--model", str(model_dir), "--option", "max_new_tokens=8", "--option", "batch_size=4",
+            "--option", f"max_pixels={64 * 64}", "--set", "request_options=[grounding_weight]"]
+    original, edited = edit_pair(60, size=(64, 64))
+    expected = json.loads(json.dumps(to_jsonable(scorer.score([[original]], [edited], ["cli"], grounding_weight=0.2))))
+    with ServeProcess(args, tmp_path / "serve.log") as served:
+        health = served.wait_ready()
+        assert health["max_batch"] == 2 and health["options"] == ["grounding_weight"]
+        assert served.client.score([original], [edited], ["cli"], grounding_weight=0.2) == expected
+        assert served.terminate() == 0
