@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sr_jax.client import RewardClient, RewardServerError, encode_image
+from sr_jax.client import RewardClient, RewardServerError
 from sr_jax.grounding import changed_mask, grounding_report, mask_bbox, pixels_to_grid
 from sr_jax.reward import AGGREGATION_MODES, aggregate
 from sr_jax.serve import BackgroundServer, ServeConfig, parse_request, to_jsonable
@@ -435,7 +435,7 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
         assert served.terminate() == 0
 
 
-def test_request_options_allowlist(served):
+def test_request_options_allowlist():
     scorer = PixelScorer()
     with BackgroundServer(scorer, ServeConfig(port=0, request_options=["mode"])) as server:
         assert RewardClient(server.url, retries=0).health()["options"] == ["mode"]
