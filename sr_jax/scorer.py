@@ -49,7 +49,28 @@ class ScorerOptions:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown scorer option(s): {sorted(unknown)}")
-        return dataclasses.replace(self, **overrides)
+        return dataclasses.replace(self, **overrides).validate()
+
+    def validate(self) -> "ScorerOptions":
+        """Value checks, so a bad option is the caller's error (HTTP 400), not a model failure."""
+        from sr_jax.reward import AGGREGATION_MODES
+
+        checks = [
+            (self.mode in AGGREGATION_MODES, f"mode must be one of {AGGREGATION_MODES}"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (0 <= self.a <= 1, "a must be in [0, 1]"),
+            (0 <= self.grounding_weight <= 1, "grounding_weight must be in [0, 1]"),
+            (self.score_range > 0, "score_range must be > 0"),
+            (0 < self.min_pixels <= self.max_pixels, "need 0 < min_pixels <= max_pixels"),
+        ]
+        errors = [msg for ok, msg in checks if not ok]
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
 
 def _as_list(x) -> list:
@@ -74,6 +95,10 @@ class Scorer:
         processor = Processor(tokenizer, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels,
                               templates=opts.templates)
         return cls(model, processor, opts)
+
+    def validate_options(self, options: dict) -> None:
+        """Raises ValueError for unknown options or bad values (the server calls this per request)."""
+        self.options.replace(**options)
 
     @property
     def max_batch_size(self) -> int:

@@ -84,3 +84,12 @@ def test_score_cli_prints_the_same_result(model_dir, scorer, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     direct = scorer.score([str(a)], [str(b)], ["add a red square"])[0]
     assert printed["raw"] == direct["raw"] and printed["reward"] == pytest.approx(direct["reward"])
+
+
+def test_bad_option_values_are_rejected(scorer):
+    for bad in [{"mode": "max"}, {"top_p": 0.0}, {"temperature": -1.0}, {"grounding_weight": 2.0}]:
+        with pytest.raises(ValueError):
+            scorer.validate_options(bad)
+    with pytest.raises(ValueError, match="unknown"):
+        scorer.validate_options({"no_such_option": 1})
+    scorer.validate_options({"mode": "min_geometric", "max_new_tokens": 8})
