@@ -15,7 +15,7 @@ import sr_jax
 from hf_oracle import image_prompt, random_hf_model, random_pixels, tiny_hf_config
 from sr_jax.cli import main as cli_main
 from sr_jax.convert import orbax_io
-from sr_jax.convert.hf_import import CheckpointError, convert_hf_to_jax, read_safetensors_raw
+from sr_jax.convert.hf_import import CheckpointError, SafetensorsFile, contiguous, convert_hf_to_jax
 from sr_jax.convert.verify import model_logits
 
 GRIDS = [(1, 4, 6), (1, 8, 4)]  # two non-square images
@@ -198,13 +198,29 @@ def test_bad_checkpoint_is_named_error_and_leaves_no_output(kind, oracle, tmp_pa
     assert not out.exists()
 
 
-def test_raw_bfloat16_reader_matches_safetensors(tmp_path):
-    values = np.random.default_rng(3).normal(size=(5, 7)).astype(ml_dtypes.bfloat16)
-    save_file({"a": np.arange(3, dtype=np.float32), "b": values}, str(tmp_path / "x.safetensors"))
-    np.testing.assert_array_equal(read_safetensors_raw(tmp_path / "x.safetensors", "b"), values)
-    (tmp_path / "x.safetensors").write_bytes((tmp_path / "x.safetensors").read_bytes()[:-10])
-    with pytest.raises(CheckpointError, match="truncated inside tensor 'b'"):
-        read_safetensors_raw(tmp_path / "x.safetensors", "b")
+def test_safetensors_reader_matches_library(tmp_path):
+    from safetensors import safe_open
+
+    rng = np.random.default_rng(3)
+    tensors = {"bf16": rng.normal(size=(5, 7)).astype(ml_dtypes.bfloat16), "f32": np.arange(3, dtype=np.float32),
+               "f16": rng.normal(size=(2, 3, 4)).astype(np.float16), "i64": np.arange(4, dtype=np.int64)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    reader = SafetensorsFile(tmp_path / "x.safetensors")
+    with safe_open(str(tmp_path / "x.safetensors"), "numpy") as lib:
+        for key in tensors:
+            got = reader.read(key)
+            assert got.dtype == lib.get_tensor(key).dtype
+            np.testing.assert_array_equal(got, lib.get_tensor(key))
+
+
+@pytest.mark.parametrize("source, target", [(ml_dtypes.bfloat16, ml_dtypes.bfloat16), (np.float32, np.float32),
+                                            (ml_dtypes.bfloat16, np.float32), (np.float32, ml_dtypes.bfloat16)])
+def test_tiled_transpose_copy(source, target):
+    matrix = np.random.default_rng(5).normal(size=(300, 529)).astype(source)
+    for view in (matrix.T, matrix, matrix[:, 3:]):
+        out = contiguous(view, target, block=64)
+        assert out.flags.c_contiguous and out.dtype == np.dtype(target)
+        np.testing.assert_array_equal(out, np.ascontiguousarray(view, dtype=target))
 
 
 def test_verify_passes_on_good_and_fails_on_corrupted(hf_dir, tmp_path, capsys):

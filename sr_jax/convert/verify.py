@@ -112,26 +112,31 @@ def hf_logits(hf_dir: str | Path, inputs: dict) -> np.ndarray:
     return logits
 
 
-def _forward(model, ids, mask, pixels, positions, vision):
-    from sr_jax.model import VisionInputs
-
-    return model(ids, mask, pixels, position_ids=positions, vision=VisionInputs(*vision))
-
-
-_jitted_forward = None
+_compiled_forward: dict[str, object] = {}
 
 
 def model_logits(model, inputs: dict) -> np.ndarray:
-    """Our model's (T, vocab) float32 logits, jitted with host-prepared positions and vision tables."""
-    global _jitted_forward
-    if _jitted_forward is None:  # built once so models of the same shape reuse the compiled forward
-        from flax import nnx
+    """Our model's (T, vocab) float32 logits, jitted with host-prepared positions and vision tables.
 
-        _jitted_forward = nnx.jit(_forward)
+    The compiled forward is shared by all models with the same config: it takes the parameter
+    state as an argument (the module's graph holds an unhashable config, so `nnx.jit` on the
+    module itself would recompile for every newly loaded model)."""
+    import jax
+    from flax import nnx
+
+    from sr_jax.model import VisionInputs
+
+    graph, state = nnx.split(model)
+    key = repr(model.config)
+    if key not in _compiled_forward:
+        def forward(state, ids, mask, pixels, positions, vision):
+            return nnx.merge(graph, state)(ids, mask, pixels, position_ids=positions, vision=VisionInputs(*vision))
+
+        _compiled_forward[key] = jax.jit(forward)
     grid = inputs["image_grid_thw"]
     positions = model.prepare_positions(inputs["input_ids"], inputs["attention_mask"], grid)
-    logits = _jitted_forward(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                             positions, model.prepare_vision(grid).as_tuple())
+    logits = _compiled_forward[key](state, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                    positions, model.prepare_vision(grid).as_tuple())
     return np.asarray(logits[0], dtype=np.float32)
 
 
