@@ -91,7 +91,7 @@ def test_load_pytorch_bin_single_and_sharded(oracle, tmp_path):
     single = tmp_path / "single"
     single.mkdir()
     hf.config.save_pretrained(single)
-    torch.save(state, single / "pytorch_model.bin")
+    torch.save(state, single / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # legacy: no mmap
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     hf.config.save_pretrained(sharded)
@@ -104,6 +104,16 @@ def test_load_pytorch_bin_single_and_sharded(oracle, tmp_path):
     (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     _assert_matches(sr_jax.load_model(single), oracle)
     _assert_matches(sr_jax.load_model(sharded), oracle)
+
+
+def test_legacy_key_layout(oracle, tmp_path):
+    """Older Qwen-VL exports name tensors `visual.*` and `model.layers.*`; they load the same."""
+    def legacy(key):
+        return key.replace("model.visual.", "visual.").replace("model.language_model.", "model.")
+
+    state = {legacy(k): v for k, v in _numpy_state(oracle[0]).items()}
+    assert "visual.patch_embed.proj.weight" in state and "model.layers.0.mlp.up_proj.weight" in state
+    _assert_matches(sr_jax.load_model(_write_checkpoint(tmp_path / "legacy", oracle[0], state)), oracle)
 
 
 def test_tied_checkpoint_with_and_without_lm_head(tmp_path):
@@ -180,6 +190,8 @@ BAD = {
     "shape": r"model.visual.blocks.0.attn.qkv.weight: checkpoint \[96, 31\], model expects \[96, 32\] "
              r"\(model.safetensors\)",
     "truncated": r"model.safetensors: cannot read safetensors file, it is truncated or corrupt",
+    "truncated_bin": r"pytorch_model.bin: cannot read PyTorch weights file, it is truncated or corrupt",
+    "missing_shard": r"model.safetensors.index.json lists shard files that do not exist: \['model-00002.safetensors'\]",
 }
 
 
@@ -190,6 +202,15 @@ def test_bad_checkpoint_is_named_error_and_leaves_no_output(kind, oracle, tmp_pa
     if kind == "truncated":
         data = (directory / "model.safetensors").read_bytes()
         (directory / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif kind == "truncated_bin":
+        (directory / "model.safetensors").unlink()
+        torch.save(hf.state_dict(), directory / "pytorch_model.bin")
+        data = (directory / "pytorch_model.bin").read_bytes()
+        (directory / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    elif kind == "missing_shard":
+        weight_map = {k: "model.safetensors" for k in hf.state_dict()}
+        weight_map["lm_head.weight"] = "model-00002.safetensors"
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match=BAD[kind]):
         convert_hf_to_jax(directory, out)

@@ -55,6 +55,9 @@ def run_verify_command(args: argparse.Namespace) -> int:
     overrides = {"max_rel": args.rtol, "max_kl": args.max_kl, "min_agreement": args.min_agreement,
                  "max_abs": args.atol}
     limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
+    if args.jax and args.dtype == "float32" and _stored_dtype(args.jax) not in (None, "float32"):
+        print(f"note: {args.jax} stores {_stored_dtype(args.jax)} parameters; float32 thresholds assume "
+              "float32 weights (try --dtype bfloat16)")
     try:
         report = run_verify(args.hf, args.jax, args.dtype, args.device)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
@@ -67,3 +70,13 @@ def run_verify_command(args: argparse.Namespace) -> int:
     if not failures:
         print(f"OK ({args.dtype} thresholds: {limits})")
     return 1 if failures else 0
+
+
+def _stored_dtype(directory: str) -> str | None:
+    import json
+    from pathlib import Path
+
+    from sr_jax.convert.orbax_io import MARKER
+
+    marker = Path(directory) / MARKER
+    return json.loads(marker.read_text()).get("param_dtype") if marker.is_file() else None

@@ -164,10 +164,6 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.directory}: tensors stored more than once\n"
                                   + _listing("duplicated keys", duplicates))
 
-    @property
-    def nbytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
-
     def read(self, name: str) -> np.ndarray:
         entry = self.entries[name]
         return self.files[entry.file].read(entry.key)
@@ -277,7 +273,8 @@ def import_params(directory: str | Path, dtype: str | None, place: Callable[[tup
 def source_dtype(directory: str | Path) -> str:
     """The dtype config.json declares (`dtype`, or `torch_dtype` before transformers 5), else float32."""
     cfg = json.loads((Path(directory) / "config.json").read_text())
-    declared = cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype")
+    text = cfg.get("text_config") or {}
+    declared = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
     return declared if declared in ("float32", "bfloat16", "float16") else "float32"
 
 

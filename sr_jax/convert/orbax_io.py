@@ -114,8 +114,9 @@ def _save_params(directory: Path, params: dict) -> None:
     """Orbax save of a parameter tree, bounded to about one copy of the parameters in memory.
 
     Two orbax defaults are off: the defensive deep copy of host (numpy) arrays (the tree is ours and
-    unchanged until the save returns) and zstd compression, whose encoded chunks stay buffered until
-    committed (+0.8 x checkpoint bytes measured, tools/bench_convert.py) to save ~23% of disk."""
+    unchanged until the save returns), and zstd compression: it saved ~23% of disk on the synthetic
+    bf16 weights of tools/bench_convert.py, but its encoded chunks stay buffered until the commit,
+    which cost +0.8 x checkpoint bytes of peak memory there."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -135,7 +136,9 @@ def _save_params(directory: Path, params: dict) -> None:
 def write_model_dir(out: str | Path, cfg: ModelConfig, params: dict, *, hf_dir: str | Path | None = None,
                     overwrite: bool = False, source: str = "") -> Path:
     """Writes `params` (nested dict of arrays, as from nnx.to_pure_dict) and configs atomically to `out`."""
-    leaves = _leaves(params)
+    import jax
+
+    leaves = jax.tree.leaves(params)
     dtypes = sorted({str(np.dtype(leaf.dtype)) for leaf in leaves})
     summary = {"format": FORMAT, "version": FORMAT_VERSION, "param_dtype": cfg.param_dtype, "leaf_dtypes": dtypes,
                "num_params": int(sum(int(np.prod(leaf.shape)) for leaf in leaves)), "source": source}
@@ -152,12 +155,6 @@ def write_model_dir(out: str | Path, cfg: ModelConfig, params: dict, *, hf_dir: 
             shutil.copy2(f, tmp / f.name)
         (tmp / MARKER).write_text(json.dumps(summary, indent=2))  # last: its presence means complete
     return Path(out)
-
-
-def _leaves(tree) -> list:
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 def read_model_config(path: str | Path) -> ModelConfig:

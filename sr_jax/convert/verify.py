@@ -168,7 +168,9 @@ def run_verify(hf_dir: str | Path, jax_dir: str | Path | None = None, dtype: str
     inputs = verify_inputs(hf_dir, cfg)
     reference = hf_logits(hf_dir, inputs)
     jax_device = jax.devices(device)[0] if device else jax.devices()[0]
-    with jax.default_device(jax_device):
+    # A float32 check means float32 matmuls: on GPUs JAX's default precision would use TF32 (~1e-3 error).
+    precision = "highest" if dtype == "float32" else None
+    with jax.default_device(jax_device), jax.default_matmul_precision(precision):
         model = load_model(jax_dir or hf_dir, dtype, device=jax_device)
         ours = model_logits(model, inputs)
     del model
