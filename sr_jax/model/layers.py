@@ -28,11 +28,16 @@ class Linear(nnx.Module):
             nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],)) if use_bias else None
         )
         self.dtype = dtype
+        self.axes = axes
+        # Optional low-rank adapter (see sr_jax.lora), added to the output when present.
+        self.lora = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x).astype(y.dtype)
         return y
 
 
@@ -75,6 +80,24 @@ class LayerNorm(nnx.Module):
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
+
+
+# Rematerialisation policies for a layer's backward pass: "full" keeps only the layer inputs,
+# "save_dots" also keeps the outputs of weight matmuls (no attention scores), trading memory for speed.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def call_layer(layer, remat: str, *args):
+    """layer(*args), rematerialised in the backward pass according to `remat`."""
+    if remat == "none":
+        return layer(*args)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; use one of {sorted(REMAT_POLICIES)}")
+    return nnx.remat(lambda module, *a: module(*a), policy=REMAT_POLICIES[remat])(layer, *args)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

@@ -9,7 +9,11 @@ import numpy as np
 from flax import nnx
 
 from sr_jax.model.config import TextConfig
-from sr_jax.model.layers import Embed, Linear, RMSNorm, activation, apply_rope, masked_softmax_attention
+from sr_jax.model.layers import (Embed, Linear, RMSNorm, activation, apply_rope, call_layer,
+                                 masked_softmax_attention)
+from sr_jax.sharding import constrain
+
+HIDDEN_AXES = ("batch", "seq", "act_embed")
 
 
 def mrope_axis_of_frequency(cfg: TextConfig) -> np.ndarray:
@@ -127,6 +131,7 @@ class TextModel(nnx.Module):
                                 for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=param_dtype)
         self.dtype = dtype
+        self.remat = "none"  # per-layer rematerialisation policy for training (layers.REMAT_POLICIES)
 
     def __call__(self, inputs_embeds, position_ids, attention_mask, *, visual_index=None, deepstack=(),
                  segment_ids=None, output_hidden_states=False, mask=None, kv_cache=None, cache_index=None):
@@ -140,11 +145,11 @@ class TextModel(nnx.Module):
         cos, sin = text_rope(position_ids, self.config, self.dtype)
         if mask is None:
             mask = attention_mask_3d(attention_mask, segment_ids)
-        x = inputs_embeds
+        x = constrain(inputs_embeds, HIDDEN_AXES)
         hidden_states, new_cache = [], []
         for i, layer in enumerate(self.layers):
             if kv_cache is None:
-                x = layer(x, cos, sin, mask)
+                x = constrain(call_layer(layer, self.remat, x, cos, sin, mask), HIDDEN_AXES)
             else:
                 x, layer_cache = layer(x, cos, sin, mask, kv_cache[i], cache_index)
                 new_cache.append(layer_cache)

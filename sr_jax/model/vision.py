@@ -17,7 +17,10 @@ import numpy as np
 from flax import nnx
 
 from sr_jax.model.config import VisionConfig
-from sr_jax.model.layers import LayerNorm, Linear, activation, apply_rope
+from sr_jax.model.layers import LayerNorm, Linear, activation, apply_rope, call_layer
+from sr_jax.sharding import constrain
+
+PATCH_AXES = ("patches", "act_vision_embed")
 
 
 @dataclasses.dataclass
@@ -188,6 +191,7 @@ class VisionModel(nnx.Module):
             for _ in cfg.deepstack_visual_indexes
         ])
         self.dtype = dtype
+        self.remat = "none"  # per-block rematerialisation policy for training (layers.REMAT_POLICIES)
 
     def __call__(self, pixel_values, inputs: VisionInputs | tuple):
         """Returns (merged features (N/4, out_hidden), [deepstack features (N/4, out_hidden)...])."""
@@ -197,13 +201,13 @@ class VisionModel(nnx.Module):
         x = self.patch_embed(jnp.asarray(pixel_values))
         table = self.pos_embed[...]
         pos = jnp.einsum("nk,nkd->nd", jnp.asarray(interp_weight, table.dtype), jnp.take(table, interp_index, axis=0))
-        x = x + pos.astype(x.dtype)
+        x = constrain(x + pos.astype(x.dtype), PATCH_AXES)
         cos, sin = vision_rope(jnp.asarray(rope_hw), self.config)
         segment = jnp.asarray(segment)
         deepstack = []
         taps = list(self.config.deepstack_visual_indexes)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, segment)
+            x = constrain(call_layer(block, self.remat, x, cos, sin, segment), PATCH_AXES)
             if i in taps:
                 deepstack.append(self.deepstack_merger_list[taps.index(i)](x))
         return self.merger(x), deepstack

@@ -1,0 +1,290 @@
+"""LoRA adapters on the model's `Linear` layers, merging, and PEFT adapter import/export.
+
+An adapted layer computes `x @ W + dropout(x) @ A @ B * scale` with `A` (in, r), `B` (r, out),
+`scale = alpha / r` (or `alpha / sqrt(r)` for rsLoRA). `A` starts uniform in +-1/sqrt(in) and `B`
+at zero (PEFT's initialisation), so a fresh adapter leaves the model unchanged. Adapter weights
+are `LoRAParam`s, a subclass of `nnx.Param`: training selects them with that type as the
+trainable filter, so the base weights get neither gradients nor optimizer state.
+
+The adapter lives at `<linear>.lora` (paths such as
+`model/language_model/layers/0/self_attn/q_proj/lora/lora_a`), leaving base parameter names,
+and so checkpoint conversion, untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sr_jax.model.layers import Linear
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRAParam(nnx.Param):
+    """A trainable low-rank adapter weight."""
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    enabled: bool = False
+    rank: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.05
+    # "all" = every linear layer of the decoder (q, k, v, o, gate, up, down). Other entries: a
+    # layer's attribute name (e.g. "q_proj", matched in the decoder, and in the vision tower
+    # when `vision`), or a regex full-matched against the dotted module path.
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["all"])
+    vision: bool = False  # also adapt the vision tower's linear layers (blocks and mergers)
+    use_rslora: bool = False
+    seed: int = 0
+
+    def scale(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+
+class LoRA(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, *, rank: int, scale: float, dropout: float,
+                 axes: tuple[str, str], dtype, param_dtype, key: jax.Array, dropout_stream=None):
+        bound = in_features**-0.5
+        self.lora_a = LoRAParam(jax.random.uniform(key, (in_features, rank), param_dtype, -bound, bound),
+                                logical_axes=(axes[0], "lora_rank"))
+        self.lora_b = LoRAParam(jnp.zeros((rank, out_features), param_dtype), logical_axes=("lora_rank", axes[1]))
+        self.scale = float(scale)
+        self.dropout = float(dropout)
+        self.dropout_rng = dropout_stream if dropout > 0 else None
+        self.deterministic = True  # dropout off unless training turns it on (set_lora_dropout)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        if self.dropout > 0 and not self.deterministic:
+            keep = jax.random.bernoulli(self.dropout_rng(), 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(self.dtype)
+        h = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+        return jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.scale, self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# finding layers
+
+
+def _dotted(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def linear_layers(model) -> dict[tuple, Linear]:
+    return {tuple(path): node for path, node in nnx.iter_graph(model) if isinstance(node, Linear)}
+
+
+def lora_layers(model) -> dict[tuple, Linear]:
+    return {p: m for p, m in linear_layers(model).items() if m.lora is not None}
+
+
+def _is_vision(path) -> bool:
+    return "visual" in path
+
+
+def select_targets(model, targets: list[str], *, vision: bool) -> list[tuple]:
+    """Paths of the Linear layers that `targets` names (see LoRAConfig.targets)."""
+    chosen = []
+    for path, _ in linear_layers(model).items():
+        name, in_vision = str(path[-1]), _is_vision(path)
+        if path[-2:-1] == ("patch_embed",):  # a Conv3d in HF; PEFT adapters there use another layout
+            continue
+        for t in targets:
+            if t == "all":
+                hit = (name in DECODER_LINEARS and "language_model" in path) or (vision and in_vision)
+            elif re.fullmatch(r"\w+", t):
+                hit = name == t and ("language_model" in path or (vision and in_vision))
+            else:
+                hit = re.fullmatch(t, _dotted(path)) is not None
+            if hit:
+                chosen.append(path)
+                break
+    if not chosen:
+        raise ValueError(f"LoRA targets {targets} (vision={vision}) match no linear layer of the model")
+    return chosen
+
+
+def _module_at(model, path):
+    node = model
+    for part in path:
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+    return node
+
+
+# ---------------------------------------------------------------------------------------------
+# adding, toggling, merging
+
+
+def add_lora(linear: Linear, *, rank: int, scale: float, dropout: float, key: jax.Array,
+             dropout_stream=None, a=None, b=None) -> None:
+    """Attaches an adapter to `linear` (optionally with given A (in, r) and B (r, out) values)."""
+    in_f, out_f = linear.kernel.get_value().shape
+    param_dtype = linear.kernel.get_value().dtype
+    lora = LoRA(in_f, out_f, rank=rank, scale=scale, dropout=dropout, axes=linear.axes, dtype=linear.dtype,
+                param_dtype=param_dtype, key=key, dropout_stream=dropout_stream)
+    if a is not None:
+        lora.lora_a.set_value(jnp.asarray(a, param_dtype))
+        lora.lora_b.set_value(jnp.asarray(b, param_dtype))
+    linear.lora = lora
+
+
+def apply_lora(model, cfg: LoRAConfig) -> list[tuple]:
+    """Adds fresh adapters (in place) to the layers `cfg.targets` selects; returns their paths."""
+    if cfg.rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {cfg.rank}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {cfg.dropout}")
+    paths = select_targets(model, cfg.targets, vision=cfg.vision)
+    # One shared stream: each adapter call draws the next key, so masks differ across layers.
+    stream = nnx.Rngs(dropout=cfg.seed).dropout if cfg.dropout > 0 else None
+    key = jax.random.key(cfg.seed)
+    for i, path in enumerate(paths):
+        add_lora(_module_at(model, path), rank=cfg.rank, scale=cfg.scale(), dropout=cfg.dropout,
+                 key=jax.random.fold_in(key, i), dropout_stream=stream)
+    return paths
+
+
+def set_lora_dropout(model, enabled: bool) -> None:
+    for _, linear in lora_layers(model).items():
+        linear.lora.deterministic = not enabled
+
+
+def merge_lora(model):
+    """Folds every adapter into its base kernel (W + A @ B * scale) and removes it; in place."""
+    for _, linear in lora_layers(model).items():
+        lora = linear.lora
+        kernel = linear.kernel.get_value()
+        delta = jnp.dot(lora.lora_a[...].astype(jnp.float32), lora.lora_b[...].astype(jnp.float32)) * lora.scale
+        linear.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+        linear.lora = None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT interop
+
+
+def _our_path(hf_module: str) -> tuple:
+    from sr_jax.convert.names import normalize_hf_key
+
+    key = normalize_hf_key(hf_module + ".weight")[: -len(".weight")]
+    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank/alpha_pattern lookup: a key matches when it ends the module name at a dot."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?(?:{pattern})$", module):
+            return value
+    return default
+
+
+def _read_adapter_tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    from sr_jax.convert.hf_import import read_safetensors_raw
+
+    out = {}
+    with safe_open(str(path), framework="numpy") as f:
+        for key in f.keys():
+            try:
+                out[key] = f.get_tensor(key)
+            except TypeError:  # bfloat16 on an older safetensors
+                out[key] = read_safetensors_raw(path, key)
+    return out
+
+
+def import_peft_adapter(model, directory: str | Path, *, dropout: float | None = None) -> list[tuple]:
+    """Loads a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) into `model`
+    as LoRA modules (call `merge_lora` to fold them in). Returns the adapted layer paths."""
+    directory = Path(directory)
+    cfg_path, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"{directory}: missing {p.name} (not a PEFT LoRA adapter directory)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    unsupported = {"use_dora": cfg.get("use_dora"), "fan_in_fan_out": cfg.get("fan_in_fan_out"),
+                   "lora_bias": cfg.get("lora_bias"), "modules_to_save": cfg.get("modules_to_save"),
+                   "bias": cfg.get("bias", "none") != "none"}
+    bad = {k: v for k, v in unsupported.items() if v}
+    if bad:
+        raise ValueError(f"{cfg_path}: unsupported adapter options {bad}")
+    tensors = _read_adapter_tensors(weights)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight", key)
+        if m is None:
+            raise ValueError(f"{weights}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = value
+    linears = linear_layers(model)
+    use_rslora = bool(cfg.get("use_rslora", False))
+    rate = float(cfg.get("lora_dropout", 0.0)) if dropout is None else dropout
+    stream = nnx.Rngs(dropout=0).dropout if rate > 0 else None
+    loaded = []
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{weights}: {module} has lora_{''.join(ab)} without its pair")
+        path = _our_path(module)
+        if path not in linears:
+            raise ValueError(f"{weights}: adapter for {module!r} has no matching linear layer in the model")
+        linear = linears[path]
+        a, b = np.asarray(ab["A"], np.float32).T, np.asarray(ab["B"], np.float32).T
+        kin, kout = linear.kernel.get_value().shape
+        rank = a.shape[1]
+        if a.shape != (kin, rank) or b.shape != (rank, kout):
+            raise ValueError(f"{weights}: {module} lora_A {ab['A'].shape} / lora_B {ab['B'].shape} do not fit "
+                             f"a ({kout}, {kin}) layer")
+        alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"]))
+        scale = alpha / (rank**0.5 if use_rslora else rank)
+        add_lora(linear, rank=rank, scale=scale, dropout=rate, key=jax.random.key(0), dropout_stream=stream, a=a, b=b)
+        loaded.append(path)
+    if not loaded:
+        raise ValueError(f"{weights}: no LoRA tensors found")
+    return loaded
+
+
+def export_peft_adapter(model, directory: str | Path) -> Path:
+    """Writes the model's adapters in PEFT's format (loadable by `PeftModel.from_pretrained`)."""
+    from safetensors.numpy import save_file
+
+    from sr_jax.convert.names import hf_key
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to export")
+    ranks = {m.lora.lora_a.get_value().shape[1] for m in layers.values()}
+    scales = {m.lora.scale for m in layers.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ValueError(f"PEFT export needs one rank and scale for all adapters, got ranks {ranks}, scales {scales}")
+    rank, scale = ranks.pop(), scales.pop()
+    tensors = {}
+    for path, linear in layers.items():
+        module = hf_key(path + ("kernel",))[: -len(".weight")]
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = np.asarray(linear.lora.lora_a.get_value(), np.float32).T.copy()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = np.asarray(linear.lora.lora_b.get_value(), np.float32).T.copy()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    dropout = next(iter(layers.values())).lora.dropout
+    modules = sorted(hf_key(path + ("kernel",))[: -len(".weight")] for path in layers)
+    config = {
+        "peft_type": "LORA", "r": rank, "lora_alpha": scale * rank, "lora_dropout": dropout,
+        # A string is a full-match regex for PEFT: exactly the adapted modules, nothing more.
+        "target_modules": "|".join(re.escape(m) for m in modules), "bias": "none", "use_rslora": False,
+        "use_dora": False, "fan_in_fan_out": False, "task_type": None, "inference_mode": True,
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return directory

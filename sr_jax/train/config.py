@@ -1,0 +1,56 @@
+"""Typed training configs (the model-side sections; the trainer adds data, checkpoints, logging).
+
+Load with `sr_jax.config.load_config(TrainConfig, "configs/sft/x.yaml", ["optim.learning_rate=2e-5"])`.
+Compute and parameter dtypes are `ModelConfig.dtype` / `ModelConfig.param_dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from sr_jax.lora import LoRAConfig
+from sr_jax.sharding import MeshConfig
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    learning_rate: float = 1e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.1          # of the total optimizer steps, rounded up (as HF's Trainer)
+    warmup_steps: int | None = None    # overrides warmup_ratio when set
+    min_lr_ratio: float = 0.0          # floor of the decay, as a fraction of learning_rate
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0         # global-norm clipping; 0 disables
+    # Parameters without weight decay: a leaf name (bias, scale = norm weights, embedding,
+    # pos_embed) or a regex full-matched against the dotted parameter path.
+    no_decay: list[str] = dataclasses.field(default_factory=lambda: ["bias", "scale", "embedding", "pos_embed"])
+
+
+@dataclasses.dataclass
+class LossConfig:
+    # Static size of the buffer of labelled positions per microbatch (whole global microbatch).
+    # The vocabulary projection runs only on these rows; None = every position (B * T).
+    max_label_tokens: int | None = None
+    # Rows per vocabulary-projection chunk (rematerialised in the backward pass); 0 = one chunk.
+    chunk_size: int = 0
+    # "token": mean over all label tokens of the (accumulated) batch (HF / LLaMA-Factory default;
+    # long answers weigh more). "example": mean over examples (packed segments) of each
+    # example's mean token loss.
+    weighting: Literal["token", "example"] = "token"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    grad_accum_steps: int = 1          # microbatches per optimizer step (scanned inside one step)
+    remat: Literal["none", "full", "save_dots"] = "none"
+    freeze_vision: bool = False        # the whole vision tower, mergers included
+    freeze: list[str] = dataclasses.field(default_factory=list)  # extra regexes over dotted param paths
+    seed: int = 0

@@ -1,0 +1,347 @@
+"""Loss, optimizer and the jitted train step: against full-logits / HF / torch references, and
+sharded or accumulated steps against the single-device step (float32, a tiny model)."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from hf_oracle import hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels, tiny_hf_config
+from sr_jax.model import ModelConfig, init_model
+from sr_jax.sharding import MeshConfig, make_mesh
+from sr_jax.train.config import LossConfig, OptimConfig, TrainConfig
+from sr_jax.train.loss import IGNORE, count_label_tokens, label_loss
+from sr_jax.train.optim import lr_schedule, make_optimizer
+from sr_jax.train.step import (VISION_KEYS, create_train_state, make_train_step, stack_microbatches, validate_batch,
+                               vision_arrays)
+
+IMG, VSTART, VEND = 1000, 1001, 1002
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # CPU compile time dominates these tests
+TOL = 1e-5
+
+
+def tiny_config(**over) -> ModelConfig:
+    """Small vocabulary (fast) with the vision token ids remapped below it; one layer each."""
+    items = ["text.vocab_size=1024", f"image_token_id={IMG}", f"vision_start_token_id={VSTART}",
+             f"vision_end_token_id={VEND}", "video_token_id=1003", "text.num_hidden_layers=1", "vision.depth=1",
+             "vision.deepstack_visual_indexes=[0]"] + [f"{k}={v}" for k, v in over.items()]
+    return ModelConfig.preset("tiny", items)
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic SFT batches: prompt (maybe with an image), answer tokens labelled
+
+
+GRIDS = [(1, 4, 4), (1, 4, 2), (1, 2, 4)]
+
+
+def make_examples(rng, n):
+    out = []
+    for i in range(n):
+        grid = GRIDS[i % 3] if i % 2 == 0 else None
+        prompt = list(rng.integers(0, 900, rng.integers(3, 7)))
+        if grid:
+            prompt[1:1] = [VSTART] + [IMG] * (grid[1] * grid[2] // 4) + [VEND]
+        answer = list(rng.integers(0, 900, rng.integers(3, 7)))
+        ids = np.array(prompt + answer, np.int32)
+        labels = np.array([IGNORE] * len(prompt) + answer, np.int32)
+        pixels = rng.uniform(-1, 1, (grid[1] * grid[2], 1536)).astype(np.float32) if grid else None
+        out.append(dict(ids=ids, labels=labels, grid=grid, pixels=pixels))
+    return out
+
+
+def build_batch(model, rows, t, budget, packed):
+    """rows: list of lists of examples; each row packs its examples (segment ids when `packed`)."""
+    b = len(rows)
+    ids, mask = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+    labels, seg = np.full((b, t), IGNORE, np.int32), np.zeros((b, t), np.int32)
+    pos = np.zeros((3, b, t), np.int32)
+    grids, pixels = [], []
+    for r, examples in enumerate(rows):
+        off = 0
+        for j, ex in enumerate(examples):
+            n = len(ex["ids"])
+            ids[r, off:off + n], labels[r, off:off + n], mask[r, off:off + n] = ex["ids"], ex["labels"], 1
+            seg[r, off:off + n] = j
+            grid = None if ex["grid"] is None else np.array([ex["grid"]])
+            pos[:, r, off:off + n] = model.prepare_positions(ex["ids"][None], None, grid)[:, 0]
+            if ex["grid"]:
+                grids.append(ex["grid"])
+                pixels.append(ex["pixels"])
+            off += n
+        assert off <= t
+        seg[r, off:] = len(examples)
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels, position_ids=pos)
+    if packed:
+        batch["segment_ids"] = seg
+    if grids:
+        batch.update(vision_arrays(np.concatenate(pixels), np.array(grids), budget, model.config.vision))
+    return batch
+
+
+def patch_count(rows):
+    return sum(ex["pixels"].shape[0] for row in rows for ex in row if ex["grid"])
+
+
+# ---------------------------------------------------------------------------------------------
+# loss
+
+
+def full_logits_loss(w, hidden, labels, segment_ids, weighting):
+    """Reference: every position's logits, shifted targets, masked mean (token or per example)."""
+    logits = (hidden @ w).astype(jnp.float32)
+    targets = jnp.concatenate([labels[:, 1:], jnp.full((labels.shape[0], 1), IGNORE)], axis=1)
+    same = jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1], jnp.zeros((labels.shape[0], 1), bool)], 1)
+    valid = (targets >= 0) & same
+    logp = jax.nn.log_softmax(logits, -1)
+    nll = -jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], -1)[..., 0]
+    if weighting == "token":
+        return jnp.sum(jnp.where(valid, nll, 0)) / jnp.sum(valid)
+    per_example = []
+    for r in range(labels.shape[0]):
+        for s in np.unique(np.asarray(segment_ids[r])):
+            m = valid[r] & (segment_ids[r] == s)
+            if int(m.sum()):
+                per_example.append(jnp.sum(jnp.where(m, nll[r], 0)) / jnp.sum(m))
+    return sum(per_example) / len(per_example)
+
+
+@pytest.mark.parametrize("weighting,chunk", [("token", 0), ("token", 8), ("example", 0), ("example", 8)])
+def test_loss_matches_full_logits_reference(weighting, chunk):
+    rng = np.random.default_rng(0)
+    b, t, h, v = 3, 20, 16, 50
+    hidden = jnp.asarray(rng.normal(size=(b, t, h)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(h, v)), jnp.float32)
+    labels = rng.integers(0, v, (b, t))
+    labels[rng.uniform(size=(b, t)) < 0.5] = IGNORE
+    seg = np.sort(rng.integers(0, 3, (b, t)), axis=1)
+    labels, seg = jnp.asarray(labels), jnp.asarray(seg)
+    n = count_label_tokens(labels, seg)
+
+    def ours(w, hidden):
+        s = label_loss(lambda x: x @ w, hidden, labels, segment_ids=seg, max_label_tokens=n + 3, chunk_size=chunk,
+                       weighting=weighting)
+        return s.loss_sum / s.weight, s
+
+    (loss, stats), grads = jax.value_and_grad(ours, argnums=(0, 1), has_aux=True)(w, hidden)
+    ref, ref_grads = jax.value_and_grad(full_logits_loss, argnums=(0, 1))(w, hidden, labels, seg, weighting)
+    np.testing.assert_allclose(loss, ref, rtol=1e-6)
+    for g, rg in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, rg, atol=1e-6)
+    assert float(stats.tokens) == n and float(stats.dropped) == 0
+    logits = np.asarray(hidden @ w)
+    targets = np.concatenate([np.asarray(labels)[:, 1:], np.full((b, 1), IGNORE)], 1)
+    valid = (targets >= 0) & np.concatenate([np.asarray(seg)[:, 1:] == np.asarray(seg)[:, :-1],
+                                            np.zeros((b, 1), bool)], 1)
+    assert float(stats.correct) == int(((logits.argmax(-1) == targets) & valid).sum())
+
+    # A buffer smaller than the label count scores the first rows and reports the rest.
+    small = label_loss(lambda x: x @ w, hidden, labels, segment_ids=seg, max_label_tokens=n - 5)
+    assert float(small.tokens) == n - 5 and float(small.dropped) == 5
+
+
+def test_loss_matches_hf():
+    """Our loss (label rows only) == HF's Qwen3VLForConditionalGeneration(labels=...).loss."""
+    hf = random_hf_model(tiny_hf_config(text_layers=1, vision_depth=1, deepstack=(0,)), seed=3)
+    ours = our_model_from_hf(hf)
+    rng = np.random.default_rng(3)
+    grids = [(1, 4, 6)]
+    rows = [image_prompt(rng, grids, [3, 6]), rng.integers(0, 151000, 9)]
+    width = max(len(r) for r in rows)
+    ids = np.full((2, width), 151643, np.int64)
+    mask = np.zeros_like(ids)
+    labels = np.full_like(ids, IGNORE)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        labels[i, len(r) - 4:len(r)] = r[-4:]
+    pv = random_pixels(rng, grids)
+    with torch.no_grad():
+        ref = hf(**hf_inputs(ids, mask, pv, grids), labels=torch.as_tensor(labels)).loss.item()
+    out = ours.features(ids, mask, pv, np.array(grids))
+    stats = label_loss(ours.logits, out.hidden, jnp.asarray(labels), max_label_tokens=16)
+    assert float(stats.tokens) == 8  # 4 labels per row, each predicted from the position before it
+    np.testing.assert_allclose(float(stats.loss_sum / stats.weight), ref, rtol=1e-5)
+
+
+def test_packed_rows_weigh_examples_like_separate_rows():
+    model = init_model(tiny_config(), seed=1)
+    examples = make_examples(np.random.default_rng(4), 5)
+    packed = build_batch(model, [examples[:3], examples[3:]], t=64, budget=48, packed=True)
+    separate = build_batch(model, [[e] for e in examples], t=24, budget=48, packed=False)
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def stats(state, batch):
+        m = nnx.merge(graphdef, state)
+        out = m.features(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                         position_ids=batch["position_ids"], vision=tuple(batch[k] for k in VISION_KEYS),
+                         segment_ids=batch.get("segment_ids"))
+        return [label_loss(m.logits, out.hidden, batch["labels"], segment_ids=batch.get("segment_ids"), weighting=w)
+                for w in ("token", "example")]
+
+    for example, a, b in zip((False, True), stats(state, packed), stats(state, separate)):
+        assert float(a.weight) == float(b.weight) == (5.0 if example else float(b.tokens))
+        np.testing.assert_allclose(float(a.loss_sum), float(b.loss_sum), rtol=2e-6)
+        assert float(a.tokens) == float(b.tokens) and float(a.correct) == float(b.correct)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer
+
+
+def test_lr_schedules_match_hf():
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_cosine_with_min_lr_schedule_with_warmup, get_linear_schedule_with_warmup)
+    total, ratio, peak = 37, 0.1, 3e-4
+    warm = math.ceil(total * ratio)
+    cases = {
+        ("cosine", 0.0): lambda o: get_cosine_schedule_with_warmup(o, warm, total),
+        ("cosine", 0.1): lambda o: get_cosine_with_min_lr_schedule_with_warmup(o, warm, total, min_lr_rate=0.1),
+        ("linear", 0.0): lambda o: get_linear_schedule_with_warmup(o, warm, total),
+        ("constant", 0.0): lambda o: get_constant_schedule_with_warmup(o, warm),
+    }
+    for (kind, floor), make in cases.items():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+        sched = make(opt)
+        ref = []
+        for _ in range(total + 1):
+            ref.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        ours = lr_schedule(OptimConfig(learning_rate=peak, schedule=kind, warmup_ratio=ratio, min_lr_ratio=floor), total)
+        np.testing.assert_allclose([float(ours(s)) for s in range(total + 1)], ref, rtol=1e-5, atol=1e-12,
+                                   err_msg=kind)
+
+
+def test_optimizer_matches_torch_adamw_with_clipping_and_decay_mask():
+    from transformers import get_cosine_schedule_with_warmup
+    rng = np.random.default_rng(5)
+    shapes = {"kernel": (4, 3), "bias": (3,), "scale": (4,), "embedding": (6, 4)}
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: (3 * rng.normal(size=s)).astype(np.float32) for k, s in shapes.items()} for _ in range(6)]
+    cfg = OptimConfig(learning_rate=1e-2, warmup_steps=2, weight_decay=0.1, max_grad_norm=1.0, b2=0.99, eps=1e-7)
+    opt = make_optimizer(cfg, total_steps=6)
+
+    tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
+    torch_opt = torch.optim.AdamW([{"params": [tp["kernel"]], "weight_decay": 0.1},
+                                   {"params": [tp["bias"], tp["scale"], tp["embedding"]], "weight_decay": 0.0}],
+                                  lr=1e-2, betas=(0.9, 0.99), eps=1e-7)
+    sched = get_cosine_schedule_with_warmup(torch_opt, 2, 6)
+    state, p = opt.tx.init(params), {k: jnp.asarray(v) for k, v in params.items()}
+    for g in grads:
+        for k in tp:
+            tp[k].grad = torch.tensor(g[k])
+        torch.nn.utils.clip_grad_norm_(list(tp.values()), 1.0)
+        torch_opt.step()
+        sched.step()
+        updates, state = opt.tx.update({k: jnp.asarray(v) for k, v in g.items()}, state, p)
+        p = jax.tree.map(lambda a, u: a + u, p, updates)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(p[k]), tp[k].detach().numpy(), atol=1e-6, err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# the step: sharded / accumulated / frozen == the single-device step
+
+# Adam's first update is lr * g / (|g| + eps): for gradients near zero it amplifies float32
+# reduction-order noise (which differs between meshes) by up to lr / eps. eps = 1e-6 keeps that
+# amplification at 1e3, so parameter differences measure the step, not the optimizer's conditioning.
+STEP_CFG = dict(
+    optim=OptimConfig(learning_rate=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.1, max_grad_norm=100.0,
+                      eps=1e-6),
+    loss=LossConfig(max_label_tokens=96, chunk_size=32),
+)
+
+
+def run_step(cfg, batch, mesh_shape, seed=0):
+    """One optimizer step from a fresh tiny model; returns (metrics, trainable params, state, step)."""
+    model = init_model(tiny_config(), seed)
+    n = int(np.prod(mesh_shape))
+    mesh = make_mesh(MeshConfig(*mesh_shape), devices=jax.devices()[:n])
+    opt = make_optimizer(cfg.optim, total_steps=10)
+    validate_batch(batch, cfg)
+    state = create_train_state(model, opt, mesh, cfg)
+    step = make_train_step(model, opt, mesh, cfg, compiler_options=FAST_COMPILE)
+    state, metrics = step(state, batch)
+    flat = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state.params)}
+    return {k: float(v) for k, v in metrics.items()}, flat, state, step
+
+
+@pytest.fixture(scope="module")
+def data():
+    model = init_model(tiny_config(), 0)
+    rows = [[e] if i % 3 else [e, f] for i, (e, f) in
+            enumerate(zip(make_examples(np.random.default_rng(6), 8), make_examples(np.random.default_rng(7), 8)))]
+    budget = patch_count(rows) + 8  # some padding patches
+    full = build_batch(model, rows, t=40, budget=budget, packed=True)
+    halves = [build_batch(model, rows[i:i + 4], t=40, budget=patch_count(rows[i:i + 4]) + 4, packed=True)
+              for i in (0, 4)]
+    return stack_microbatches([full]), stack_microbatches(halves)
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    return run_step(TrainConfig(**STEP_CFG), data[0], (1, 1, 1))
+
+
+def assert_same_step(a, b, tol=TOL):
+    (ma, pa), (mb, pb) = a[:2], b[:2]
+    for key in ("loss", "grad_norm", "label_tokens", "token_accuracy", "learning_rate"):
+        assert abs(ma[key] - mb[key]) <= tol * max(1.0, abs(ma[key])), (key, ma[key], mb[key])
+    assert pa.keys() == pb.keys()
+    worst = max((float(np.abs(pa[k] - pb[k]).max()), k) for k in pa)
+    assert worst[0] <= tol, f"largest parameter difference {worst}"
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 8, 1)], ids=["data2-fsdp2-tensor2", "fsdp8"])
+def test_sharded_step_equals_single_device(data, reference, mesh_shape):
+    result = run_step(TrainConfig(**STEP_CFG), data[0], mesh_shape)
+    assert result[0]["label_tokens"] > 40 and result[0]["label_tokens_dropped"] == 0
+    assert_same_step(reference, result)
+    # The state really is sharded by the rules: q_proj kernel (embed, q_heads) -> (fsdp, tensor).
+    q = dict(nnx.to_flat_state(result[2].params))[("model", "language_model", "layers", 0, "self_attn", "q_proj", "kernel")]
+    assert q.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_grad_accumulation_equals_one_big_batch(data, reference):
+    """Two microbatches of 4 rows (each with its own patch budget) == one batch of 8 rows."""
+    result = run_step(TrainConfig(**STEP_CFG, grad_accum_steps=2), data[1], (1, 1, 1))
+    assert_same_step(reference, result)
+
+
+def test_frozen_vision_and_remat(data, reference):
+    """The vision tower gets no update and no optimizer state; the decoder's update is unchanged
+    (no active clipping; AdamW is per parameter); full remat does not change numbers."""
+    cfg = TrainConfig(**STEP_CFG, freeze_vision=True, remat="full")
+    metrics, params, state, _ = run_step(cfg, data[0], (1, 1, 1))
+    assert params and not any("visual" in k for k in params)
+    ref_params = reference[1]
+    for k, v in params.items():
+        np.testing.assert_allclose(v, ref_params[k], atol=TOL, err_msg=str(k))
+    opt_paths = {tuple(str(p) for p in path) for path, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)}
+    assert not any("visual" in "/".join(p) for p in opt_paths)
+    base = dict(nnx.to_flat_state(nnx.state(init_model(tiny_config(), 0))))
+    for path, var in nnx.to_flat_state(state.frozen):
+        assert path[1] == "visual"
+        expected = base[path].get_value()
+        np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(expected))
+    assert abs(metrics["loss"] - reference[0]["loss"]) < TOL
+
+
+def test_validate_batch_errors(data):
+    cfg = TrainConfig(**STEP_CFG)
+    batch = dict(data[0])
+    with pytest.raises(ValueError, match="microbatches"):
+        validate_batch(data[1], cfg)
+    tight = TrainConfig(**{**STEP_CFG, "loss": LossConfig(max_label_tokens=10)})
+    with pytest.raises(ValueError, match="exceed loss.max_label_tokens=10"):
+        validate_batch(batch, tight)
+    with pytest.raises(KeyError, match="labels"):
+        validate_batch({k: v for k, v in batch.items() if k != "labels"}, cfg)
+    with pytest.raises(KeyError, match="together"):
+        validate_batch({k: v for k, v in batch.items() if k != "vision_segment"}, cfg)
