@@ -38,3 +38,23 @@ def load_hf_model(path: str | Path, dtype: str = "float32", *, device=None):
     device = device or jax.devices()[0]
     _, graph, params = import_params(path, dtype, lambda _, array: jax.device_put(array, device))
     return nnx.merge(graph, params)
+
+
+def load_checkpoint_model(path: str | Path, *, merge_lora: bool = False):
+    """(model, directory holding tokenizer/processor files) for export.
+
+    `path` is a converted sr_jax directory or a HF directory; training checkpoints are
+    resolved by `sr_jax.train.checkpoint.model_from_checkpoint` when that module knows `path`.
+    """
+    path = Path(path)
+    try:
+        from sr_jax.train.checkpoint import is_train_checkpoint, model_from_checkpoint
+    except ImportError:
+        is_train_checkpoint = None
+    if is_train_checkpoint is not None and is_train_checkpoint(path):
+        return model_from_checkpoint(path, merge_lora=merge_lora)
+    model = load_model(path)
+    if merge_lora:
+        raise CheckpointError(f"{path}: --merge-lora needs a training checkpoint with LoRA adapters; this "
+                              "directory holds plain weights")
+    return model, path

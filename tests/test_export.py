@@ -55,3 +55,20 @@ def test_existing_output_is_refused_and_nothing_half_written(tmp_path):
     with pytest.raises(FileExistsError):
         export_hf(ours, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temp dirs left behind
+
+
+def test_cli_jax_to_hf_from_converted_dir(tmp_path):
+    from sr_jax.cli import main
+
+    hf = random_hf_model(tiny_hf_config(), seed=14)
+    hf.save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer_config.json").write_text("{}")
+    assert main(["convert", "hf-to-jax", "--hf", str(tmp_path / "src"), "--out", str(tmp_path / "jax")]) == 0
+    assert main(["convert", "jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "hf"),
+                 "--max-shard-size", "2MB"]) == 0
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file()  # sidecar files travel along
+    back = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    a, b = hf.state_dict(), back.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["convert", "jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "hf2"),
+                 "--merge-lora"]) == 1  # plain weights have no adapters to merge

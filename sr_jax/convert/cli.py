@@ -1,4 +1,4 @@
-"""`sr-jax convert hf-to-jax` and `sr-jax verify`."""
+"""`sr-jax convert hf-to-jax|jax-to-hf` and `sr-jax verify`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,16 @@ def register(subparsers) -> None:
     to_jax.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     to_jax.set_defaults(func=run_convert)
 
+    to_hf = kinds.add_parser("jax-to-hf", help="sr_jax model or training checkpoint -> Hugging Face directory")
+    to_hf.add_argument("--ckpt", required=True, help="converted sr_jax directory or a training checkpoint")
+    to_hf.add_argument("--out", required=True, help="output directory (appears only when complete)")
+    to_hf.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the base weights")
+    to_hf.add_argument("--dtype", choices=DTYPES + ("float16",), default=None,
+                       help="exported dtype (default: the stored parameter dtype)")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="shard cap, e.g. 5GB, 500MB")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    to_hf.set_defaults(func=run_export)
+
     verify = subparsers.add_parser("verify", help="compare our model's logits with the HF PyTorch model")
     verify.add_argument("--hf", required=True, help="HF checkpoint directory (the reference)")
     verify.add_argument("--jax", default=None, help="converted directory (default: import --hf directly)")
@@ -38,6 +48,32 @@ def run_convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         out = convert_hf_to_jax(args.hf, args.out, args.dtype, overwrite=args.overwrite)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * factor)
+    return int(t)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from sr_jax.convert.hf_export import export_hf
+    from sr_jax.convert.hf_import import CheckpointError
+    from sr_jax.loading import load_checkpoint_model
+
+    start = time.perf_counter()
+    try:
+        model, sidecar_dir = load_checkpoint_model(args.ckpt, merge_lora=args.merge_lora)
+        out = export_hf(model, args.out, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size),
+                        sidecar_dir=sidecar_dir, overwrite=args.overwrite)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
