@@ -8,8 +8,10 @@ Writes synthetic examples to an ArrayRecord file, then measures in one run
             starting the workers
 and prints examples/s of each, the ratio pipeline/floor and the CPU time per example of all
 processes (the machine is shared, so each figure is the best of `--rounds` interleaved rounds,
-and the load average is printed). Goal on a 2-core machine: the best pipeline >= 0.7 x floor. With `--step-seconds S` (a measured train step time for
-`--batch-size` examples) it also prints the headroom: pipeline examples/s over what the step consumes.
+and the load average is printed). Goal on a 2-core machine: the best pipeline >= 0.7 x floor. Headroom over a train step: an estimate of what one accelerator consumes,
+6 * (decoder-block params * tokens + vision-block params * patches) FLOPs per example at
+`--device-tflops` x `--mfu` (defaults: Qwen3-VL-8B blocks, H100 bf16 dense, 40%), with the
+measured tokens and patches per example; or, with `--step-seconds S`, a measured step time.
 
     python tools/bench_data.py [--examples 256] [--min-side 256 --max-side 640] [--mode pack]
 """
@@ -87,7 +89,7 @@ def pipeline_rate(args, path: Path, workers: int, processor) -> dict:
     it = iter(pipe)
     next(it)
     startup = time.perf_counter() - start
-    examples = tokens = capacity = batches = 0
+    examples = tokens = capacity = batches = patches = 0
     sinks: dict = {}
     start, cpu = time.perf_counter(), cpu_seconds()
     while examples < args.examples * args.epochs:
@@ -95,12 +97,14 @@ def pipeline_rate(args, path: Path, workers: int, processor) -> dict:
         consume(batch, sinks)
         examples += int(batch["num_examples"])
         tokens += int(batch["num_tokens"])
+        patches += int(batch["num_patches"])
         capacity += batch["input_ids"].size
         batches += 1
     elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     it.close()
     return {"rate": examples / elapsed, "startup": startup, "fill": tokens / capacity,
-            "per_batch": examples / batches, "cpu": cpu / examples}
+            "per_batch": examples / batches, "cpu": cpu / examples, "tokens": tokens / examples,
+            "patches": patches / examples}
 
 
 def main(argv=None) -> int:
@@ -118,6 +122,10 @@ def main(argv=None) -> int:
     ap.add_argument("--read-threads", type=int, default=1)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--step-seconds", type=float, default=None, help="measured train step time for the headroom line")
+    ap.add_argument("--text-params", type=float, default=6.95e9, help="decoder-block params (8B: 36 x 193M)")
+    ap.add_argument("--vision-params", type=float, default=0.45e9, help="vision-block params (8B: 27 x 15M + mergers)")
+    ap.add_argument("--device-tflops", type=float, default=989.0, help="accelerator peak (H100 SXM bf16 dense)")
+    ap.add_argument("--mfu", type=float, default=0.4)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best of each is shown")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -147,12 +155,17 @@ def main(argv=None) -> int:
                   f"cpu {1e3 * r['cpu']:5.1f} ms/example  ratio {r['rate'] / rate:4.2f}x floor  "
                   f"(startup {r['startup']:.1f} s, token fill {r['fill']:.0%}, {r['per_batch']:.1f} examples/batch)")
         best = max(r["rate"] for r in runs.values())
-        per_batch = runs[args.workers[-1]]["per_batch"]
         print(f"best ratio: {best / rate:.2f}x floor (goal >= 0.70x)")
+        last = runs[args.workers[-1]]
+        flops = 6 * (args.text_params * last["tokens"] + args.vision_params * last["patches"])
+        per_device = args.device_tflops * 1e12 * args.mfu / flops
+        print(f"train step estimate: {flops / 1e12:.1f} TFLOP/example ({last['tokens']:.0f} tokens, "
+              f"{last['patches']:.0f} patches) -> {per_device:.1f} examples/s per accelerator at "
+              f"{args.device_tflops:g} TFLOP/s x {args.mfu:g} MFU; this pipeline feeds {best / per_device:.1f} of them")
         if args.step_seconds:
-            need = per_batch / args.step_seconds
-            print(f"a train step of {args.step_seconds:g} s on {per_batch:.1f} examples/batch consumes "
-                  f"{need:.1f} examples/s per host; headroom {best / need:.1f}x")
+            need = last["per_batch"] / args.step_seconds
+            print(f"measured step: {args.step_seconds:g} s per {last['per_batch']:.1f}-example batch consumes "
+                  f"{need:.1f} examples/s; headroom {best / need:.1f}x")
     return 0
 
 

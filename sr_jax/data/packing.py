@@ -20,6 +20,8 @@ chosen bucket, so a train step compiles once per bucket):
     image_grid_thw (n, 3) int32   the batch's real images (n varies: host-side use only)
     record_index (B, S) int64     source index of each segment, -1 for empty slots
     num_examples, num_tokens, num_label_tokens, num_patches, num_images, num_truncated: () int32
+`model_inputs(batch)` keeps the keys a train step takes (`sr_jax.train.step`, which stacks k
+microbatches with `stack_microbatches`); `vision_tuple(batch)` is the model's `vision=`.
 
 Rules that make a packed row equal to its examples run one by one:
 - patches are laid out in flattened (row-major B*T) token order, because the model gives the
@@ -203,6 +205,15 @@ def vision_tables(grid: np.ndarray, num_patches: int, budget: int, vision_config
 def vision_tuple(batch: dict) -> tuple:
     """The `vision=` argument of the model from a batch."""
     return tuple(batch[k] for k in VISION_KEYS)
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids", "pixel_values") + VISION_KEYS
+
+
+def model_inputs(batch: dict) -> dict[str, np.ndarray]:
+    """The arrays a train step takes (`sr_jax.train.step` layout, before stacking microbatches);
+    the rest (image_grid_thw, record_index, counters) is for the host."""
+    return {k: batch[k] for k in MODEL_KEYS}
 
 
 # ---- the Grain stages ------------------------------------------------------------------------
