@@ -191,18 +191,10 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def _read_adapter_tensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+    from sr_jax.convert.hf_import import SafetensorsFile  # validates the file; bfloat16-aware
 
-    from sr_jax.convert.hf_import import read_safetensors_raw
-
-    out = {}
-    with safe_open(str(path), framework="numpy") as f:
-        for key in f.keys():
-            try:
-                out[key] = f.get_tensor(key)
-            except TypeError:  # bfloat16 on an older safetensors
-                out[key] = read_safetensors_raw(path, key)
-    return out
+    f = SafetensorsFile(path)
+    return {key: f.read(key) for key in f.header}
 
 
 def import_peft_adapter(model, directory: str | Path, *, dropout: float | None = None) -> list[tuple]:

@@ -258,9 +258,9 @@ STEP_CFG = dict(
 )
 
 
-def run_step(cfg, batch, mesh_shape, seed=0):
+def run_step(cfg, batch, mesh_shape, seed=0, model_factory=None):
     """One optimizer step from a fresh tiny model; returns (metrics, trainable params, state, step)."""
-    model = init_model(tiny_config(), seed)
+    model = (model_factory or (lambda s: init_model(tiny_config(), s)))(seed)
     n = int(np.prod(mesh_shape))
     mesh = make_mesh(MeshConfig(*mesh_shape), devices=jax.devices()[:n])
     opt = make_optimizer(cfg.optim, total_steps=10)
