@@ -81,8 +81,9 @@ def pipeline_rate(args, path: Path, workers: int, processor) -> dict:
     from sr_jax.data.pipeline import DataConfig, DataPipeline
 
     seq_lens = [args.seq_len] if args.mode == "pack" else [args.seq_len // 2, args.seq_len]
+    budget = args.patch_budget or (16384 if args.mode == "pack" else 4 * round(1.25 * args.batch_size * args.mean_patches / 4))
     cfg = DataConfig(sources=[str(path)], batch_size=args.batch_size, mode=args.mode, seq_lens=seq_lens,
-                     patch_budgets=[args.patch_budget] * len(seq_lens), num_epochs=None, workers=workers,
+                     patch_budgets=[budget] * len(seq_lens), num_epochs=None, workers=workers,
                      read_threads=args.read_threads, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     pipe = DataPipeline(cfg, processor=processor, process_index=0, process_count=1)
     start = time.perf_counter()
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=["pad", "pack"], default="pack")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--patch-budget", type=int, default=16384)
+    ap.add_argument("--patch-budget", type=int, default=None,
+                    help="patches per batch (default: pack 16384, pad 1.25 x batch x the mean example's patches)")
     ap.add_argument("--read-threads", type=int, default=1)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--step-seconds", type=float, default=None, help="measured train step time for the headroom line")
@@ -142,6 +144,7 @@ def main(argv=None) -> int:
         floor, runs = None, {w: None for w in args.workers}
         for _ in range(args.rounds):
             f = floor_rate(path, args.min_pixels, args.max_pixels)
+            args.mean_patches = f[2] / args.examples
             floor = f if floor is None or f[0] > floor[0] else floor
             for workers in args.workers:
                 r = pipeline_rate(args, path, workers, processor)

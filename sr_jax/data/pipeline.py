@@ -337,6 +337,9 @@ class DataPipeline:
                           drop_remainder=cfg.drop_remainder, shared_memory=cfg.workers > 0)
         if cfg.workers > 0:
             _absl_flags_defaults()
+            # Small arrays travel pickled: a shared-memory block per array costs more than copying
+            # them (the patches are a shared-memory block already).
+            ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=1 << 20))
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
                                                              per_worker_buffer_size=cfg.worker_buffer))
         return SkipCounter(ds, strict=cfg.strict)
