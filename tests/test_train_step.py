@@ -345,3 +345,26 @@ def test_validate_batch_errors(data):
         validate_batch({k: v for k, v in batch.items() if k != "labels"}, cfg)
     with pytest.raises(KeyError, match="together"):
         validate_batch({k: v for k, v in batch.items() if k != "vision_segment"}, cfg)
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots"])
+def test_remat_policies_keep_gradients(policy):
+    from sr_jax.model.layers import call_layer
+    from sr_jax.model.text import TextDecoderLayer, attention_mask_3d, text_rope
+    cfg = tiny_config().text
+    layer = TextDecoderLayer(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 8, cfg.hidden_size))
+    cos, sin = text_rope(jnp.broadcast_to(jnp.arange(8), (3, 2, 8)), cfg, jnp.float32)
+    mask = attention_mask_3d(jnp.ones((2, 8), jnp.int32))
+    graphdef, params = nnx.split(layer)
+
+    def grads(remat):
+        def loss(p, x):
+            return jnp.sum(call_layer(nnx.merge(graphdef, p), remat, x, cos, sin, mask) ** 2)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    ref, got = grads("none"), grads(policy)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        grads("sometimes")

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sr_jax.sharding import constrain
+
 INIT_STD = 0.02
 
 
@@ -45,9 +47,14 @@ class Embed(nnx.Module):
     def __init__(self, num: int, features: int, *, axes: tuple[str, str], dtype, param_dtype, rngs: nnx.Rngs):
         self.embedding = nnx.Param(_normal(rngs, (num, features), param_dtype), logical_axes=axes)
         self.dtype = dtype
+        self.axes = axes
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # Under a mesh, gather the feature dimension first (FSDP-style, as for any weight):
+        # looking rows up in a feature-sharded table yields feature-sharded activations, which
+        # XLA can only turn into batch-sharded ones by replicating the whole activation.
+        table = constrain(self.embedding[...], (self.axes[0], None))
+        return constrain(jnp.take(table, ids, axis=0), ("batch", "seq", "act_embed")).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: logits against the embedding table."""

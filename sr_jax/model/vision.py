@@ -21,6 +21,7 @@ from sr_jax.model.layers import LayerNorm, Linear, activation, apply_rope, call_
 from sr_jax.sharding import constrain
 
 PATCH_AXES = ("patches", "act_vision_embed")
+MERGED_AXES = ("patches", "act_embed")  # merged visual tokens, before the scatter into the text
 
 
 @dataclasses.dataclass
@@ -209,8 +210,8 @@ class VisionModel(nnx.Module):
         for i, block in enumerate(self.blocks):
             x = constrain(call_layer(block, self.remat, x, cos, sin, segment), PATCH_AXES)
             if i in taps:
-                deepstack.append(self.deepstack_merger_list[taps.index(i)](x))
-        return self.merger(x), deepstack
+                deepstack.append(constrain(self.deepstack_merger_list[taps.index(i)](x), MERGED_AXES))
+        return constrain(self.merger(x), MERGED_AXES), deepstack
 
 
 def pad_patches(pixel_values: np.ndarray, inputs: VisionInputs, total: int, merge_unit: int = 4):
