@@ -16,6 +16,7 @@ _COMMAND_MODULES = [
     "sr_jax.data.cli",
     "sr_jax.serve",
     "sr_jax.scorer",
+    "sr_jax.train.sft",
     "sr_jax.eval.cli",
 ]
 

@@ -2,7 +2,9 @@
 
 Writes config.json, generation_config.json, size-capped `model-0000i-of-0000n.safetensors`
 shards with `model.safetensors.index.json` (a single `model.safetensors` when one shard
-suffices), plus tokenizer/processor files when a source directory has them. The safetensors
+suffices), plus tokenizer/processor files when a source directory has them. A model that still
+has LoRA adapters gets its base weights there and the adapters as a PEFT adapter
+(`adapter_model.safetensors` + `adapter_config.json`) beside them. The safetensors
 files are written by hand, one tensor at a time (header first, from the known shapes), so
 host memory stays at one tensor whatever the model size; bfloat16 goes out as BF16 bytes.
 """
@@ -29,8 +31,11 @@ def _plan(model, dtype):
     """[(hf_key, our_path, variable, hf_shape, dtype_name)] in HF key order."""
     from flax import nnx
 
+    from sr_jax.lora import LoRAParam
+
     cfg = model.config
-    _, state = nnx.split(model, nnx.Param)
+    # Adapters are not base weights: they are merged first (--merge-lora) or written in PEFT's format.
+    _, state, _ = nnx.split(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)), ...)
     entries = []
     for path, var in nnx.to_flat_state(state):
         value = var.get_value()
@@ -97,6 +102,10 @@ def export_hf(model, out: str | Path, *, dtype: str | None = None, max_shard_byt
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+        from sr_jax.lora import export_peft_adapter, lora_layers
+
+        if lora_layers(model):  # unmerged adapters travel beside the base weights, PEFT-loadable
+            export_peft_adapter(model, tmp)
         if sidecar_dir is not None:
             for f in sidecar_files(Path(sidecar_dir)):
                 if f.name not in ("config.json", "generation_config.json"):

@@ -1,0 +1,133 @@
+"""Training checkpoints with Orbax's CheckpointManager.
+
+A run directory holds `run_config.yaml` (the full SFT config) and `checkpoints/<step>/` with
+three items: `state` (params, frozen weights, optimizer state, step, RNG: one pytree, restored
+straight onto the current mesh, whatever its shape), `data` (the Grain iterator state) and
+`meta` (skip counters, wall time). Orbax writes each step to a temporary directory and renames
+it when complete, and `latest_step()` only sees finalised steps, so a save killed half way is
+never restored.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from pathlib import Path
+
+import jax
+
+RUN_CONFIG = "run_config.yaml"
+CHECKPOINTS = "checkpoints"
+
+
+def _jsonable(value):
+    """Grain iterator states may hold bytes; JSON carries them base64-encoded."""
+    if isinstance(value, bytes):
+        return {"__bytes__": base64.b64encode(value).decode()}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _from_jsonable(value):
+    if isinstance(value, dict):
+        if set(value) == {"__bytes__"}:
+            return base64.b64decode(value["__bytes__"])
+        return {k: _from_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_jsonable(v) for v in value]
+    return value
+
+
+class TrainCheckpointer:
+    def __init__(self, run_dir: str | Path, *, save_every: int, keep: int, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = (Path(run_dir) / CHECKPOINTS).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
+                                               enable_async_checkpointing=async_save, create=True)
+        logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs every save at INFO
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state, meta: dict, *, force: bool = False) -> bool:
+        ocp = self._ocp
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(_jsonable(data_state)),
+            meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, step: int, abstract_state):
+        """`abstract_state`: ShapeDtypeStructs with the target shardings (any mesh)."""
+        ocp = self._ocp
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        return out.state, _from_jsonable(out.data), out.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ---- export support: a training run -> a plain model ----
+
+def run_dir_of(path: str | Path) -> Path | None:
+    path = Path(path)
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / RUN_CONFIG).is_file() and (candidate / CHECKPOINTS).is_dir():
+            return candidate
+    return None
+
+
+def is_train_checkpoint(path: str | Path) -> bool:
+    return run_dir_of(path) is not None
+
+
+def model_from_checkpoint(path: str | Path, *, merge_lora: bool = False, step: int | None = None):
+    """(model with the checkpoint's weights, directory with tokenizer files or None).
+
+    `path` is a run directory, its `checkpoints/` or one `checkpoints/<step>` directory (that
+    step is used; otherwise the latest). LoRA adapters stay separate unless `merge_lora`.
+    """
+    from sr_jax.train.sft import SFTConfig, build_for_restore
+
+    path = Path(path)
+    run_dir = run_dir_of(path)
+    if run_dir is None:
+        raise FileNotFoundError(f"{path}: not a training run (no {RUN_CONFIG} with {CHECKPOINTS}/)")
+    if step is None and path.parent.name == CHECKPOINTS and path.name.isdigit():
+        step = int(path.name)
+    from sr_jax.config import load_config
+
+    cfg = load_config(SFTConfig, run_dir / RUN_CONFIG)
+    cfg.train.mesh.data, cfg.train.mesh.fsdp, cfg.train.mesh.tensor = 1, 1, 1
+    trainer = build_for_restore(cfg, devices=jax.devices()[:1])
+    ckpt = TrainCheckpointer(run_dir, save_every=1, keep=1, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
+    state, _, _ = ckpt.restore(step, trainer.abstract_state())
+    ckpt.close()
+    model = trainer.step.model(state)
+    if merge_lora:
+        from sr_jax.lora import lora_layers, merge_lora as merge
+
+        if not lora_layers(model):
+            raise ValueError(f"{run_dir}: --merge-lora, but this run trained no LoRA adapters")
+        merge(model)
+    tokenizer_dir = run_dir / "tokenizer"
+    return model, (tokenizer_dir if tokenizer_dir.is_dir() else None)
