@@ -9,6 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sr_jax import sharding
+from sr_jax.lora import LoRAConfig, apply_lora
 from sr_jax.model import init_model
 from sr_jax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, batch_shardings, constrain, logical_to_spec, make_mesh,
                              maybe_initialize_distributed, param_shardings, shard_batch, shard_model)
@@ -76,6 +77,12 @@ def test_param_shardings_and_sharded_forward_equal_unsharded():
     assert specs[("model", "visual", "blocks", 0, "attn", "qkv", "kernel")] == P("fsdp", "tensor")
     assert specs[("model", "visual", "pos_embed")] == P(None, "fsdp")
     assert specs[("model", "visual", "patch_embed", "proj", "kernel")] == P(None, "fsdp")
+    with_lora = init_model(tiny_config(), seed=0)
+    apply_lora(with_lora, LoRAConfig(rank=4, dropout=0.0))
+    specs_lora = {k: v.get_value().spec for k, v in nnx.to_flat_state(param_shardings(with_lora, mesh))}
+    q_lora = lm + ("layers", 0, "self_attn", "q_proj", "lora")
+    assert specs_lora[q_lora + ("lora_a",)] == P("fsdp", None)  # (embed, lora_rank)
+    assert specs_lora[q_lora + ("lora_b",)] == P(None, "tensor")  # (lora_rank, q_heads)
 
     ids = np.random.default_rng(0).integers(0, 900, (4, 12))
     graphdef, state = nnx.split(model)

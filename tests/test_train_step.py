@@ -33,6 +33,21 @@ def tiny_config(**over) -> ModelConfig:
     return ModelConfig.preset("tiny", items)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_forward(graphdef):
+    def run(state, ids, pixel_values, positions, vision):
+        return nnx.merge(graphdef, state)(ids, pixel_values=pixel_values, position_ids=positions, vision=vision)
+    return jax.jit(run, compiler_options=FAST_COMPILE)
+
+
+def compiled_logits(model, input_ids, pixel_values=None, image_grid_thw=None):
+    """model(...) through one jit (host-side positions and vision tables); one compile per structure."""
+    positions = model.prepare_positions(input_ids, None, image_grid_thw)
+    vision = None if image_grid_thw is None else model.prepare_vision(np.asarray(image_grid_thw)).as_tuple()
+    graphdef, state = nnx.split(model)
+    return np.asarray(_compiled_forward(graphdef)(state, input_ids, pixel_values, positions, vision))
+
+
 # ---------------------------------------------------------------------------------------------
 # synthetic SFT batches: prompt (maybe with an image), answer tokens labelled
 
@@ -93,21 +108,21 @@ def patch_count(rows):
 
 
 def full_logits_loss(w, hidden, labels, segment_ids, weighting):
-    """Reference: every position's logits, shifted targets, masked mean (token or per example)."""
-    logits = (hidden @ w).astype(jnp.float32)
-    targets = jnp.concatenate([labels[:, 1:], jnp.full((labels.shape[0], 1), IGNORE)], axis=1)
-    same = jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1], jnp.zeros((labels.shape[0], 1), bool)], 1)
-    valid = (targets >= 0) & same
-    logp = jax.nn.log_softmax(logits, -1)
-    nll = -jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], -1)[..., 0]
+    """Reference: every position's logits, shifted targets, masked mean (token or per example).
+    `labels` and `segment_ids` are numpy arrays (the masks are built on the host)."""
+    b = labels.shape[0]
+    targets = np.concatenate([labels[:, 1:], np.full((b, 1), IGNORE)], axis=1)
+    valid = (targets >= 0) & np.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1], np.zeros((b, 1), bool)], 1)
+    logp = jax.nn.log_softmax((hidden @ w).astype(jnp.float32), -1)
+    nll = -jnp.take_along_axis(logp, jnp.asarray(np.maximum(targets, 0))[..., None], -1)[..., 0]
     if weighting == "token":
-        return jnp.sum(jnp.where(valid, nll, 0)) / jnp.sum(valid)
+        return jnp.sum(jnp.where(valid, nll, 0)) / valid.sum()
     per_example = []
-    for r in range(labels.shape[0]):
-        for s in np.unique(np.asarray(segment_ids[r])):
+    for r in range(b):
+        for s in np.unique(segment_ids[r]):
             m = valid[r] & (segment_ids[r] == s)
-            if int(m.sum()):
-                per_example.append(jnp.sum(jnp.where(m, nll[r], 0)) / jnp.sum(m))
+            if m.sum():
+                per_example.append(jnp.sum(jnp.where(m, nll[r], 0)) / m.sum())
     return sum(per_example) / len(per_example)
 
 
@@ -128,8 +143,10 @@ def test_loss_matches_full_logits_reference(weighting, chunk):
                        weighting=weighting)
         return s.loss_sum / s.weight, s
 
-    (loss, stats), grads = jax.value_and_grad(ours, argnums=(0, 1), has_aux=True)(w, hidden)
-    ref, ref_grads = jax.value_and_grad(full_logits_loss, argnums=(0, 1))(w, hidden, labels, seg, weighting)
+    (loss, stats), grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(w, hidden)
+    reference = functools.partial(full_logits_loss, labels=np.asarray(labels), segment_ids=np.asarray(seg),
+                                  weighting=weighting)
+    ref, ref_grads = jax.jit(jax.value_and_grad(reference, argnums=(0, 1)))(w, hidden)
     np.testing.assert_allclose(loss, ref, rtol=1e-6)
     for g, rg in zip(grads, ref_grads):
         np.testing.assert_allclose(g, rg, atol=1e-6)
@@ -162,8 +179,16 @@ def test_loss_matches_hf():
     pv = random_pixels(rng, grids)
     with torch.no_grad():
         ref = hf(**hf_inputs(ids, mask, pv, grids), labels=torch.as_tensor(labels)).loss.item()
-    out = ours.features(ids, mask, pv, np.array(grids))
-    stats = label_loss(ours.logits, out.hidden, jnp.asarray(labels), max_label_tokens=16)
+    positions = ours.prepare_positions(ids, mask, np.array(grids))
+    graphdef, state = nnx.split(ours)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def loss(state, vision):
+        m = nnx.merge(graphdef, state)
+        out = m.features(ids, mask, pv, position_ids=positions, vision=vision)
+        return label_loss(m.logits, out.hidden, jnp.asarray(labels), max_label_tokens=16)
+
+    stats = loss(state, ours.prepare_vision(np.array(grids)).as_tuple())
     assert float(stats.tokens) == 8  # 4 labels per row, each predicted from the position before it
     np.testing.assert_allclose(float(stats.loss_sum / stats.weight), ref, rtol=1e-5)
 
@@ -347,8 +372,7 @@ def test_validate_batch_errors(data):
         validate_batch({k: v for k, v in batch.items() if k != "vision_segment"}, cfg)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots"])
-def test_remat_policies_keep_gradients(policy):
+def test_remat_policies_keep_gradients():
     from sr_jax.model.layers import call_layer
     from sr_jax.model.text import TextDecoderLayer, attention_mask_3d, text_rope
     cfg = tiny_config().text
@@ -361,10 +385,11 @@ def test_remat_policies_keep_gradients(policy):
     def grads(remat):
         def loss(p, x):
             return jnp.sum(call_layer(nnx.merge(graphdef, p), remat, x, cos, sin, mask) ** 2)
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=FAST_COMPILE)(params, x)
 
-    ref, got = grads("none"), grads(policy)
-    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    ref = grads("none")
+    for policy in ("full", "save_dots"):
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(grads(policy))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=policy)
     with pytest.raises(ValueError, match="unknown remat policy"):
         grads("sometimes")
