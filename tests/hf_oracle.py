@@ -47,7 +47,8 @@ def our_model_from_hf(hf: HFModel, dtype="float32"):
     cfg = ModelConfig.from_hf_dict(hf.config.to_dict())
     cfg.dtype = cfg.param_dtype = dtype
     model = abstract_model(cfg)
-    tensors = {normalize_hf_key(k): v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    # Copies: our arrays must not alias torch storage that HF code may later edit in place.
+    tensors = {normalize_hf_key(k): v.detach().float().numpy().copy() for k, v in hf.state_dict().items()}
     graph, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     for path, var in flat.items():

@@ -193,6 +193,8 @@ class ModelConfig:
         path = Path(name)
         if not path.suffix:
             path = PRESET_DIR / f"qwen3vl_{name}.yaml"
+        elif not path.is_absolute() and not path.exists() and (PRESET_DIR.parents[1] / path).exists():
+            path = PRESET_DIR.parents[1] / path  # a repo-relative path such as configs/model/x.yaml
         data = apply_overrides(load_yaml(path), overrides or [])
         return from_dict(cls, data, str(path))
 
