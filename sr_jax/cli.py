@@ -17,6 +17,7 @@ _COMMAND_MODULES = [
     "sr_jax.serve",
     "sr_jax.scorer",
     "sr_jax.train.sft",
+    "sr_jax.rl.trainer",
     "sr_jax.eval.cli",
 ]
 

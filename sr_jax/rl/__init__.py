@@ -1,0 +1,1 @@
+"""GRPO for the SpatialReward vision-language model (`sr-jax rl`)."""
