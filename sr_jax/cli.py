@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "sr_jax.train.sft",
     "sr_jax.rl.trainer",
     "sr_jax.eval.cli",
+    "sr_jax.plan",
 ]
 
 

@@ -200,8 +200,8 @@ class TrainStep:
         self._compiled: dict[tuple, Any] = {}
 
     def _jitted(self, batch):
-        signature = tuple(sorted((k, np.shape(v), str(np.asarray(v).dtype) if not isinstance(v, jax.Array)
-                                  else str(v.dtype)) for k, v in batch.items()))
+        signature = tuple(sorted((k, np.shape(v), str(v.dtype) if hasattr(v, "dtype") else str(np.asarray(v).dtype))
+                                 for k, v in batch.items()))
         if signature not in self._compiled:
             replicated = NamedSharding(self.mesh, PartitionSpec())
             fn = lambda state, rest, b: _train_step(self.graphdef, self.optimizer, self.cfg, state, rest, b)
@@ -217,6 +217,13 @@ class TrainStep:
     def __call__(self, state: TrainState, batch: Mapping[str, Any]):
         with jax.set_mesh(self.mesh):
             return self._jitted(batch)(state, self.rest, dict(batch))
+
+    def lower(self, state, batch: Mapping[str, Any]):
+        """The step lowered for this state and batch without running it; both may be abstract
+        (`jax.ShapeDtypeStruct`s with shardings). `.compile()` gives XLA's memory and cost
+        analyses (used by `sr_jax.plan`)."""
+        with jax.set_mesh(self.mesh):
+            return self._jitted(batch).lower(state, self.rest, dict(batch))
 
     def model(self, state: TrainState):
         """The network with the state's weights (sharing its arrays; LoRA dropout off), e.g. to
