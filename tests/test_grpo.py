@@ -283,3 +283,30 @@ def test_rl_command_writes_checkpoints_and_resumes_exactly(tmp_path):
                                    err_msg=key)
     for key in ("reward/format", "parse_rate", "clip_fraction"):
         assert key in rows_ref[-1]
+
+
+def test_teacher_forced_completion_matches_greedy_generation(tiny):
+    """Left padding, images and positions of the update's layout agree with `generate`: the argmax
+    of the completion-position logits reproduces the greedy tokens, whose log-probs are the max."""
+    from sr_jax.data.synthetic import SynthConfig, generate_example
+    from sr_jax.generate import generate
+    from sr_jax.rl.rollout import Rollout, _pixels, completion_mask, left_pad, microbatches
+
+    cfg, trainer, processor, _ = tiny
+    records = [generate_example(i, 5, "train", SynthConfig(image_size=(48, 64), tasks=("sc",))) for i in range(2)]
+    prompts = [processor.encode(r, with_target=False) for r in records]
+    assert prompts[0]["input_ids"].shape != prompts[1]["input_ids"].shape  # one row is left-padded
+    ids, mask = left_pad(prompts)
+    tokens = generate(trainer.model, ids, mask, *_pixels(prompts), max_new_tokens=6, temperature=0.0)
+    r = Rollout(records, prompts, tokens, completion_mask(tokens, [151645]), [], [], np.zeros(2), {}, np.zeros(2))
+    (mb,) = microbatches(r, 1, trainer.model)
+    state = trainer.fresh_state()
+    logp = np.asarray(trainer.step.logprobs(state.params, state.frozen, mb))
+    assert logp.shape == tokens.shape and np.all(logp <= 0)
+    model = trainer.step.model(state)
+    from sr_jax.train.step import VISION_KEYS
+    out = model.features(mb["input_ids"], mb["attention_mask"], mb["pixel_values"], position_ids=mb["position_ids"],
+                         vision=tuple(mb[k] for k in VISION_KEYS))
+    width = mb["input_ids"].shape[1] - tokens.shape[1]
+    logits = np.asarray(model.logits(out.hidden[:, width - 1: width - 1 + tokens.shape[1]]))
+    assert np.array_equal(logits.argmax(-1), tokens)

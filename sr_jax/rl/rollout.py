@@ -102,6 +102,15 @@ def _pixels(prompts: list[dict]):
             np.concatenate([p["image_grid_thw"] for p in with_images]))
 
 
+def _positions(model, ids, mask, grids) -> np.ndarray:
+    """M-RoPE ids that skip the left padding (as `generate` numbers the prompt and completion)."""
+    from sr_jax.model.rope_index import get_rope_index
+
+    positions, _ = get_rope_index(ids, grids, mask, spatial_merge_size=model.config.vision.spatial_merge_size,
+                                  image_token_id=model.config.image_token_id)
+    return np.asarray(positions, np.int32)
+
+
 def sample_completions(model, prompts: list[dict], grpo, seed: int) -> np.ndarray:
     """(len(prompts), max_completion_tokens) new tokens, PAD_ID after the stop token."""
     size = grpo.generation_batch_size or len(prompts)
@@ -162,7 +171,7 @@ def microbatches(rollout: Rollout, k: int, model, *, prompt_bucket: int = 64, pa
         attn = np.concatenate([pmask, cmask], axis=1)
         pixels, grids = _pixels(prompts)
         mb = {"input_ids": ids.astype(np.int32), "attention_mask": attn.astype(np.int32),
-              "position_ids": model.prepare_positions(ids, attn, grids).astype(np.int32),
+              "position_ids": _positions(model, ids, attn, grids),
               "completion_ids": np.where(cmask > 0, tokens, PAD_ID).astype(np.int32),
               "completion_mask": cmask.astype(np.int32),
               "advantages": rollout.advantages[sl].astype(np.float32)}
