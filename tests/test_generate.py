@@ -101,3 +101,27 @@ def test_sampling_is_seeded_and_filters_reduce_to_greedy(pair):
                                   greedy)
     np.testing.assert_array_equal(generate(ours, ids, max_new_tokens=12, temperature=0.9, top_p=1e-6, stop_ids=[]),
                                   greedy)
+
+
+def test_sharded_params_generate_the_same_tokens(pair):
+    """The same call works on a model whose parameters are sharded over a (fsdp, tensor) mesh."""
+    import jax
+    from flax import nnx
+
+    from sr_jax.sharding import MeshConfig, make_mesh, shard_model
+
+    hf, ours = pair
+    sharded = our_model_from_hf(hf)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    with jax.set_mesh(mesh):
+        shard_model(sharded, mesh)
+    kernel = sharded.model.language_model.layers[0].mlp.up_proj.kernel.get_value()
+    assert len(kernel.sharding.device_set) == 8
+    rng = np.random.default_rng(6)
+    grids = [(1, 4, 6)]
+    ids = image_prompt(rng, grids, [4, 5])[None]
+    pv = random_pixels(rng, grids)
+    expected = generate(ours, ids, None, pv, np.array(grids), max_new_tokens=16, stop_ids=[])
+    with jax.set_mesh(mesh):
+        got = generate(sharded, ids, None, pv, np.array(grids), max_new_tokens=16, stop_ids=[])
+    np.testing.assert_array_equal(got, expected)
