@@ -18,7 +18,7 @@ from sr_jax.data.image import open_image
 from sr_jax.data.processor import Processor
 from sr_jax.data.records import SpatialExample
 from sr_jax.data.templates import PromptTemplates
-from sr_jax.generate import PAD_ID, generate
+from sr_jax.generation import PAD_ID, generate
 from sr_jax.grounding import grounding_check
 from sr_jax.reward import aggregate, parse_output
 

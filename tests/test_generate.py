@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_oracle import hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels, tiny_hf_config
-from sr_jax.generate import PAD_ID, TRACE_COUNT, bucket_length, generate
+from sr_jax.generation import PAD_ID, TRACE_COUNT, bucket_length, generate
 
 IM_END = 151645
 
@@ -125,3 +125,10 @@ def test_sharded_params_generate_the_same_tokens(pair):
     with jax.set_mesh(mesh):
         got = generate(sharded, ids, None, pv, np.array(grids), max_new_tokens=16, stop_ids=[])
     np.testing.assert_array_equal(got, expected)
+
+
+def test_public_entry_point_is_the_function():
+    import sr_jax
+    import sr_jax.scorer  # noqa: F401  (importing other modules must not shadow the function)
+
+    assert sr_jax.generate is generate

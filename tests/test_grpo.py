@@ -289,7 +289,7 @@ def test_teacher_forced_completion_matches_greedy_generation(tiny):
     """Left padding, images and positions of the update's layout agree with `generate`: the argmax
     of the completion-position logits reproduces the greedy tokens, whose log-probs are the max."""
     from sr_jax.data.synthetic import SynthConfig, generate_example
-    from sr_jax.generate import generate
+    from sr_jax.generation import generate
     from sr_jax.rl.rollout import Rollout, _pixels, completion_mask, left_pad, microbatches
 
     cfg, trainer, processor, _ = tiny

@@ -10,7 +10,7 @@ from PIL import Image
 
 from hf_oracle import random_hf_model, tiny_hf_config
 from sr_jax.data.image import open_image
-from sr_jax.generate import PAD_ID, generate
+from sr_jax.generation import PAD_ID, generate
 from sr_jax.reward import aggregate, parse_output
 from sr_jax.scorer import Scorer
 

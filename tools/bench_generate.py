@@ -59,7 +59,7 @@ def main() -> None:
     from transformers import Qwen3VLForConditionalGeneration
 
     from sr_jax import load_model
-    from sr_jax.generate import generate
+    from sr_jax.generation import generate
 
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import numpy as np
 
 from sr_jax.data.processor import Processor
 from sr_jax.data.synthetic import SynthConfig, generate_example
-from sr_jax.generate import generate
+from sr_jax.generation import generate
 from sr_jax.loading import load_model
 from sr_jax.rl.rewards import RewardSet, build_reward
 from sr_jax.rl.rollout import _pixels, completion_mask, decode_completions, left_pad, parse_completions

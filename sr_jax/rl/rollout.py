@@ -15,7 +15,7 @@ import numpy as np
 
 from sr_jax.data.processor import Processor
 from sr_jax.data.records import RecordError, SpatialExample
-from sr_jax.generate import PAD_ID, bucket_length, generate
+from sr_jax.generation import PAD_ID, bucket_length, generate
 from sr_jax.reward import parse_output
 
 log = logging.getLogger(__name__)
