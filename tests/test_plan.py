@@ -132,3 +132,11 @@ def test_image_tokens_must_fit_the_row():
                                                                      image_size=512))
     with pytest.raises(ValueError, match="cannot hold 258 image tokens"):
         run_plan(spec, devices=jax.devices()[:1])
+
+
+def test_fake_device_flag_replaces_an_existing_count():
+    from sr_jax.plan import _with_device_count
+
+    flags = "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"
+    assert _with_device_count(flags, 64) == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=64"
+    assert _with_device_count("", 2) == "--xla_force_host_platform_device_count=2"
