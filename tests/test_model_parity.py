@@ -115,6 +115,31 @@ def test_vision_tower_and_deepstack(tied):
         assert_close(a, b.numpy())
 
 
+def test_windowed_vision_attention_matches_hf(tied):
+    """Many images of different sizes plus budget padding: attention in 256-row query blocks over
+    key windows (what generation uses for big batches) equals HF's per-image attention."""
+    import jax
+
+    from sr_jax.model.vision import attention_window, pad_patches
+
+    hf, ours = tied
+    rng = np.random.default_rng(6)
+    grids = [(1, 10, 6), (1, 4, 12), (1, 2, 2), (1, 8, 8), (2, 4, 4), (1, 6, 10)] * 3  # 2-frame one: 2 segments
+    pv = random_pixels(rng, grids)
+    with torch.no_grad():
+        ref = hf.model.visual(torch.as_tensor(pv), grid_thw=torch.as_tensor(grids))
+    n = pv.shape[0]
+    padded, inputs = pad_patches(pv, ours.prepare_vision(np.array(grids)), 2048)
+    window = attention_window(inputs.segment, num_real=n)
+    assert window is not None and window < 2048 // 2
+    assert attention_window(inputs.segment[::-1].copy()) is None  # ids must not decrease
+    merged, deep = jax.jit(ours.model.visual, static_argnums=2)(padded, inputs.as_tuple(), window)
+    assert_close(merged[: n // 4], ref.pooler_output.numpy())
+    for a, b in zip(deep, ref.deepstack_features):
+        assert_close(a[: n // 4], b.numpy())
+    assert np.isfinite(np.asarray(merged)).all()  # padding rows too
+
+
 def test_position_ids_match_hf_get_rope_index(untied):
     hf, _ = untied
     rng = np.random.default_rng(6)

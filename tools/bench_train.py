@@ -38,7 +38,7 @@ def make_batch(rng, rows=2, seq=1024, answer=128, grid=(1, 16, 16)):
     ids = np.empty((rows, seq), np.int64)
     labels = np.full((rows, seq), -100, np.int64)
     for r in range(rows):
-        text = rng.integers(0, 150000, seq - n_img - 3)
+        text = rng.integers(0, 150000, seq - n_img - 2)
         ids[r] = np.concatenate([[text[0], VSTART], [IMAGE] * n_img, [VEND], text[1:]])
         labels[r, -answer:] = ids[r, -answer:]
     pixels = rng.uniform(-1, 1, (rows * grid[0] * grid[1] * grid[2], 1536)).astype(np.float32)

@@ -111,19 +111,60 @@ class VisionAttention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.dtype = dtype
 
-    def __call__(self, x, cos, sin, segment):
+    def __call__(self, x, cos, sin, segment, key_index=None):
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         # RoPE in float32, as the reference does, then back to the compute dtype.
         q = apply_rope(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
         k = apply_rope(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
-        scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * self.head_dim**-0.5
-        same_image = segment[:, None] == segment[None, :]
-        scores = jnp.where(same_image[None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("hqk,khd->qhd", probs, v).reshape(n, -1)
-        return self.proj(out)
+        if key_index is None:
+            out = _segment_attention(q[None], k[None], v[None], segment[None, :, None] == segment[None, None, :])
+        else:  # query blocks, each against the key window that holds its images (see attention_windows)
+            blocks = key_index.shape[0]
+            q_seg = segment.reshape(blocks, -1)
+            out = _segment_attention(q.reshape(blocks, -1, *q.shape[1:]), k[key_index], v[key_index],
+                                     q_seg[:, :, None] == segment[key_index][:, None, :])
+        return self.proj(out.reshape(n, -1))
+
+
+def _segment_attention(q, k, v, allowed):
+    """q (B, Q, H, D), k/v (B, K, H, D), allowed (B, Q, K) -> (B, Q, H, D); float32 softmax."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+ATTENTION_BLOCK = 256  # query rows per block when vision attention is windowed
+
+
+def attention_window(segment: np.ndarray, num_real: int | None = None, block: int = ATTENTION_BLOCK) -> int | None:
+    """Static key-window width for windowed vision attention over these (padded) patch tables, or
+    None when dense attention is as cheap (or the layout does not allow windows).
+
+    Patches of one image are contiguous and segment ids never decrease, so the queries of a block
+    of `block` rows only need keys from the start of the first one's image to the end of the last
+    one's: at most block + 2 * (longest image) - 1 rows. Rounded up to a multiple of 128 so that
+    similar batches share one compiled program. Padding patches (rows from `num_real` on, as
+    `pad_patches` adds them) are left out of the bound: their outputs are never used.
+    """
+    segment = np.asarray(segment)
+    n = segment.shape[0]
+    if n % block or n <= block or np.any(np.diff(segment) < 0):
+        return None
+    _, counts = np.unique(segment[:n if num_real is None else num_real], return_counts=True)
+    longest = int(counts.max()) if counts.size else 1
+    width = -(-(block + 2 * longest - 1) // 128) * 128
+    return None if width * 2 > n else width
+
+
+def window_key_index(segment: jax.Array, width: int, block: int = ATTENTION_BLOCK) -> jax.Array:
+    """(N / block, width) key rows per query block: from the start of the block's first image."""
+    n = segment.shape[0]
+    first = segment[::block]
+    start = jnp.minimum(jnp.searchsorted(segment, first, side="left"), n - width)
+    return start[:, None] + jnp.arange(width)[None, :]
 
 
 class VisionMLP(nnx.Module):
@@ -145,8 +186,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, segment):
-        x = x + self.attn(self.norm1(x), cos, sin, segment)
+    def __call__(self, x, cos, sin, segment, key_index=None):
+        x = x + self.attn(self.norm1(x), cos, sin, segment, key_index)
         return x + self.mlp(self.norm2(x))
 
 
@@ -194,8 +235,12 @@ class VisionModel(nnx.Module):
         self.dtype = dtype
         self.remat = "none"  # per-block rematerialisation policy for training (layers.REMAT_POLICIES)
 
-    def __call__(self, pixel_values, inputs: VisionInputs | tuple):
-        """Returns (merged features (N/4, out_hidden), [deepstack features (N/4, out_hidden)...])."""
+    def __call__(self, pixel_values, inputs: VisionInputs | tuple, attention_window: int | None = None):
+        """Returns (merged features (N/4, out_hidden), [deepstack features (N/4, out_hidden)...]).
+
+        `attention_window` (static; from `attention_window(segment)`) runs attention in query blocks
+        against key windows instead of over all patches: the same result at a cost linear in the
+        number of images rather than quadratic in the total patch count."""
         interp_index, interp_weight, rope_hw, segment = (
             inputs.as_tuple() if isinstance(inputs, VisionInputs) else inputs
         )
@@ -205,10 +250,11 @@ class VisionModel(nnx.Module):
         x = constrain(x + pos.astype(x.dtype), PATCH_AXES)
         cos, sin = vision_rope(jnp.asarray(rope_hw), self.config)
         segment = jnp.asarray(segment)
+        key_index = None if attention_window is None else window_key_index(segment, attention_window)
         deepstack = []
         taps = list(self.config.deepstack_visual_indexes)
         for i, block in enumerate(self.blocks):
-            x = constrain(call_layer(block, self.remat, x, cos, sin, segment), PATCH_AXES)
+            x = constrain(call_layer(block, self.remat, x, cos, sin, segment, key_index), PATCH_AXES)
             if i in taps:
                 deepstack.append(constrain(self.deepstack_merger_list[taps.index(i)](x), MERGED_AXES))
         return constrain(self.merger(x), MERGED_AXES), deepstack
