@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from sr_jax.model.rope_index import get_rope_index
-from sr_jax.model.vision import attention_window, pad_patches
+from sr_jax.model.vision import attention_slots, pad_patches
 
 PAD_ID = 151643
 DEFAULT_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
@@ -27,13 +27,13 @@ TRACE_COUNT: collections.Counter = collections.Counter()  # incremented when a p
 
 
 def bucket_length(n: int, minimum: int = 64) -> int:
-    """Powers of two up to 512, multiples of 256 up to 4096, then of 1024: few programs, and at
-    most a third of a long prompt is padding (a 600-token prompt runs as 768, not 1024)."""
+    """Powers of two up to 256, then multiples of 128 up to 2048, of 512 up to 8192, then of 2048:
+    few compiled programs, and a long prompt carries little padding (608 tokens run as 640)."""
     if n <= minimum:
         return minimum
-    if n <= 512:
+    if n <= 256:
         return 1 << (n - 1).bit_length()
-    step = 256 if n <= 4096 else 1024
+    step = 128 if n <= 2048 else 512 if n <= 8192 else 2048
     return -(-n // step) * step
 
 
@@ -44,7 +44,6 @@ class _Static:
     top_k: int
     use_top_p: bool
     use_repetition_penalty: bool
-    vision_window: int | None = None
 
 
 def _apply_repetition_penalty(logits, seen, penalty):
@@ -69,8 +68,8 @@ def _sample(logits, rng, temperature, top_p, static: _Static):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _generate_program(state, ids, mask, positions, next_pos, pixel_values, vision, rng, temperature, top_p,
-                      penalty, stop_ids, *, graphdef, static: _Static):
+def _generate_program(state, ids, mask, positions, next_pos, pixel_values, vision, vision_layout, rng, temperature,
+                      top_p, penalty, stop_ids, *, graphdef, static: _Static):
     TRACE_COUNT["generate"] += 1
     model = nnx.merge(graphdef, state)
     tcfg = model.config.text
@@ -84,7 +83,7 @@ def _generate_program(state, ids, mask, positions, next_pos, pixel_values, visio
     causal = jnp.arange(total)[None, :] <= jnp.arange(prompt_len)[:, None]
     out = model.features(ids, mask, pixel_values, position_ids=positions,
                          vision=vision, mask=causal[None] & key_valid[:, None, :], kv_cache=cache, cache_index=0,
-                         vision_window=static.vision_window)
+                         vision_layout=vision_layout)
     last = prompt_len - 1 - jnp.argmax(mask[:, ::-1], axis=1)
     logits = model.logits(out.hidden[jnp.arange(batch), last]).astype(jnp.float32)
 
@@ -159,14 +158,14 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     mask = np.pad(mask, ((0, 0), (0, pad)))
     positions = np.pad(positions, ((0, 0), (0, 0), (0, pad)))
 
-    vision, window = None, None
+    vision, layout = None, None
     if pixel_values is not None:
         if grids is None:
             raise ValueError("pixel_values given without image_grid_thw")
         pv = np.asarray(pixel_values, np.float32)
         budget = bucket_length(pv.shape[0], 256)
         pv, vinputs = pad_patches(pv, model.prepare_vision(grids), budget)
-        window = attention_window(vinputs.segment, num_real=int(np.asarray(pixel_values).shape[0]))
+        layout = attention_slots(vinputs.segment, num_real=int(np.asarray(pixel_values).shape[0]))
         pixel_values, vision = pv, vinputs.as_tuple()
 
     static = _Static(
@@ -175,13 +174,12 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
         top_k=int(top_k),
         use_top_p=top_p < 1.0,
         use_repetition_penalty=repetition_penalty != 1.0,
-        vision_window=window,
     )
     stops = np.asarray(DEFAULT_STOP_IDS if stop_ids is None else list(stop_ids), np.int32).reshape(-1)
     graphdef, state = nnx.split(model)
     tokens = _compiled(graphdef, static)(
         state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(positions, jnp.int32),
-        jnp.asarray(next_pos, jnp.int32), pixel_values, vision, jax.random.PRNGKey(seed),
+        jnp.asarray(next_pos, jnp.int32), pixel_values, vision, layout, jax.random.PRNGKey(seed),
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.float32(repetition_penalty), jnp.asarray(stops),
     )
     return np.asarray(tokens)

@@ -115,12 +115,12 @@ def test_vision_tower_and_deepstack(tied):
         assert_close(a, b.numpy())
 
 
-def test_windowed_vision_attention_matches_hf(tied):
-    """Many images of different sizes plus budget padding: attention in 256-row query blocks over
-    key windows (what generation uses for big batches) equals HF's per-image attention."""
+def test_per_image_vision_attention_matches_hf(tied):
+    """Many images of different sizes plus budget padding: attention per image slot (what
+    generation uses for big batches) equals HF's per-image attention."""
     import jax
 
-    from sr_jax.model.vision import attention_window, pad_patches
+    from sr_jax.model.vision import attention_slots, pad_patches
 
     hf, ours = tied
     rng = np.random.default_rng(6)
@@ -130,10 +130,12 @@ def test_windowed_vision_attention_matches_hf(tied):
         ref = hf.model.visual(torch.as_tensor(pv), grid_thw=torch.as_tensor(grids))
     n = pv.shape[0]
     padded, inputs = pad_patches(pv, ours.prepare_vision(np.array(grids)), 2048)
-    window = attention_window(inputs.segment, num_real=n)
-    assert window is not None and window < 2048 // 2
-    assert attention_window(inputs.segment[::-1].copy()) is None  # ids must not decrease
-    merged, deep = jax.jit(ours.model.visual, static_argnums=2)(padded, inputs.as_tuple(), window)
+    layout = attention_slots(inputs.segment, num_real=n)
+    assert layout is not None and layout[0].shape == (32, 64)  # 21 frames -> 32 slots of 64 rows
+    assert attention_slots(inputs.segment) is None  # counting the padding as an image: not worth it
+    with pytest.raises(ValueError, match="non-decreasing"):
+        attention_slots(inputs.segment[:n][::-1].copy())
+    merged, deep = jax.jit(ours.model.visual)(padded, inputs.as_tuple(), layout)
     assert_close(merged[: n // 4], ref.pooler_output.numpy())
     for a, b in zip(deep, ref.deepstack_features):
         assert_close(a[: n // 4], b.numpy())

@@ -80,11 +80,11 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
     # ---- the network ----
     def features(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
                  position_ids=None, vision=None, segment_ids=None, output_hidden_states=False,
-                 mask=None, kv_cache=None, cache_index=None, vision_window: int | None = None) -> ForwardOutput:
+                 mask=None, kv_cache=None, cache_index=None, vision_layout=None) -> ForwardOutput:
         """Final hidden states (before the LM head). Traceable under jit when `position_ids` and,
         with images, `vision` (from `prepare_vision`) are given; otherwise they are derived here.
         `mask`/`kv_cache`/`cache_index` are the decoding path (see `TextModel.__call__`);
-        `vision_window` (static) windows the vision attention (see `vision.attention_window`)."""
+        `vision_layout` runs vision attention per image (see `vision.attention_slots`)."""
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -100,7 +100,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
                     raise ValueError("pixel_values given without image_grid_thw")
                 self._check_image_tokens(input_ids, image_grid_thw)
                 vision = self.prepare_vision(image_grid_thw)
-            image_embeds, deepstack = self.model.visual(pixel_values, vision, vision_window)
+            image_embeds, deepstack = self.model.visual(pixel_values, vision, vision_layout)
             vis_index = visual_index(input_ids, self.config.image_token_id)
             gathered = jnp.take(image_embeds.astype(embeds.dtype), jnp.maximum(vis_index, 0), axis=0)
             embeds = jnp.where((vis_index >= 0)[..., None], gathered, embeds)

@@ -111,20 +111,21 @@ class VisionAttention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.dtype = dtype
 
-    def __call__(self, x, cos, sin, segment, key_index=None):
+    def __call__(self, x, cos, sin, segment, layout=None):
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         # RoPE in float32, as the reference does, then back to the compute dtype.
         q = apply_rope(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
         k = apply_rope(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
-        if key_index is None:
+        if layout is None:
             out = _segment_attention(q[None], k[None], v[None], segment[None, :, None] == segment[None, None, :])
-        else:  # query blocks, each against the key window that holds its images (see attention_windows)
-            blocks = key_index.shape[0]
-            q_seg = segment.reshape(blocks, -1)
-            out = _segment_attention(q.reshape(blocks, -1, *q.shape[1:]), k[key_index], v[key_index],
-                                     q_seg[:, :, None] == segment[key_index][:, None, :])
+        else:  # per-image slots (see attention_slots)
+            slots, inverse = layout
+            rows = jnp.maximum(slots, 0)
+            out = _segment_attention(q[rows], k[rows], v[rows], jnp.broadcast_to((slots >= 0)[:, None, :],
+                                                                                  slots.shape + slots.shape[-1:]))
+            out = out.reshape(-1, *out.shape[2:])[inverse]
         return self.proj(out.reshape(n, -1))
 
 
@@ -136,35 +137,35 @@ def _segment_attention(q, k, v, allowed):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-ATTENTION_BLOCK = 256  # query rows per block when vision attention is windowed
+def attention_slots(segment: np.ndarray, num_real: int | None = None, multiple: int = 64):
+    """Host-side layout for per-image vision attention: (slots (S, L), inverse (N,)) int32, or
+    None when attention over all N patches at once costs about as much.
 
-
-def attention_window(segment: np.ndarray, num_real: int | None = None, block: int = ATTENTION_BLOCK) -> int | None:
-    """Static key-window width for windowed vision attention over these (padded) patch tables, or
-    None when dense attention is as cheap (or the layout does not allow windows).
-
-    Patches of one image are contiguous and segment ids never decrease, so the queries of a block
-    of `block` rows only need keys from the start of the first one's image to the end of the last
-    one's: at most block + 2 * (longest image) - 1 rows. Rounded up to a multiple of 128 so that
-    similar batches share one compiled program. Padding patches (rows from `num_real` on, as
-    `pad_patches` adds them) are left out of the bound: their outputs are never used.
+    Row k of `slots` lists the patch rows of segment (image frame) k, -1 past its end; `inverse`
+    maps each patch row back to its place in the flattened (S * L) slot grid. Attention then runs
+    per slot at a cost of S * L^2 instead of N^2 (what the reference does with its cumulative
+    sequence lengths). S is rounded up to a power of two and L to `multiple` so that similar
+    batches share a compiled program. Padding rows (from `num_real` on) get no slot: their
+    outputs, never used, come from slot 0's first row.
     """
     segment = np.asarray(segment)
     n = segment.shape[0]
-    if n % block or n <= block or np.any(np.diff(segment) < 0):
+    real = segment[: n if num_real is None else num_real]
+    if real.size == 0:
         return None
-    _, counts = np.unique(segment[:n if num_real is None else num_real], return_counts=True)
-    longest = int(counts.max()) if counts.size else 1
-    width = -(-(block + 2 * longest - 1) // 128) * 128
-    return None if width * 2 > n else width
-
-
-def window_key_index(segment: jax.Array, width: int, block: int = ATTENTION_BLOCK) -> jax.Array:
-    """(N / block, width) key rows per query block: from the start of the block's first image."""
-    n = segment.shape[0]
-    first = segment[::block]
-    start = jnp.minimum(jnp.searchsorted(segment, first, side="left"), n - width)
-    return start[:, None] + jnp.arange(width)[None, :]
+    ids, starts, counts = np.unique(real, return_index=True, return_counts=True)
+    if np.any(np.diff(real) < 0):
+        raise ValueError("vision segments must be contiguous and non-decreasing")
+    num = 1 << (len(ids) - 1).bit_length()
+    width = -(-int(counts.max()) // multiple) * multiple
+    if 2 * num * width * width > n * n:
+        return None
+    slots = np.full((num, width), -1, np.int32)
+    inverse = np.zeros(n, np.int32)
+    for k, (start, count) in enumerate(zip(starts, counts)):
+        slots[k, :count] = np.arange(start, start + count)
+        inverse[start:start + count] = k * width + np.arange(count)
+    return slots, inverse
 
 
 class VisionMLP(nnx.Module):
@@ -186,8 +187,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, segment, key_index=None):
-        x = x + self.attn(self.norm1(x), cos, sin, segment, key_index)
+    def __call__(self, x, cos, sin, segment, layout=None):
+        x = x + self.attn(self.norm1(x), cos, sin, segment, layout)
         return x + self.mlp(self.norm2(x))
 
 
@@ -235,12 +236,12 @@ class VisionModel(nnx.Module):
         self.dtype = dtype
         self.remat = "none"  # per-block rematerialisation policy for training (layers.REMAT_POLICIES)
 
-    def __call__(self, pixel_values, inputs: VisionInputs | tuple, attention_window: int | None = None):
+    def __call__(self, pixel_values, inputs: VisionInputs | tuple, layout=None):
         """Returns (merged features (N/4, out_hidden), [deepstack features (N/4, out_hidden)...]).
 
-        `attention_window` (static; from `attention_window(segment)`) runs attention in query blocks
-        against key windows instead of over all patches: the same result at a cost linear in the
-        number of images rather than quadratic in the total patch count."""
+        `layout` (from `attention_slots`) runs attention per image instead of over all patches
+        with a block-diagonal mask: the same result, at a cost that no longer grows with the
+        square of the total patch count."""
         interp_index, interp_weight, rope_hw, segment = (
             inputs.as_tuple() if isinstance(inputs, VisionInputs) else inputs
         )
@@ -250,11 +251,11 @@ class VisionModel(nnx.Module):
         x = constrain(x + pos.astype(x.dtype), PATCH_AXES)
         cos, sin = vision_rope(jnp.asarray(rope_hw), self.config)
         segment = jnp.asarray(segment)
-        key_index = None if attention_window is None else window_key_index(segment, attention_window)
+        layout = None if layout is None else tuple(jnp.asarray(a) for a in layout)
         deepstack = []
         taps = list(self.config.deepstack_visual_indexes)
         for i, block in enumerate(self.blocks):
-            x = constrain(call_layer(block, self.remat, x, cos, sin, segment, key_index), PATCH_AXES)
+            x = constrain(call_layer(block, self.remat, x, cos, sin, segment, layout), PATCH_AXES)
             if i in taps:
                 deepstack.append(constrain(self.deepstack_merger_list[taps.index(i)](x), MERGED_AXES))
         return constrain(self.merger(x), MERGED_AXES), deepstack
