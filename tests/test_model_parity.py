@@ -1,5 +1,7 @@
 """Our Qwen3-VL against HF transformers (the oracle) on the same tiny random weights, float32."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,44 @@ def test_two_non_square_images_and_each_layer(untied):
         assert_close(h, ref.hidden_states[i + 1].numpy())
     assert_close(out.hidden, ref.hidden_states[-1].numpy())
     assert_close(ours.logits(out.hidden), ref.logits.numpy())
+
+
+def test_long_padded_rows_take_the_blocked_causal_path(untied):
+    """512-token rows (two 256-row query blocks, upper triangle skipped), one left-padded."""
+    hf, ours = untied
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, 151000, (2, 512))
+    mask = np.ones_like(ids)
+    mask[1, :200] = 0
+    ids[1, :200] = 151643
+    real = mask.astype(bool)
+    assert_close(np.asarray(ours(ids, mask))[real], hf_logits(hf, ids, mask).logits.numpy()[real])
+
+
+def test_causal_attention_equals_masked_attention_with_gradients():
+    import jax
+    import jax.numpy as jnp
+
+    from sr_jax.model.layers import causal_attention, masked_softmax_attention
+    from sr_jax.model.text import attention_mask_3d
+
+    rng = np.random.default_rng(12)
+    q = jnp.asarray(rng.standard_normal((2, 512, 2, 3, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 512, 2, 16)), jnp.float32) for _ in range(2))
+    padding = jnp.asarray(np.arange(512)[None] >= np.array([[0], [77]]), jnp.int32)
+    segments = jnp.asarray(np.repeat(np.arange(4), 128)[None].repeat(2, 0) + (np.arange(512) > 300)[None], jnp.int32)
+    mask = attention_mask_3d(padding, segments)
+    live = mask.any(-1)[:, :, None, None, None]  # padding queries see no key: their output is unused
+
+    def loss(f, q, k, v):
+        return (jnp.where(live, f(q, k, v, mask, scale=0.25), 0) ** 2 * jnp.arange(16)).sum()
+
+    blocked = jax.value_and_grad(lambda *a: loss(functools.partial(causal_attention, block=128), *a), (0, 1, 2))
+    plain = jax.value_and_grad(lambda *a: loss(masked_softmax_attention, *a), (0, 1, 2))
+    (lb, gb), (lp, gp) = blocked(q, k, v), plain(q, k, v)
+    assert_close(lb, lp, 1e-5)
+    for a, b in zip(gb, gp):
+        assert_close(a, b, 1e-5)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -10,7 +10,7 @@ from flax import nnx
 
 from sr_jax.model.config import TextConfig
 from sr_jax.model.layers import (Embed, Linear, RMSNorm, activation, apply_rope, call_layer,
-                                 masked_softmax_attention)
+                                 causal_attention, masked_softmax_attention)
 from sr_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", "seq", "act_embed")
@@ -62,20 +62,21 @@ class TextAttention(nnx.Module):
         k = apply_rope(k, cos[:, :, None], sin[:, :, None])
         return q, k, v
 
-    def attend(self, q, k, v, mask):
+    def attend(self, q, k, v, mask, causal: bool = False):
         """q (B, Tq, H, D); k, v (B, Tk, KV, D); mask (B, Tq, Tk) -> (B, Tq, hidden)."""
         b, tq = q.shape[:2]
         groups = self.num_heads // self.num_kv_heads
-        out = masked_softmax_attention(q.reshape(b, tq, self.num_kv_heads, groups, self.head_dim), k, v, mask,
-                                       scale=self.head_dim**-0.5)
+        attention = causal_attention if causal else masked_softmax_attention
+        out = attention(q.reshape(b, tq, self.num_kv_heads, groups, self.head_dim), k, v, mask,
+                        scale=self.head_dim**-0.5)
         return self.o_proj(out.reshape(b, tq, self.num_heads * self.head_dim))
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
         """With `kv_cache` (k, v) of shape (B, S, KV, D), this call's keys/values are written at
         `cache_index` and attention runs over the whole cache; returns (out, new_cache) then."""
         q, k, v = self.project_qkv(x, cos, sin)
-        if kv_cache is None:
-            return self.attend(q, k, v, mask)
+        if kv_cache is None:  # a full pass: the mask is attention_mask_3d's, causal
+            return self.attend(q, k, v, mask, causal=True)
         ck, cv = kv_cache
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
@@ -143,6 +144,8 @@ class TextModel(nnx.Module):
         (B, T, S) over the cache slots; it then returns (hidden, new_cache).
         """
         cos, sin = text_rope(position_ids, self.config, self.dtype)
+        if mask is not None and kv_cache is None:
+            raise ValueError("an explicit `mask` belongs to the cached decoding path (pass kv_cache)")
         if mask is None:
             mask = attention_mask_3d(attention_mask, segment_ids)
         x = constrain(inputs_embeds, HIDDEN_AXES)
