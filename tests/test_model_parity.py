@@ -171,7 +171,7 @@ def test_per_image_vision_attention_matches_hf(tied):
     n = pv.shape[0]
     padded, inputs = pad_patches(pv, ours.prepare_vision(np.array(grids)), 2048)
     layout = attention_slots(inputs.segment, num_real=n)
-    assert layout is not None and layout[0].shape == (32, 64)  # 21 frames -> 32 slots of 64 rows
+    assert layout is not None and layout[0].shape == (32, 128)  # 21 frames -> 32 slots of 128 rows
     assert attention_slots(inputs.segment) is None  # counting the padding as an image: not worth it
     with pytest.raises(ValueError, match="non-decreasing"):
         attention_slots(inputs.segment[:n][::-1].copy())

@@ -137,7 +137,7 @@ def _segment_attention(q, k, v, allowed):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def attention_slots(segment: np.ndarray, num_real: int | None = None, multiple: int = 64):
+def attention_slots(segment: np.ndarray, num_real: int | None = None, multiple: int = 128):
     """Host-side layout for per-image vision attention: (slots (S, L), inverse (N,)) int32, or
     None when attention over all N patches at once costs about as much.
 
