@@ -163,9 +163,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
         if grids is None:
             raise ValueError("pixel_values given without image_grid_thw")
         pv = np.asarray(pixel_values, np.float32)
-        budget = bucket_length(pv.shape[0], 256)
-        pv, vinputs = pad_patches(pv, model.prepare_vision(grids), budget)
-        layout = attention_slots(vinputs.segment, num_real=int(np.asarray(pixel_values).shape[0]))
+        num_patches = pv.shape[0]
+        pv, vinputs = pad_patches(pv, model.prepare_vision(grids), bucket_length(num_patches, 256))
+        layout = attention_slots(vinputs.segment, num_real=num_patches)
         pixel_values, vision = pv, vinputs.as_tuple()
 
     static = _Static(

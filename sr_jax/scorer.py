@@ -99,16 +99,10 @@ class Scorer:
     def validate_options(self, options: dict) -> None:
         """Raises ValueError for unknown options, ill-typed or bad values (the server calls this per
         request); messages name the option, e.g. `options.max_new_tokens: expected int`."""
-        import typing
+        from sr_jax.config import from_dict
 
-        from sr_jax.config import _coerce
-
-        hints = typing.get_type_hints(ScorerOptions)
-        unknown = sorted(set(options) - set(hints))
-        if unknown:
-            raise ValueError(f"options: unknown key(s) {unknown}; known: {sorted(hints)}")
-        typed = {k: _coerce(hints[k], v, f"options.{k}") for k, v in options.items()}
-        self.options.replace(**typed)
+        typed = from_dict(ScorerOptions, options, "options")  # names and types
+        self.options.replace(**{k: getattr(typed, k) for k in options})  # values
 
     @property
     def max_batch_size(self) -> int:

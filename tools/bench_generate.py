@@ -93,16 +93,26 @@ def main() -> None:
                 t0 = time.perf_counter()
                 ref = hf.generate(**kw, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
                 hf_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            hf.generate(**kw, max_new_tokens=1, do_sample=False)
+            hf_prefill = time.perf_counter() - t0
         assert ref.shape[1] - ids.shape[1] == args.new
+        generate(ours, ids, None, pixels, grids, max_new_tokens=1, stop_ids=[])  # compile the 1-token program
+        t0 = time.perf_counter()
+        generate(ours, ids, None, pixels, grids, max_new_tokens=1, stop_ids=[])
+        ours_prefill = time.perf_counter() - t0
         same = float((ref[:, ids.shape[1]:].numpy() == out).mean())
         ours_tps = batch * args.new / min(ours_s)
         hf_tps = batch * args.new / min(hf_s)
-        rows.append((batch, ids.shape[1], ours_tps, hf_tps, compile_s, same))
+        step_ms = [1e3 * (min(t) - p) / (args.new - 1) for t, p in ((ours_s, ours_prefill), (hf_s, hf_prefill))]
+        rows.append((batch, ids.shape[1], ours_tps, hf_tps, compile_s, same, ours_prefill, hf_prefill, *step_ms))
     print(f"\n{'batch':>5} {'prompt':>6} {'sr_jax tok/s':>13} {'HF tok/s':>9} {'ratio':>6} {'first call s':>12} "
-          f"{'same tokens':>11}")
-    for batch, plen, o, h, c, same in rows:
-        print(f"{batch:>5} {plen:>6} {o:>13.1f} {h:>9.1f} {o / h:>5.1f}x {c:>12.1f} {same:>11.1%}")
-    print("\n(greedy decoding, prefill included in both timings; the first sr_jax call includes compilation)")
+          f"{'same tokens':>11} {'prefill s (ours/HF)':>20} {'decode ms/step (ours/HF)':>25}")
+    for batch, plen, o, h, c, same, op, hp, os_, hs in rows:
+        print(f"{batch:>5} {plen:>6} {o:>13.1f} {h:>9.1f} {o / h:>5.1f}x {c:>12.1f} {same:>11.1%} "
+              f"{op:>10.2f}/{hp:<9.2f} {os_:>12.1f}/{hs:<12.1f}")
+    print("\n(greedy decoding, prefill included in the tokens/s of both; the first sr_jax call includes "
+          "compilation;\n prefill = a 1-token call, decode ms/step = the rest of the timed call / (new - 1))")
 
 
 if __name__ == "__main__":

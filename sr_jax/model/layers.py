@@ -35,7 +35,7 @@ class Linear(nnx.Module):
         self.lora = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # As a 2-D matmul: XLA:CPU runs the backward pass of a (B, T, in) x (in, out) dot ~25% slower.
+        # As a 2-D matmul: XLA:CPU runs the backward pass of a (B, T, in) x (in, out) dot more slowly.
         lead = x.shape[:-1]
         y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
         y = y.reshape(*lead, y.shape[-1])
