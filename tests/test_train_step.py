@@ -17,8 +17,8 @@ from sr_jax.sharding import MeshConfig, make_mesh
 from sr_jax.train.config import LossConfig, OptimConfig, TrainConfig
 from sr_jax.train.loss import IGNORE, count_label_tokens, label_loss
 from sr_jax.train.optim import lr_schedule, make_optimizer
-from sr_jax.train.step import (VISION_KEYS, create_train_state, make_train_step, stack_microbatches, validate_batch,
-                               vision_arrays)
+from sr_jax.train.step import (VISION_KEYS, count_step_labels, create_train_state, make_train_step, stack_microbatches,
+                               validate_batch, vision_arrays)
 
 IMG, VSTART, VEND = 1000, 1001, 1002
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # CPU compile time dominates these tests
@@ -337,6 +337,22 @@ def test_grad_accumulation_equals_one_big_batch(data, reference):
     """Two microbatches of 4 rows (each with its own patch budget) == one batch of 8 rows."""
     result = run_step(TrainConfig(**STEP_CFG, grad_accum_steps=2), data[1], (1, 1, 1))
     assert_same_step(reference, result)
+
+
+def test_label_buffer_sized_per_step(data, reference):
+    """label_bucket: the buffer is the step's label count rounded up (capped), the step equals the
+    fixed-buffer one, and one compiled step serves every count of the same size."""
+    counts = count_step_labels(data[1])
+    assert counts == count_step_labels(data[1], all_processes=True) and sum(counts) == reference[0]["label_tokens"]
+    cfg = TrainConfig(**{**STEP_CFG, "loss": LossConfig(max_label_tokens=96, chunk_size=16, label_bucket=16)},
+                      grad_accum_steps=2)
+    metrics, params, _, step = run_step(cfg, data[1], (1, 1, 1))
+    size = -(-max(counts) // 16) * 16
+    assert size < 96 and step.label_capacity(counts) == size
+    assert step.label_capacity([1]) == 16 and step.label_capacity([500]) == 96  # at least one bucket; capped
+    assert list(step._compiled)[0][-1] == size
+    assert metrics["label_tokens_dropped"] == 0
+    assert_same_step(reference, (metrics, params))
 
 
 def test_frozen_vision_and_remat(data, reference):

@@ -35,6 +35,11 @@ class LossConfig:
     # Static size of the buffer of labelled positions per microbatch (whole global microbatch).
     # The vocabulary projection runs only on these rows; None = every position (B * T).
     max_label_tokens: int | None = None
+    # > 0: size that buffer per step instead, as the step's label count (counted on the host,
+    # summed over hosts) rounded up to a multiple of this, capped at max_label_tokens. Padding
+    # rows cost as much as real ones in the vocabulary projection; each distinct size compiles
+    # its own step, so pick a coarse multiple. 0 = always max_label_tokens.
+    label_bucket: int = 0
     # Rows per vocabulary-projection chunk (rematerialised in the backward pass); 0 = one chunk.
     chunk_size: int = 0
     # "token": mean over all label tokens of the (accumulated) batch (HF / LLaMA-Factory default;

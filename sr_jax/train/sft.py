@@ -187,7 +187,7 @@ def train(cfg: SFTConfig, *, devices=None, stop_after: int | None = None) -> dic
     from sr_jax.sharding import maybe_initialize_distributed, shard_batch
     from sr_jax.train.checkpoint import RUN_CONFIG, TrainCheckpointer
     from sr_jax.train.metrics import MetricsWriter, peak_flops_per_device, train_flops
-    from sr_jax.train.step import stack_microbatches
+    from sr_jax.train.step import count_step_labels, stack_microbatches
 
     maybe_initialize_distributed()
     out = Path(cfg.run.out_dir)
@@ -234,10 +234,11 @@ def train(cfg: SFTConfig, *, devices=None, stop_after: int | None = None) -> dic
             if len(microbatches) < k:
                 break  # end of data
             stacked = stack_microbatches([model_inputs(b) for b in microbatches])
+            label_counts = count_step_labels(stacked, all_processes=True) if cfg.train.loss.label_bucket else None
             if jax.process_count() > 1:
                 stacked = shard_batch(stacked, trainer.mesh)
             t0 = time.perf_counter()
-            state, metrics = trainer.step(state, stacked)
+            state, metrics = trainer.step(state, stacked, label_counts)
             metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t0
             step += 1

@@ -22,6 +22,7 @@ definition and its non-parameter state (the LoRA dropout stream, re-keyed every 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Mapping
 
@@ -199,12 +200,15 @@ class TrainStep:
         self.rest_shardings = tree_shardings(self.rest, mesh)
         self._compiled: dict[tuple, Any] = {}
 
-    def _jitted(self, batch):
+    def _jitted(self, batch, label_capacity: int | None = None):
         signature = tuple(sorted((k, np.shape(v), str(v.dtype) if hasattr(v, "dtype") else str(np.asarray(v).dtype))
-                                 for k, v in batch.items()))
+                                 for k, v in batch.items())) + (label_capacity,)
         if signature not in self._compiled:
             replicated = NamedSharding(self.mesh, PartitionSpec())
-            fn = lambda state, rest, b: _train_step(self.graphdef, self.optimizer, self.cfg, state, rest, b)
+            cfg = self.cfg
+            if label_capacity is not None:
+                cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, max_label_tokens=label_capacity))
+            fn = lambda state, rest, b: _train_step(self.graphdef, self.optimizer, cfg, state, rest, b)
             self._compiled[signature] = jax.jit(
                 fn,
                 in_shardings=(self.state_shardings, self.rest_shardings, batch_shardings(batch, self.mesh)),
@@ -214,14 +218,30 @@ class TrainStep:
             )
         return self._compiled[signature]
 
-    def __call__(self, state: TrainState, batch: Mapping[str, Any]):
+    def label_capacity(self, label_counts) -> int | None:
+        """The labelled-row buffer for a step whose microbatches hold `label_counts` label tokens
+        (whole global microbatches), or None for the fixed `max_label_tokens`."""
+        bucket, cap = self.cfg.loss.label_bucket, self.cfg.loss.max_label_tokens
+        if not bucket:
+            return None
+        size = max(bucket, -(-max(int(n) for n in label_counts) // bucket) * bucket)
+        return size if cap is None else min(size, cap)
+
+    def __call__(self, state: TrainState, batch: Mapping[str, Any], label_counts=None):
+        """`label_counts`: label tokens per (global) microbatch, as `count_step_labels` gives;
+        counted here from the host arrays when not given (single process)."""
+        capacity = None
+        if self.cfg.loss.label_bucket:
+            if label_counts is None:
+                label_counts = count_step_labels(batch)
+            capacity = self.label_capacity(label_counts)
         with jax.set_mesh(self.mesh):
-            return self._jitted(batch)(state, self.rest, dict(batch))
+            return self._jitted(batch, capacity)(state, self.rest, dict(batch))
 
     def lower(self, state, batch: Mapping[str, Any]):
         """The step lowered for this state and batch without running it; both may be abstract
         (`jax.ShapeDtypeStruct`s with shardings). `.compile()` gives XLA's memory and cost
-        analyses (used by `sr_jax.plan`)."""
+        analyses (used by `sr_jax.plan`); the buffer is the fixed `max_label_tokens`."""
         with jax.set_mesh(self.mesh):
             return self._jitted(batch).lower(state, self.rest, dict(batch))
 
@@ -253,6 +273,19 @@ def vision_arrays(pixel_values, image_grid_thw, patch_budget: int, vision_cfg) -
                          f"{pixel_values.shape[0]} rows")
     pixel_values, tables = pad_patches(pixel_values, tables, patch_budget)
     return {"pixel_values": pixel_values, **dict(zip(VISION_KEYS, tables.as_tuple()))}
+
+
+def count_step_labels(batch: Mapping[str, Any], *, all_processes: bool = False) -> list[int]:
+    """Label tokens the loss scores in each microbatch of a host batch (leading axis k). With
+    `all_processes`, every host passes its own part and gets the sums over all hosts."""
+    labels, seg = np.asarray(batch["labels"]), batch.get("segment_ids")
+    counts = np.array([count_label_tokens(labels[i], None if seg is None else np.asarray(seg[i]))
+                       for i in range(labels.shape[0])], np.int64)
+    if all_processes and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, counts.size).sum(axis=0)
+    return [int(n) for n in counts]
 
 
 def stack_microbatches(microbatches: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
