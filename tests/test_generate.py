@@ -54,6 +54,24 @@ def test_greedy_batch_of_mixed_lengths_matches_hf(pair):
     np.testing.assert_array_equal(out, padded(hf_generate(hf, ids, mask, pv, grids), 64))
 
 
+def test_long_padded_prompt_matches_hf(pair):
+    """A 640-token prompt bucket: the prefill attends in causal query blocks over its own keys
+    (not the whole cache); left padding of different lengths inside the blocks."""
+    hf, ours = pair
+    rng = np.random.default_rng(4)
+    grids = [(1, 8, 8)]
+    seqs = [image_prompt(rng, grids, [300, 290]), image_prompt(rng, [], [420])]
+    width = max(map(len, seqs))
+    assert bucket_length(width) == 640
+    ids = np.full((2, width), PAD_ID)
+    mask = np.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s):], mask[b, width - len(s):] = s, 1
+    pv = random_pixels(rng, grids)
+    out = generate(ours, ids, mask, pv, np.array(grids), max_new_tokens=16, stop_ids=[IM_END])
+    np.testing.assert_array_equal(out, padded(hf_generate(hf, ids, mask, pv, grids, n=16), 16))
+
+
 def test_repetition_penalty_matches_hf(pair):
     hf, ours = pair
     ids = np.random.default_rng(2).integers(0, 151000, (1, 12))

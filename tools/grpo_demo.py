@@ -1,53 +1,97 @@
-"""Held-out verifiable rewards of a model directory: greedy answers to synthetic SC prompts of
-the validation split, scored with the GRPO reward functions (mean per function).
+"""Issue 7's before/after check: held-out verifiable rewards of the starting model, a GRPO run
+within a wall-clock budget, then the same rewards of the trained model.
 
-    python tools/grpo_demo.py --model runs/demo_cpu/model --n 16 --max-new-tokens 48
+    python tools/grpo_demo.py --config configs/rl/learn_synthetic_cpu.yaml --budget 1200
+    python tools/grpo_demo.py --config configs/rl/learn_synthetic_cpu.yaml --model DIR   # evaluate only
+
+Held-out prompts are synthetic SC examples of the validation split (a random stream the training
+split never uses), with the image sizes, pixel limits and prompt templates of the config. Answers
+are greedy (`grpo.max_completion_tokens` new tokens) and scored by the GRPO reward functions:
+iou (Hungarian matching, no boxes on both sides = 1), empty_list, format, score_error; plus the
+parse rate. The report goes to `<run.out_dir>/grpo_demo.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
+from pathlib import Path
 
 import numpy as np
 
-from sr_jax.data.processor import Processor
-from sr_jax.data.synthetic import SynthConfig, generate_example
-from sr_jax.generation import generate
-from sr_jax.loading import load_model
-from sr_jax.rl.rewards import RewardSet, build_reward
-from sr_jax.rl.rollout import _pixels, completion_mask, decode_completions, left_pad, parse_completions
+METRICS = ("iou", "empty_list", "format", "score_error", "parse_rate")
 
 
-def evaluate(model_dir: str, n: int, max_new_tokens: int, *, seed: int = 0, min_side: int = 64, max_side: int = 96,
-             max_pixels: int = 9216, batch_size: int = 8) -> dict:
+def evaluate(model_dir: str, cfg, n: int, *, seed: int = 20261128, batch_size: int = 8) -> dict:
+    """Mean held-out reward per function (and parse rate) of the model in `model_dir`."""
+    from sr_jax.data.pipeline import SyntheticSource
+    from sr_jax.data.processor import Processor
+    from sr_jax.data.synthetic import generate_example
+    from sr_jax.generation import generate
+    from sr_jax.loading import load_model
+    from sr_jax.rl.rewards import RewardSet, build_reward
+    from sr_jax.rl.rollout import _pixels, completion_mask, decode_completions, left_pad, parse_completions
+
+    source = SyntheticSource(cfg.data.sources[0])
     model = load_model(model_dir)
-    processor = Processor(model_dir, min_pixels=3136, max_pixels=max_pixels)
-    synth = SynthConfig(image_size=(min_side, max_side), tasks=("sc",))
-    records = [generate_example(i, seed, "validation", synth) for i in range(n)]
+    tokenizer = model_dir if (Path(model_dir) / "tokenizer.json").is_file() else None
+    processor = Processor(tokenizer, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                          templates=cfg.data.templates)
+    records = [generate_example(i, seed, "validation", source.config) for i in range(n)]
     texts = []
     for start in range(0, n, batch_size):
         prompts = [processor.encode(r, with_target=False) for r in records[start:start + batch_size]]
         ids, mask = left_pad(prompts)
         pixels, grids = _pixels(prompts)
-        tokens = generate(model, ids, mask, pixels, grids, max_new_tokens=max_new_tokens, temperature=0.0)
-        texts += decode_completions(processor.tokenizer, tokens, completion_mask(tokens, (151645, 151643)))
+        tokens = generate(model, ids, mask, pixels, grids, max_new_tokens=cfg.grpo.max_completion_tokens,
+                          temperature=0.0, stop_ids=cfg.grpo.stop_ids)
+        texts += decode_completions(processor.tokenizer, tokens, completion_mask(tokens, cfg.grpo.stop_ids))
     parsed = parse_completions(records, texts)
-    rewards = RewardSet([(name, 1.0, build_reward(name)) for name in ("iou", "empty_list", "format", "score_error")])
+    rewards = RewardSet([(name, 1.0, build_reward(name)) for name in METRICS if name != "parse_rate"])
     _, per = rewards.score(records, texts, parsed)
     out = {name: float(np.nanmean(v)) for name, v in per.items()}
     out["parse_rate"] = float(np.mean([p["parsed"] for p in parsed]))
-    out["example"] = texts[0]
+    out["examples"] = n
+    out["first_answer"] = texts[0]
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    args = p.parse_args()
-    print(json.dumps(evaluate(args.model, args.n, args.max_new_tokens), indent=2))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/rl/learn_synthetic_cpu.yaml")
+    ap.add_argument("--model", help="only evaluate this model directory")
+    ap.add_argument("--budget", type=float, default=1200.0, help="GRPO wall-clock seconds")
+    ap.add_argument("--n", type=int, default=48, help="held-out prompts")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = ap.parse_args()
+
+    from sr_jax.config import load_config
+    from sr_jax.rl.config import RLConfig
+    from sr_jax.rl.trainer import train
+
+    cfg = load_config(RLConfig, args.config, [f"run.max_seconds={args.budget}"] + args.overrides)
+    if args.model:
+        print(json.dumps(evaluate(args.model, cfg, args.n), indent=2))
+        return
+    if not cfg.model.init_from or not Path(cfg.model.init_from).is_dir():
+        raise SystemExit(f"model.init_from={cfg.model.init_from!r} is not a model directory: train it first "
+                         "(python tools/learning_check.py for the default config)")
+    before = evaluate(cfg.model.init_from, cfg, args.n)
+    t0 = time.perf_counter()
+    summary = train(cfg)
+    train_s = time.perf_counter() - t0
+    after = evaluate(summary["model_dir"], cfg, args.n) if "model_dir" in summary else None
+
+    print(f"\nheld-out SC prompts: {args.n}; GRPO {summary['step']} steps in {train_s / 60:.1f} min")
+    print(f"{'reward':<14}{'before':>10}{'after':>10}")
+    for m in METRICS:
+        print(f"{m:<14}{before[m]:>10.3f}" + (f"{after[m]:>10.3f}" if after else f"{'-':>10}"))
+    report = {"before": before, "after": after, "train_seconds": train_s, "steps": summary["step"],
+              "config": args.config, "overrides": args.overrides, "init_from": cfg.model.init_from}
+    out = Path(cfg.run.out_dir) / "grpo_demo.json"
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

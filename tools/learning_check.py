@@ -6,7 +6,8 @@ spatial edits within a wall-clock budget, then evaluate it on held-out examples 
 
 Prints parse rate, mean IoU (Hungarian matching, empty-vs-empty = 1), box recall at IoU 0.5,
 score MAE for each score, Spearman of the reward against the ground-truth reward, and the same
-for two trivial baselines; writes the loss curve and a picture of held-out examples (true boxes
+for two trivial baselines, and the held-out answer loss with the true images and with blank ones
+(equal losses = the model ignores its images); writes the loss curve and a picture of held-out examples (true boxes
 green, predicted red) next to a JSON report. A second run in the same out_dir resumes training
 (or, with --skip-train, only re-evaluates).
 """
@@ -17,6 +18,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+import numpy as np
 
 GOALS = {"parse_rate": (">=", 1.0), "mean_iou": (">=", 0.5), "mae_success": ("<=", 3.0),
          "mae_overediting": ("<=", 3.0), "mae_naturalness": ("<=", 3.0), "mae_artifacts": ("<=", 3.0),
@@ -58,6 +61,33 @@ def draw_examples(scorer, examples, path: Path, n: int = 6) -> None:
     sheet.save(path)
 
 
+def image_reliance(model, data_cfg, source: str, tokenizer: str) -> dict:
+    """Held-out teacher-forced loss with the true images and with every image blanked (all patches
+    at the normalised value 0, a flat grey): a model that reads its images loses accuracy without
+    them; one that answers from the text prior alone scores the same either way."""
+    import dataclasses
+
+    import jax
+
+    from sr_jax.data.packing import model_inputs
+    from sr_jax.data.pipeline import DataPipeline
+    from sr_jax.train.config import LossConfig
+    from sr_jax.train.step import forward_loss
+
+    cfg = dataclasses.replace(data_cfg, sources=[source], shuffle=False, num_epochs=1, workers=0, tokenizer=tokenizer)
+    loss_cfg = LossConfig(max_label_tokens=max(cfg.seq_lens) * cfg.batch_size)
+    run = jax.jit(lambda b: forward_loss(model, b, loss_cfg))
+    totals = {"true images": [0.0, 0.0], "blank images": [0.0, 0.0]}
+    for batch in DataPipeline(cfg, vision=model.config.vision):
+        inputs = model_inputs(batch)
+        blank = {**inputs, "pixel_values": np.zeros_like(inputs["pixel_values"])}
+        for name, b in (("true images", inputs), ("blank images", blank)):
+            stats = run(b)
+            totals[name][0] += float(stats.loss_sum)
+            totals[name][1] += float(stats.weight)
+    return {name: s / max(w, 1.0) for name, (s, w) in totals.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/sft/learn_synthetic_cpu.yaml")
@@ -96,6 +126,10 @@ def main() -> None:
     result = evaluate_synthetic(scorer, examples, batch_size=8)
     eval_s = time.perf_counter() - t1
 
+    held_out = (f"synthetic:n={args.eval_examples},seed={args.eval_seed},split=test,"
+                f"min_side={size[0]},max_side={size[1]}")
+    reliance = image_reliance(scorer.model, data, held_out, str(out / "tokenizer"))
+
     table = result["tables"]["model vs baselines"]
     metrics = ["parse_rate", "mean_iou", "box_recall", "box_precision", "mae_success", "mae_overediting",
                "mae_naturalness", "mae_artifacts", "reward_spearman"]
@@ -107,6 +141,8 @@ def main() -> None:
         goal = GOALS.get(m)
         print(f"{m:<18}" + "".join(f"{_fmt(table[n].get(m)):>28}" for n in names)
               + (f"{goal[0] + ' ' + str(goal[1]):>10}" if goal else ""))
+    print(f"held-out answer loss (teacher forced): {reliance['true images']:.4f} with the true images, "
+          f"{reliance['blank images']:.4f} with blank images")
     model = table[names[0]]
     met = {m: (model.get(m) is not None and (model[m] >= g if op == ">=" else model[m] <= g))
            for m, (op, g) in GOALS.items()}
@@ -116,6 +152,7 @@ def main() -> None:
     draw_examples(scorer, examples, out / "heldout_examples.png")
     report = {"train_summary": summary, "train_seconds": train_s, "eval_seconds": eval_s,
               "eval_examples": len(examples), "eval_seed": args.eval_seed, "table": table, "goals_met": met,
+              "image_reliance": reliance,
               "config": args.config, "overrides": args.overrides}
     (out / "learning_check.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {out / 'learning_check.json'}, {out / 'loss_curve.png'}, {out / 'heldout_examples.png'}")

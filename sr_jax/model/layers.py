@@ -150,6 +150,8 @@ def causal_attention(q, k, v, mask, *, scale: float, block: int = 256):
     backward). Falls back to the plain form for short or unevenly divisible lengths."""
     t = q.shape[1]
     block = max(block, t // 16)  # at most 16 blocks: bounded program size for long rows
+    while t % block and block % 2 == 0 and block > 64:  # e.g. 640 = 5 x 128
+        block //= 2
     if t != k.shape[1] or t % block or t <= block:
         return masked_softmax_attention(q, k, v, mask, scale=scale)
     outs = []

@@ -73,13 +73,18 @@ class TextAttention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
         """With `kv_cache` (k, v) of shape (B, S, KV, D), this call's keys/values are written at
-        `cache_index` and attention runs over the whole cache; returns (out, new_cache) then."""
+        `cache_index` and attention runs over the whole cache; returns (out, new_cache) then.
+        A multi-token call at a static `cache_index` 0 is a prefill into an empty cache: it
+        attends over its own keys only, in causal blocks (its mask must be causal)."""
         q, k, v = self.project_qkv(x, cos, sin)
         if kv_cache is None:  # a full pass: the mask is attention_mask_3d's, causal
             return self.attend(q, k, v, mask, causal=True)
         ck, cv = kv_cache
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+        t = q.shape[1]
+        if isinstance(cache_index, int) and cache_index == 0 and t > 1:
+            return self.attend(q, k, v, mask[:, :, :t], causal=True), (ck, cv)
         return self.attend(q, ck, cv, mask), (ck, cv)
 
 
@@ -141,7 +146,8 @@ class TextModel(nnx.Module):
         `visual_index` (B, T) holds, for each image-token position, its row in the visual feature
         arrays and -1 elsewhere; `deepstack[i]` is added at those positions after layer i.
         Decoding passes `kv_cache` (one (k, v) per layer), `cache_index` and an explicit `mask`
-        (B, T, S) over the cache slots; it then returns (hidden, new_cache).
+        (B, T, S) over the cache slots (causal when it is a prefill at `cache_index` 0); it then
+        returns (hidden, new_cache).
         """
         cos, sin = text_rope(position_ids, self.config, self.dtype)
         if mask is not None and kv_cache is None:
