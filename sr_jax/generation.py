@@ -51,19 +51,30 @@ def _apply_repetition_penalty(logits, seen, penalty):
     return jnp.where(seen, penalised, logits)
 
 
+def _top_p_sorted(ordered, top_p):
+    """Nucleus filter on logits sorted in descending order: keeps the smallest prefix whose
+    probability reaches top_p (the most likely token always)."""
+    probs = jax.nn.softmax(ordered, axis=-1)
+    kept = jnp.cumsum(probs, axis=-1) - probs < top_p
+    return jnp.where(kept, ordered, -jnp.inf)
+
+
 def _sample(logits, rng, temperature, top_p, static: _Static):
     if static.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     if static.top_k > 0:
-        kth = jax.lax.top_k(logits, static.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        # Top-k first, as HF's warpers run; top-p and the draw then work on k sorted candidates
+        # instead of sorting the whole vocabulary every step (~1 s at 16 x 151936 on a CPU).
+        candidates, index = jax.lax.top_k(logits, static.top_k)
+        if static.use_top_p:
+            candidates = _top_p_sorted(candidates, top_p)
+        choice = jax.random.categorical(rng, candidates, axis=-1)
+        return jnp.take_along_axis(index, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     if static.use_top_p:
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        kept = mass_before < top_p  # the most likely token is always kept
-        floor = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+        floor = jnp.min(jnp.where(jnp.isfinite(_top_p_sorted(ordered, top_p)), ordered, jnp.inf), axis=-1,
+                        keepdims=True)
         logits = jnp.where(logits < floor, -jnp.inf, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 

@@ -121,6 +121,32 @@ def test_sampling_is_seeded_and_filters_reduce_to_greedy(pair):
                                   greedy)
 
 
+@pytest.mark.parametrize("top_k,top_p", [(20, 0.8), (0, 0.8), (20, 1.0)])
+def test_sampling_distribution_matches_hf_warpers(top_k, top_p):
+    """Our sampler draws from the distribution HF's temperature -> top-k -> top-p warpers leave
+    (20k draws; total variation distance within sampling noise)."""
+    import jax
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    from sr_jax.generation import _sample, _Static
+
+    logits = np.random.default_rng(7).normal(0, 2, (1, 300)).astype(np.float32)
+    warped = torch.from_numpy(logits)
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(top_k) if top_k else None,
+                   TopPLogitsWarper(top_p) if top_p < 1 else None):
+        if warper is not None:
+            warped = warper(None, warped)
+    expected = torch.softmax(warped, -1)[0].numpy()
+    static = _Static(max_new_tokens=1, greedy=False, top_k=top_k, use_top_p=top_p < 1, use_repetition_penalty=False)
+    n = 20000
+    draws = jax.jit(jax.vmap(lambda key: _sample(jax.numpy.asarray(logits), key, 0.7, top_p, static)[0]))(
+        jax.random.split(jax.random.PRNGKey(0), n))
+    freq = np.bincount(np.asarray(draws), minlength=300) / n
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(expected))  # never outside HF's support
+    assert 0.5 * np.abs(freq - expected).sum() < 0.03
+
+
 def test_sharded_params_generate_the_same_tokens(pair):
     """The same call works on a model whose parameters are sharded over a (fsdp, tensor) mesh."""
     import jax

@@ -235,8 +235,9 @@ class TrainStep:
             if label_counts is None:
                 label_counts = count_step_labels(batch)
             capacity = self.label_capacity(label_counts)
+        jitted = self._jitted(batch) if capacity is None else self._jitted(batch, capacity)
         with jax.set_mesh(self.mesh):
-            return self._jitted(batch, capacity)(state, self.rest, dict(batch))
+            return jitted(state, self.rest, dict(batch))
 
     def lower(self, state, batch: Mapping[str, Any]):
         """The step lowered for this state and batch without running it; both may be abstract
