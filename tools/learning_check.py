@@ -36,6 +36,8 @@ def draw_examples(scorer, examples, path: Path, n: int = 6) -> None:
     from sr_jax.data.image import open_image
 
     sc = [ex for ex in examples if ex.task == "sc"][:n]
+    if not sc:
+        return  # nothing to box (an image-quality-only run)
     results = scorer.score([[open_image(b) for b in ex.images[:-1]] for ex in sc],
                            [open_image(ex.images[-1]) for ex in sc], [ex.instruction for ex in sc])
     scale = 2
@@ -117,17 +119,19 @@ def main() -> None:
     data = cfg.data
     spec = dict(kv.split("=", 1) for kv in data.sources[0][len("synthetic:"):].split(","))
     size = (int(spec.get("min_side", 96)), int(spec.get("max_side", 256)))
+    tasks = spec.get("tasks", "sc+pq")  # held-out examples follow the training mix
     processor = Processor(out / "tokenizer", data.min_pixels, data.max_pixels, templates=data.templates)
     options = ScorerOptions(max_new_tokens=args.max_new_tokens, batch_size=16, grounding=False,
                             min_pixels=data.min_pixels, max_pixels=data.max_pixels, templates=data.templates)
     scorer = Scorer(load_model(out / "model"), processor, options)
-    examples = list(generate_examples(args.eval_examples, seed=args.eval_seed, split="test", image_size=size))
+    examples = list(generate_examples(args.eval_examples, seed=args.eval_seed, split="test", image_size=size,
+                                      tasks=tuple(tasks.split("+"))))
     t1 = time.perf_counter()
     result = evaluate_synthetic(scorer, examples, batch_size=8)
     eval_s = time.perf_counter() - t1
 
     held_out = (f"synthetic:n={args.eval_examples},seed={args.eval_seed},split=test,"
-                f"min_side={size[0]},max_side={size[1]}")
+                f"min_side={size[0]},max_side={size[1]},tasks={tasks}")
     reliance = image_reliance(scorer.model, data, held_out, str(out / "tokenizer"))
 
     table = result["tables"]["model vs baselines"]
@@ -149,7 +153,7 @@ def main() -> None:
     print("goals met: " + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in met.items()))
 
     plot_metrics(out / "metrics.jsonl", out / "loss_curve.png")
-    draw_examples(scorer, examples, out / "heldout_examples.png")
+    draw_examples(scorer, examples, out / "heldout_examples.png")  # SC examples only
     report = {"train_summary": summary, "train_seconds": train_s, "eval_seconds": eval_s,
               "eval_examples": len(examples), "eval_seed": args.eval_seed, "table": table, "goals_met": met,
               "image_reliance": reliance,
