@@ -3,7 +3,7 @@
 One run, same machine, same random weights (float32), a two-image prompt of about 600 tokens and
 128 new tokens (no early stop), at batch 1 and batch 8. Prints new tokens/s and the ratio.
 
-    python tools/bench_generate.py [--batches 1 8] [--new 128] [--repeats 2]
+    python tools/bench_generate.py [--batches 1 8] [--new 128] [--repeats 2] [--sampling-only]
 """
 
 from __future__ import annotations
@@ -46,13 +46,48 @@ def prompts(batch: int, rng):
     return ids, pixels, np.array(grids)
 
 
+def bench_sampling(rows: int = 16, vocab: int = 151936, repeats: int = 10) -> tuple[float, float]:
+    """ms per sampling step (temperature 0.9, top-k 50, top-p 0.9, as GRPO rollouts sample) over
+    `rows` logit rows: ours (jitted) and HF's warpers + torch.multinomial."""
+    import jax
+    import torch
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    from sr_jax.generation import _sample, _Static
+
+    logits = np.random.default_rng(0).normal(0, 3, (rows, vocab)).astype(np.float32)
+    static = _Static(max_new_tokens=1, greedy=False, top_k=50, use_top_p=True, use_repetition_penalty=False)
+    ours = jax.jit(lambda x, key: _sample(x, key, 0.9, 0.9, static))
+    x = jax.numpy.asarray(logits)
+    ours(x, jax.random.PRNGKey(0)).block_until_ready()
+    t0 = time.perf_counter()
+    for i in range(repeats):
+        ours(x, jax.random.PRNGKey(i)).block_until_ready()
+    ours_ms = 1e3 * (time.perf_counter() - t0) / repeats
+    warpers = (TemperatureLogitsWarper(0.9), TopKLogitsWarper(50), TopPLogitsWarper(0.9))
+    xt = torch.from_numpy(logits)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        y = xt
+        for w in warpers:
+            y = w(None, y)
+        torch.multinomial(torch.softmax(y, -1), 1)
+    return ours_ms, 1e3 * (time.perf_counter() - t0) / repeats
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    ap.add_argument("--sampling-only", action="store_true", help="only the sampling-step comparison")
     args = ap.parse_args()
+    if args.sampling_only:
+        ours_ms, hf_ms = bench_sampling()
+        print(f"sampling step, 16 x 151936 logits, top-k 50 + top-p 0.9: sr_jax {ours_ms:.1f} ms, HF warpers {hf_ms:.1f} ms")
+        return
 
     import jax
     import torch
@@ -111,6 +146,8 @@ def main() -> None:
     for batch, plen, o, h, c, same, op, hp, os_, hs in rows:
         print(f"{batch:>5} {plen:>6} {o:>13.1f} {h:>9.1f} {o / h:>5.1f}x {c:>12.1f} {same:>11.1%} "
               f"{op:>10.2f}/{hp:<9.2f} {os_:>12.1f}/{hs:<12.1f}")
+    ours_ms, hf_ms = bench_sampling()
+    print(f"\nsampling step, 16 x 151936 logits, top-k 50 + top-p 0.9: sr_jax {ours_ms:.1f} ms, HF warpers {hf_ms:.1f} ms")
     print("\n(greedy decoding, prefill included in the tokens/s of both; the first sr_jax call includes "
           "compilation;\n prefill = a 1-token call, decode ms/step = the rest of the timed call / (new - 1))")
 
