@@ -51,12 +51,11 @@ def _apply_repetition_penalty(logits, seen, penalty):
     return jnp.where(seen, penalised, logits)
 
 
-def _top_p_sorted(ordered, top_p):
-    """Nucleus filter on logits sorted in descending order: keeps the smallest prefix whose
-    probability reaches top_p (the most likely token always)."""
+def _nucleus(ordered, top_p):
+    """For logits sorted in descending order: True on the smallest prefix whose probability
+    reaches top_p (the most likely token is always kept)."""
     probs = jax.nn.softmax(ordered, axis=-1)
-    kept = jnp.cumsum(probs, axis=-1) - probs < top_p
-    return jnp.where(kept, ordered, -jnp.inf)
+    return jnp.cumsum(probs, axis=-1) - probs < top_p
 
 
 def _sample(logits, rng, temperature, top_p, static: _Static):
@@ -68,13 +67,12 @@ def _sample(logits, rng, temperature, top_p, static: _Static):
         # instead of sorting the whole vocabulary every step (~1 s at 16 x 151936 on a CPU).
         candidates, index = jax.lax.top_k(logits, static.top_k)
         if static.use_top_p:
-            candidates = _top_p_sorted(candidates, top_p)
+            candidates = jnp.where(_nucleus(candidates, top_p), candidates, -jnp.inf)
         choice = jax.random.categorical(rng, candidates, axis=-1)
         return jnp.take_along_axis(index, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     if static.use_top_p:
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        floor = jnp.min(jnp.where(jnp.isfinite(_top_p_sorted(ordered, top_p)), ordered, jnp.inf), axis=-1,
-                        keepdims=True)
+        floor = jnp.min(jnp.where(_nucleus(ordered, top_p), ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < floor, -jnp.inf, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 

@@ -3,12 +3,14 @@ within a wall-clock budget, then the same rewards of the trained model.
 
     python tools/grpo_demo.py --config configs/rl/learn_synthetic_cpu.yaml --budget 1200
     python tools/grpo_demo.py --config configs/rl/learn_synthetic_cpu.yaml --model DIR   # evaluate only
+    python tools/grpo_demo.py --config configs/rl/learn_synthetic_cpu.yaml --skip-train  # re-evaluate a run
 
 Held-out prompts are synthetic SC examples of the validation split (a random stream the training
 split never uses), with the image sizes, pixel limits and prompt templates of the config. Answers
 are greedy (`grpo.max_completion_tokens` new tokens) and scored by the GRPO reward functions:
 iou (Hungarian matching, no boxes on both sides = 1), empty_list, format, score_error; plus the
-parse rate. The report goes to `<run.out_dir>/grpo_demo.json`.
+parse rate; also the rollouts' own mean reward, IoU reward and KL over the first and last steps of
+the run. The report goes to `<run.out_dir>/grpo_demo.json`.
 """
 
 from __future__ import annotations
@@ -57,12 +59,21 @@ def evaluate(model_dir: str, cfg, n: int, *, seed: int = 20261128, batch_size: i
     return out
 
 
+def rollout_trend(metrics_file: Path, keys=("reward", "reward/iou", "kl"), window: int = 10) -> tuple[dict, int]:
+    """(key -> (mean over the first, mean over the last `window` GRPO steps), the window used)."""
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    w = max(1, min(window, len(rows) // 2))
+    return {k: (float(np.mean([r[k] for r in rows[:w]])), float(np.mean([r[k] for r in rows[-w:]])))
+            for k in keys}, w
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/rl/learn_synthetic_cpu.yaml")
     ap.add_argument("--model", help="only evaluate this model directory")
     ap.add_argument("--budget", type=float, default=1200.0, help="GRPO wall-clock seconds")
     ap.add_argument("--n", type=int, default=48, help="held-out prompts")
+    ap.add_argument("--skip-train", action="store_true", help="re-evaluate the run in run.out_dir without training")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args()
 
@@ -77,19 +88,23 @@ def main() -> None:
     if not cfg.model.init_from or not Path(cfg.model.init_from).is_dir():
         raise SystemExit(f"model.init_from={cfg.model.init_from!r} is not a model directory: train it first "
                          "(python tools/learning_check.py for the default config)")
+    run_dir = Path(cfg.run.out_dir)
     before = evaluate(cfg.model.init_from, cfg, args.n)
     t0 = time.perf_counter()
-    summary = train(cfg)
+    summary = {"step": None, "model_dir": str(run_dir / "model")} if args.skip_train else train(cfg)
     train_s = time.perf_counter() - t0
-    after = evaluate(summary["model_dir"], cfg, args.n) if "model_dir" in summary else None
+    after = evaluate(summary["model_dir"], cfg, args.n) if Path(summary.get("model_dir", "")).is_dir() else None
+    trend, window = rollout_trend(run_dir / "metrics.jsonl")
 
-    print(f"\nheld-out SC prompts: {args.n}; GRPO {summary['step']} steps in {train_s / 60:.1f} min")
-    print(f"{'reward':<14}{'before':>10}{'after':>10}")
+    print(f"\nheld-out SC prompts: {args.n}; GRPO steps this call: {summary['step']} ({train_s / 60:.1f} min)")
+    print(f"{'held-out':<14}{'before':>10}{'after':>10}")
     for m in METRICS:
         print(f"{m:<14}{before[m]:>10.3f}" + (f"{after[m]:>10.3f}" if after else f"{'-':>10}"))
+    print(f"rollouts (first vs last {window} steps): " + ", ".join(f"{k} {a:.3f} -> {b:.3f}" for k, (a, b) in trend.items()))
     report = {"before": before, "after": after, "train_seconds": train_s, "steps": summary["step"],
-              "config": args.config, "overrides": args.overrides, "init_from": cfg.model.init_from}
-    out = Path(cfg.run.out_dir) / "grpo_demo.json"
+              "rollout_trend": trend, "config": args.config, "overrides": args.overrides,
+              "init_from": cfg.model.init_from}
+    out = run_dir / "grpo_demo.json"
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {out}")
 

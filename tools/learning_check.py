@@ -102,6 +102,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from sr_jax.config import load_config
+    from sr_jax.data.pipeline import SyntheticSource
     from sr_jax.data.processor import Processor
     from sr_jax.data.synthetic import generate_examples
     from sr_jax.eval import evaluate_synthetic
@@ -117,22 +118,19 @@ def main() -> None:
     train_s = time.perf_counter() - t0
 
     data = cfg.data
-    spec = dict(kv.split("=", 1) for kv in data.sources[0][len("synthetic:"):].split(","))
-    size = (int(spec.get("min_side", 96)), int(spec.get("max_side", 256)))
-    tasks = spec.get("tasks", "sc+pq")  # held-out examples follow the training mix
+    synth = SyntheticSource(data.sources[0]).config  # held-out examples follow the training mix
     processor = Processor(out / "tokenizer", data.min_pixels, data.max_pixels, templates=data.templates)
     options = ScorerOptions(max_new_tokens=args.max_new_tokens, batch_size=16, grounding=False,
                             min_pixels=data.min_pixels, max_pixels=data.max_pixels, templates=data.templates)
     scorer = Scorer(load_model(out / "model"), processor, options)
-    examples = list(generate_examples(args.eval_examples, seed=args.eval_seed, split="test", image_size=size,
-                                      tasks=tuple(tasks.split("+"))))
+    examples = list(generate_examples(args.eval_examples, seed=args.eval_seed, split="test", config=synth))
     t1 = time.perf_counter()
     result = evaluate_synthetic(scorer, examples, batch_size=8)
     eval_s = time.perf_counter() - t1
 
-    held_out = (f"synthetic:n={args.eval_examples},seed={args.eval_seed},split=test,"
-                f"min_side={size[0]},max_side={size[1]},tasks={tasks}")
-    reliance = image_reliance(scorer.model, data, held_out, str(out / "tokenizer"))
+    held_out = (f"synthetic:n={args.eval_examples},seed={args.eval_seed},split=test,min_side={synth.image_size[0]},"
+                f"max_side={synth.image_size[1]},tasks={'+'.join(synth.tasks)},pq_fraction={synth.pq_fraction}")
+    reliance = image_reliance(scorer.model, data, held_out, str(out / "tokenizer"))  # the same examples
 
     table = result["tables"]["model vs baselines"]
     metrics = ["parse_rate", "mean_iou", "box_recall", "box_precision", "mae_success", "mae_overediting",

@@ -124,8 +124,8 @@ class VisionAttention(nnx.Module):
             slots, inverse = layout
             rows = jnp.maximum(slots, 0)
             keys, values, valid = k[rows], v[rows], (slots >= 0)[:, None, :]
-            # Query blocks of 128 keep each block's scores small enough to stay in cache (about
-            # 20% faster on CPU than one (S, H, L, L) score array); slot widths are multiples of 128.
+            # Query blocks of 128 keep each block's scores small enough to stay in cache (faster on
+            # CPU than one (S, H, L, L) score array); slot widths are multiples of 128.
             width = slots.shape[1]
             step = 128 if width % 128 == 0 else width
             out = jnp.concatenate([_segment_attention(q[rows[:, i:i + step]], keys, values, valid)

@@ -197,7 +197,9 @@ class GRPOStep(TrainStep):
         self.eval_graphdef = nnx.split(model, trainable_filter(cfg), nnx.Param, ...)[0]
         self._logprob_compiled: dict[tuple, Any] = {}
 
-    def _jitted(self, batch):
+    has_label_buffer = False  # completion log-probs come from `_grpo_update`, not the SFT loss
+
+    def _jitted(self, batch, label_capacity: int | None = None):
         signature = _signature(batch)
         if signature not in self._compiled:
             replicated = NamedSharding(self.mesh, PartitionSpec())

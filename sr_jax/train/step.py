@@ -185,7 +185,9 @@ class TrainStep:
     """`state, metrics = step(state, batch)`: one optimizer update over k microbatches.
 
     Jitted with the state's shardings (donated) and the batch's shardings; one compilation per
-    batch signature (keys and shapes)."""
+    batch signature (keys and shapes) and labelled-row buffer size."""
+
+    has_label_buffer = True  # the loss gathers labelled rows into a buffer (`loss.label_bucket` sizes it)
 
     def __init__(self, model, optimizer: Optimizer, mesh: Mesh, cfg: TrainConfig,
                  compiler_options: dict | None = None):
@@ -231,13 +233,10 @@ class TrainStep:
         """`label_counts`: label tokens per (global) microbatch, as `count_step_labels` gives;
         counted here from the host arrays when not given (single process)."""
         capacity = None
-        if self.cfg.loss.label_bucket:
-            if label_counts is None:
-                label_counts = count_step_labels(batch)
-            capacity = self.label_capacity(label_counts)
-        jitted = self._jitted(batch) if capacity is None else self._jitted(batch, capacity)
+        if self.has_label_buffer and self.cfg.loss.label_bucket:
+            capacity = self.label_capacity(count_step_labels(batch) if label_counts is None else label_counts)
         with jax.set_mesh(self.mesh):
-            return jitted(state, self.rest, dict(batch))
+            return self._jitted(batch, capacity)(state, self.rest, dict(batch))
 
     def lower(self, state, batch: Mapping[str, Any]):
         """The step lowered for this state and batch without running it; both may be abstract
@@ -325,8 +324,7 @@ def validate_batch(batch: Mapping[str, Any], cfg: TrainConfig) -> None:
     if seg is not None and (np.min(seg) < 0 or np.max(seg) >= t):
         raise ValueError(f"segment_ids must lie in [0, {t}), got [{np.min(seg)}, {np.max(seg)}]")
     if cfg.loss.max_label_tokens is not None:
-        for i in range(k):
-            n = count_label_tokens(np.asarray(batch["labels"][i]), None if seg is None else np.asarray(seg[i]))
+        for i, n in enumerate(count_step_labels(batch)):
             if n > cfg.loss.max_label_tokens:
                 raise ValueError(f"microbatch {i}: {n} label tokens exceed loss.max_label_tokens="
                                  f"{cfg.loss.max_label_tokens}")
