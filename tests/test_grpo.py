@@ -1,7 +1,9 @@
 """GRPO (`sr_jax.rl`): advantages, k3 KL and masked token-level loss against hand-computed values;
 zero gradient for identical completions with equal rewards; a rewarded completion gains
 probability after one step; reward functions on hand-made answers (incl. an HTTP judge with a
-timeout); `sr-jax rl` writes checkpoints and resumes exactly."""
+timeout); `sr-jax rl` writes checkpoints and resumes exactly; with LoRA the reference log-probs are
+HF's base model and the policy's PEFT's adapted one; reused rollouts (num_iterations > 1) take
+their ratio against the sampling policy's log-probs."""
 
 import http.server
 import json
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from sr_jax.config import load_config
 from sr_jax.data.records import Region, SpatialExample
@@ -310,3 +313,124 @@ def test_teacher_forced_completion_matches_greedy_generation(tiny):
     width = mb["input_ids"].shape[1] - tokens.shape[1]
     logits = np.asarray(model.logits(out.hidden[:, width - 1: width - 1 + tokens.shape[1]]))
     assert np.array_equal(logits.argmax(-1), tokens)
+
+
+# ---- reference policy with LoRA, and rollout reuse (num_iterations > 1) ------------------------
+
+def _hf_completion_logprobs(hf, prompt, tokens, mask, temperature):
+    """Per-row log-probs of each completion under a HF model, one unpadded row at a time."""
+    import torch
+    from hf_oracle import hf_inputs
+
+    out = np.zeros(tokens.shape, np.float64)
+    ids = np.asarray(prompt["input_ids"])[0]
+    for i in range(len(tokens)):
+        n = int(mask[i].sum())
+        row = np.concatenate([ids, tokens[i, :n]])[None]
+        with torch.no_grad():
+            logits = hf(**hf_inputs(row, None, prompt["pixel_values"], prompt["image_grid_thw"])).logits[0].double()
+        logp = torch.log_softmax(logits[len(ids) - 1: len(ids) - 1 + n] / temperature, dim=-1)
+        out[i, :n] = logp.gather(1, torch.from_numpy(tokens[i, :n])[:, None])[:, 0].numpy()
+    return out
+
+
+def test_lora_reference_is_the_base_model_and_policy_the_adapted_one(tmp_path):
+    """With LoRA the reference log-probs come from the adapters at zero (no second copy of the
+    model): they equal HF's base model, while the policy's equal PEFT with our exported adapter."""
+    import transformers
+    peft = pytest.importorskip("peft")
+    from sr_jax.convert.hf_export import export_hf
+    from sr_jax.data.synthetic import SynthConfig, generate_example
+    from sr_jax.lora import LoRAParam
+    from sr_jax.rl.trainer import RLTrainer, make_processor
+
+    cfg = _cfg(tmp_path / "run", **{"train.lora.enabled": "true", "train.lora.rank": 4, "train.lora.alpha": 8,
+                                    "train.lora.dropout": 0.1})
+    trainer = RLTrainer(cfg, devices=jax.devices()[:1], total_steps=2)
+    processor = make_processor(cfg)
+    state = trainer.init_state()
+    leaves = jax.tree.leaves(state.params)
+    trainable = nnx.to_flat_state(state.params)
+    assert len(trainable) == len(leaves) > 0 and all(isinstance(v, LoRAParam) for _, v in trainable)
+    ref_leaves = jax.tree.leaves(trainer.ref_params)
+    assert sum(x.size for x in ref_leaves) == sum(x.size for x in leaves)  # adapters only, not a model copy
+    assert all(not np.any(np.asarray(x)) for x in ref_leaves)
+    # Non-zero adapters (a fresh B is zero, so policy == reference would prove nothing).
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    state = state.replace(params=jax.tree.unflatten(jax.tree.structure(state.params),
+                                                    [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+
+    record = generate_example(1, 5, "train", SynthConfig(image_size=(48, 56), tasks=("sc",)))
+    (mb,) = _rollout(cfg, trainer, processor, record, ['{"edit_region": [{"id": 0', '{"score": [3, 4]}'], [0.0, 1.0])
+    policy = np.asarray(trainer.step.logprobs(state.params, state.frozen, mb))
+    reference = np.asarray(trainer.step.logprobs(trainer.ref_params, state.frozen, mb))
+    m = mb["completion_mask"].astype(bool)
+    assert np.abs(policy - reference)[m].max() > 1e-2
+
+    # export_hf writes unmerged adapters beside the base weights; the base model is loaded without them.
+    export_hf(trainer.step.model(state), tmp_path / "base")
+    (tmp_path / "adapter").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "base" / name).rename(tmp_path / "adapter" / name)
+    hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "base", dtype="float32").eval()
+    prompt = processor.encode(record, with_target=False)
+    tokens = np.asarray(mb["completion_ids"])
+    t = cfg.grpo.temperature
+    np.testing.assert_allclose(reference[m], _hf_completion_logprobs(hf, prompt, tokens, m, t)[m], atol=2e-4)
+    adapted = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(policy[m], _hf_completion_logprobs(adapted, prompt, tokens, m, t)[m], atol=2e-4)
+
+
+def test_second_iteration_uses_the_rollout_policy_log_probs(tiny):
+    """num_iterations > 1: every update on a rollout takes its ratio against the log-probs of the
+    policy that sampled it. The first update equals the single-iteration one (ratio 1); the
+    second's loss and ratio are those of the updated policy against the rollout's log-probs."""
+    from sr_jax.train.step import stack_microbatches
+
+    cfg, trainer, processor, record = tiny
+    texts = ['{"edit_region": []', '{"score": [3, 4]}', '{"edit_region": [{"id"', 'no json here']
+    (mb,) = _rollout(cfg, trainer, processor, record, texts, [0.0, 0.3, 1.0, 0.1])
+    state = trainer.fresh_state()
+    mb["ref_logp"] = np.asarray(trainer.step.logprobs(trainer.ref_params, state.frozen, mb))
+    mb["old_logp"] = np.asarray(trainer.step.logprobs(state.params, state.frozen, mb))
+    batch = stack_microbatches([mb])
+
+    plain = {k: v for k, v in batch.items() if k != "old_logp"}
+    _, single = trainer.step(trainer.fresh_state(), plain)
+    state, first = trainer.step(state, batch)
+    np.testing.assert_allclose(float(first["ratio_mean"]), 1.0, atol=1e-5)
+    np.testing.assert_allclose(float(first["loss"]), float(single["loss"]), rtol=1e-5, atol=1e-7)
+
+    logp = trainer.step.logprobs(state.params, state.frozen, mb)  # before the step donates `state`
+    _, second = trainer.step(state, batch)
+    expect = grpo_token_sums(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["completion_mask"],
+                             beta=cfg.grpo.beta, epsilon=cfg.grpo.epsilon, epsilon_high=cfg.grpo.epsilon_high)
+    tokens = float(expect.tokens)
+    np.testing.assert_allclose(float(second["loss"]), float(expect.loss_sum) / tokens, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(second["ratio_mean"]), float(expect.ratio_sum) / tokens, rtol=1e-5)
+    np.testing.assert_allclose(float(second["clip_fraction"]), float(expect.clipped) / tokens, atol=1e-6)
+    assert abs(float(second["ratio_mean"]) - 1.0) > 1e-3  # the policy moved: the ratio is not trivially 1
+
+
+def test_rollout_keeps_the_sampling_policy_log_probs_when_reused(tiny):
+    """The loop's rollout stores old log-probs (those of the state that sampled) only when the
+    rollout feeds more than one update."""
+    import dataclasses
+
+    from sr_jax.rl.rewards import RewardSet
+    from sr_jax.rl.rollout import PromptStream
+    from sr_jax.rl.trainer import rollout
+
+    cfg, trainer, processor, _ = tiny
+    state = trainer.fresh_state()
+    for iterations in (1, 2):
+        trainer.cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, num_iterations=iterations),
+                                          data=dataclasses.replace(cfg.data, prompts_per_step=1))
+        stream = PromptStream(cfg.data.sources, processor, seed=0, shuffle=False, num_epochs=1,
+                              max_prompt_tokens=cfg.data.max_prompt_tokens)
+        try:
+            _, (mb,) = rollout(trainer, state, stream, RewardSet.from_config(cfg.rewards), processor, step=0)
+        finally:
+            trainer.cfg = cfg
+        assert "ref_logp" in mb and ("old_logp" in mb) == (iterations > 1)
+    np.testing.assert_array_equal(mb["old_logp"], np.asarray(trainer.step.logprobs(state.params, state.frozen, mb)))
