@@ -87,9 +87,10 @@ class MeshConfig:
 def maybe_initialize_distributed() -> bool:
     """Joins a multi-host job (`jax.distributed.initialize()`) when the environment says there is one.
 
-    Recognised: an explicit coordinator (`JAX_COORDINATOR_ADDRESS`), a multi-task SLURM or Open MPI
-    launch, or a multi-host Cloud TPU slice (`TPU_WORKER_HOSTNAMES` with several hosts). Must run
-    before anything touches a JAX device. Returns True when it initialised.
+    Recognised: an explicit coordinator (`JAX_COORDINATOR_ADDRESS` host:port, with
+    `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` unless a cluster manager provides them), a multi-task
+    SLURM or Open MPI launch, or a multi-host Cloud TPU slice (`TPU_WORKER_HOSTNAMES` with several
+    hosts). Must run before anything touches a JAX device. Returns True when it initialised.
     """
     if jax.distributed.is_initialized():
         return False
@@ -102,7 +103,14 @@ def maybe_initialize_distributed() -> bool:
     )
     if not multi:
         return False
-    jax.distributed.initialize()
+    kwargs = {}
+    if env.get("JAX_NUM_PROCESSES") or env.get("JAX_PROCESS_ID"):
+        try:
+            kwargs = {"num_processes": int(env["JAX_NUM_PROCESSES"]), "process_id": int(env["JAX_PROCESS_ID"])}
+        except (KeyError, ValueError) as e:
+            raise ValueError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must both be integers when either is set "
+                             f"(got {env.get('JAX_NUM_PROCESSES')!r}, {env.get('JAX_PROCESS_ID')!r})") from e
+    jax.distributed.initialize(**kwargs)
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
 
@@ -253,6 +261,24 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     for k, v in batch.items():
         if k not in BATCH_AXES:
             raise KeyError(f"batch key {k!r} has no sharding rule; known: {sorted(BATCH_AXES)}")
+        v = np.asarray(v)
+        if k == "vision_segment":
+            # Image ids count from 0 on every host: offset them so that images (and padding) of
+            # different hosts never share a vision-attention block. A host's ids are < its patch count.
+            v = v + jax.process_index() * v.shape[-1]
         sharding = NamedSharding(mesh, logical_to_spec(BATCH_AXES[k], mesh=mesh))
-        out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out
+
+
+def global_from_full(batch: Mapping[str, Any], shardings: Mapping[str, NamedSharding]) -> dict:
+    """Host arrays that every process holds in full (the same values everywhere) -> global arrays
+    with `shardings`; each process places only its devices' slices. One process: unchanged (jit
+    places host arrays itself)."""
+    if jax.process_count() == 1:
+        return dict(batch)
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_callback(v.shape, shardings[k], lambda index, v=v: v[index])
     return out

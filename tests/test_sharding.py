@@ -140,4 +140,15 @@ def test_maybe_initialize_distributed(monkeypatch):
     assert maybe_initialize_distributed() is True and calls == [1]
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
     assert maybe_initialize_distributed() is False and calls == [1]
+    # An explicit coordinator takes the process count and id from the environment.
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(k))
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+        maybe_initialize_distributed()
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert maybe_initialize_distributed() is True and calls[-1] == {"num_processes": 2, "process_id": 1}
     assert sharding.MESH_AXES == ("data", "fsdp", "tensor")

@@ -67,11 +67,58 @@ def check_output_dir(out: str | Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} already exists and is not empty (use --overwrite to replace it)")
 
 
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def _sync(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _shared_tag() -> str:
+    """A temporary-name tag every process agrees on (process 0's)."""
+    from jax.experimental import multihost_utils
+
+    draw = np.frombuffer(uuid.uuid4().bytes[:4], np.uint32).astype(np.int64)
+    return f"{int(multihost_utils.broadcast_one_to_all(draw)[0]):08x}"
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False):
-    """Yields a fresh temporary directory beside `out` that becomes `out` when the block succeeds."""
+    """Yields a fresh temporary directory beside `out` that becomes `out` when the block succeeds.
+
+    In a multi-process job every process enters (collective writers such as Orbax's write their
+    shards into the same directory on a shared filesystem): process 0 creates and renames it,
+    the others wait at barriers; files written only once are process 0's job inside the block."""
     out = Path(out).absolute()
     check_output_dir(out, overwrite)
+    if _process_count() > 1:
+        import jax
+
+        tmp = out.parent / f".{out.name}.tmp-{_shared_tag()}"
+        primary = jax.process_index() == 0
+        if primary:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        _sync(f"atomic_directory:create:{tmp.name}")
+        yield tmp
+        _sync(f"atomic_directory:written:{tmp.name}")
+        if primary:
+            _fsync_tree(tmp)
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{tmp.name}"
+                os.rename(out, old)
+                os.rename(tmp, out)
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            else:
+                os.rename(tmp, out)
+            _fsync(out.parent)
+        _sync(f"atomic_directory:done:{tmp.name}")
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.parent / f".{out.name}.tmp-{tag}"
@@ -144,17 +191,22 @@ def write_model_dir(out: str | Path, cfg: ModelConfig, params: dict, *, hf_dir: 
                "num_params": int(sum(int(np.prod(leaf.shape)) for leaf in leaves)), "source": source}
     with atomic_directory(out, overwrite) as tmp:
         with _quiet_orbax():
-            _save_params(tmp / PARAMS, params)
-        dump_yaml(cfg, tmp / CONFIG_YAML)
-        hf_dir = Path(hf_dir) if hf_dir is not None else None
-        if hf_dir is not None and (hf_dir / HF_CONFIG).is_file():
-            shutil.copy2(hf_dir / HF_CONFIG, tmp / HF_CONFIG)
-        else:
-            (tmp / HF_CONFIG).write_text(json.dumps(cfg.to_hf_dict(), indent=2))
-        for f in sidecar_files(hf_dir) if hf_dir is not None else []:
-            shutil.copy2(f, tmp / f.name)
-        (tmp / MARKER).write_text(json.dumps(summary, indent=2))  # last: its presence means complete
+            _save_params(tmp / PARAMS, params)  # collective when several processes hold the parameters
+        if jax.process_index() == 0:  # files written once (atomic_directory renames after this)
+            _write_sidecars(tmp, cfg, hf_dir, summary)
     return Path(out)
+
+
+def _write_sidecars(tmp: Path, cfg: ModelConfig, hf_dir, summary: dict) -> None:
+    dump_yaml(cfg, tmp / CONFIG_YAML)
+    hf_dir = Path(hf_dir) if hf_dir is not None else None
+    if hf_dir is not None and (hf_dir / HF_CONFIG).is_file():
+        shutil.copy2(hf_dir / HF_CONFIG, tmp / HF_CONFIG)
+    else:
+        (tmp / HF_CONFIG).write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    for f in sidecar_files(hf_dir) if hf_dir is not None else []:
+        shutil.copy2(f, tmp / f.name)
+    (tmp / MARKER).write_text(json.dumps(summary, indent=2))  # last: its presence means complete
 
 
 def read_model_config(path: str | Path) -> ModelConfig:

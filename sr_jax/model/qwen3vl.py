@@ -40,11 +40,27 @@ class ForwardOutput:
     kv_cache: list | None = None           # per layer (k, v), when decoding with a cache
 
 
-def visual_index(input_ids, image_token_id: int):
-    """(B, T) row into the flattened visual features for each image token, -1 elsewhere."""
+def visual_index(input_ids, image_token_id: int, real_rows=None):
+    """(B, T) row into the flattened visual features for each image token, -1 elsewhere: the k-th
+    image token (row-major) takes the k-th feature row, counting only `real_rows` (M,) when given.
+    That skips padding rows wherever they sit: a multi-host batch is the hosts' blocks side by
+    side, each with its own patch padding, so padding lies between the images of consecutive hosts."""
     is_image = input_ids == image_token_id
     order = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
+    if real_rows is not None:
+        m = real_rows.shape[0]
+        rank = jnp.cumsum(real_rows) - 1
+        row_of_rank = jnp.zeros((m,), jnp.int32).at[jnp.where(real_rows, rank, m)].set(
+            jnp.arange(m, dtype=jnp.int32), mode="drop")
+        order = row_of_rank[jnp.clip(order, 0, m - 1)]
     return jnp.where(is_image, order, -1)
+
+
+def real_feature_rows(vision, merge_unit: int):
+    """(M,) bool: merged visual rows made of image patches; padding patches carry zero
+    position-interpolation weights (`pad_patches`), real ones weights summing to 1."""
+    interp_weight = jnp.asarray(vision.interp_weight if isinstance(vision, VisionInputs) else vision[1])
+    return interp_weight.sum(-1).reshape(-1, merge_unit)[:, 0] > 0
 
 
 class Qwen3VLModel(nnx.Module):
@@ -101,7 +117,8 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
                 self._check_image_tokens(input_ids, image_grid_thw)
                 vision = self.prepare_vision(image_grid_thw)
             image_embeds, deepstack = self.model.visual(pixel_values, vision, vision_layout)
-            vis_index = visual_index(input_ids, self.config.image_token_id)
+            vis_index = visual_index(input_ids, self.config.image_token_id,
+                                     real_feature_rows(vision, self.config.vision.spatial_merge_size**2))
             gathered = jnp.take(image_embeds.astype(embeds.dtype), jnp.maximum(vis_index, 0), axis=0)
             embeds = jnp.where((vis_index >= 0)[..., None], gathered, embeds)
         out = lm(embeds, position_ids, jnp.asarray(attention_mask), visual_index=vis_index, deepstack=deepstack,

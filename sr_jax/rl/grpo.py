@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sr_jax.lora import set_lora_dropout
-from sr_jax.sharding import batch_shardings, constrain, logical_sharding
+from sr_jax.sharding import batch_shardings, constrain, global_from_full, logical_sharding
 from sr_jax.train.step import VISION_KEYS, TrainState, TrainStep, _rekey, trainable_filter
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values") + VISION_KEYS
@@ -199,6 +199,10 @@ class GRPOStep(TrainStep):
 
     has_label_buffer = False  # completion log-probs come from `_grpo_update`, not the SFT loss
 
+    def __call__(self, state: TrainState, batch: Mapping[str, Any], label_counts=None):
+        # Every process holds the whole rollout (see `sr_jax.rl.trainer`): global arrays from it.
+        return super().__call__(state, global_from_full(batch, rl_batch_shardings(batch, self.mesh)))
+
     def _jitted(self, batch, label_capacity: int | None = None):
         signature = _signature(batch)
         if signature not in self._compiled:
@@ -212,15 +216,16 @@ class GRPOStep(TrainStep):
 
     def logprobs(self, params, frozen, microbatch: Mapping[str, Any]) -> jax.Array:
         signature = _signature(microbatch)
+        shardings = {k: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:]))
+                     for k, s in rl_batch_shardings({k: jax.ShapeDtypeStruct((1,) + np.shape(v), np.int8)
+                                                     for k, v in microbatch.items()}, self.mesh).items()}
         if signature not in self._logprob_compiled:
             fn = lambda p, f, r, b: _logprob_program(self.eval_graphdef, self.grpo.temperature,
                                                      self.cfg.loss.chunk_size, p, f, r, b)
-            shardings = {k: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:]))
-                         for k, s in rl_batch_shardings({k: jax.ShapeDtypeStruct((1,) + np.shape(v), np.int8)
-                                                         for k, v in microbatch.items()}, self.mesh).items()}
             self._logprob_compiled[signature] = jax.jit(
                 fn, in_shardings=(self.state_shardings.params, self.state_shardings.frozen, self.rest_shardings,
                                   shardings),
+                out_shardings=NamedSharding(self.mesh, PartitionSpec()),  # readable on every process
                 compiler_options=self.compiler_options)
         with jax.set_mesh(self.mesh):
-            return self._logprob_compiled[signature](params, frozen, self.rest, dict(microbatch))
+            return self._logprob_compiled[signature](params, frozen, self.rest, global_from_full(microbatch, shardings))

@@ -6,6 +6,11 @@ model, mesh, sharded init and optimizer come from the SFT `Trainer`; checkpoints
 prompt-stream position) and metrics (JSONL + TensorBoard) use the SFT classes, so resume is
 exact: rollout sampling is seeded by (train.seed, step).
 
+Several processes (a pod slice): every process runs the same rollout (the same prompts and
+seeds, so the same completions from the globally sharded model), rewards come from process 0 (an
+external judge may not answer twice alike), and each process places its devices' slices of the
+update batch; process 0 writes the metrics, the run config and the tokenizer.
+
 The reference policy is the starting weights: a frozen copy of the trainable parameters for a
 full fine-tune (rebuilt from `model.init_from` on resume, not checkpointed), and for LoRA the
 base model with the adapters zeroed (no second copy). beta = 0 skips it.
@@ -104,6 +109,10 @@ def rollout(trainer: RLTrainer, state, stream, rewards, processor, step: int):
     texts = decode_completions(processor.tokenizer, tokens, mask)
     parsed = parse_completions(records, texts)
     total, per_function = rewards.score(records, texts, parsed)
+    if jax.process_count() > 1:  # one set of rewards for every process: process 0's
+        from jax.experimental import multihost_utils
+
+        total = np.asarray(multihost_utils.broadcast_one_to_all(total))
     advantages = group_advantages(total, g, cfg.grpo.advantage_eps, cfg.grpo.advantage_std_ddof)
     result = Rollout(records, prompts, tokens, mask, texts, parsed, total, per_function, advantages)
     mbs = microbatches(result, cfg.train.grad_accum_steps, model)
@@ -143,8 +152,7 @@ def train(cfg: RLConfig, *, devices=None, stop_after: int | None = None) -> dict
     from sr_jax.train.step import stack_microbatches
 
     maybe_initialize_distributed()
-    if jax.process_count() > 1:
-        raise NotImplementedError("sr-jax rl runs in one process (any number of local devices) for now")
+    is_main = jax.process_index() == 0
     cfg.grpo.validate()
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,8 +166,9 @@ def train(cfg: RLConfig, *, devices=None, stop_after: int | None = None) -> dict
                          f"{cfg.train.grad_accum_steps}")
     total = total_rollout_steps(cfg, len(stream))
     trainer = RLTrainer(cfg, devices=devices, total_steps=total)
-    dump_yaml(cfg, out / RUN_CONFIG)
-    _save_tokenizer(_sft_view(cfg), processor, out / "tokenizer")
+    if is_main:
+        dump_yaml(cfg, out / RUN_CONFIG)
+        _save_tokenizer(_sft_view(cfg), processor, out / "tokenizer")
 
     ckpt = TrainCheckpointer(out, save_every=cfg.run.checkpoint_every, keep=cfg.run.keep_checkpoints,
                              async_save=cfg.run.async_checkpoint)
@@ -170,9 +179,10 @@ def train(cfg: RLConfig, *, devices=None, stop_after: int | None = None) -> dict
         log.info("resumed from step %d", start)
     else:
         state, start = trainer.init_state(), 0
-    writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard)
+    writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard, enabled=is_main)
     writer.truncate_after(start)
-    bar = tqdm(total=total, initial=start, disable=not cfg.run.progress_bar, desc="rl", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, disable=not (cfg.run.progress_bar and is_main), desc="rl",
+               dynamic_ncols=True)
     began, step, last = time.perf_counter(), start, {}
     try:
         while step < total:

@@ -3,7 +3,9 @@
 A run directory holds `run_config.yaml` (the full SFT config) and `checkpoints/<step>/` with
 three items: `state` (params, frozen weights, optimizer state, step, RNG: one pytree, restored
 straight onto the current mesh, whatever its shape), `data` (the Grain iterator state) and
-`meta` (skip counters, wall time). Orbax writes each step to a temporary directory and renames
+`meta` (skip counters, wall time). In a multi-process run each host reads its own share of the
+data, so `data` holds every host's iterator state (`{"hosts": [...]}`, gathered at save time) and
+a restore needs the same number of processes. Orbax writes each step to a temporary directory and renames
 it when complete, and `latest_step()` only sees finalised steps, so a save killed half way is
 never restored.
 """
@@ -32,6 +34,19 @@ def _jsonable(value):
     return value
 
 
+def _gather_json(value) -> list:
+    """Every process's JSON-able `value`, in process order (on every process)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: blob.size] = blob
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(row[:n].tobytes().decode()) for row, n in zip(rows, sizes)]
+
+
 def _from_jsonable(value):
     if isinstance(value, dict):
         if set(value) == {"__bytes__"}:
@@ -58,18 +73,36 @@ class TrainCheckpointer:
 
     def save(self, step: int, state, data_state, meta: dict, *, force: bool = False) -> bool:
         ocp = self._ocp
+        data = _jsonable(data_state)
+        if jax.process_count() > 1 and (force or self.manager.should_save(step)):
+            # Orbax writes JSON items from process 0 only: it gets every host's position (a
+            # collective; every process decides the same way for the same step).
+            data = {"hosts": _gather_json(data)}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(_jsonable(data_state)),
+            data=ocp.args.JsonSave(data),
             meta=ocp.args.JsonSave(meta)), force=force)
 
-    def restore(self, step: int, abstract_state):
-        """`abstract_state`: ShapeDtypeStructs with the target shardings (any mesh)."""
+    def restore(self, step: int, abstract_state, *, with_data: bool = True):
+        """`abstract_state`: ShapeDtypeStructs with the target shardings (any mesh). Without
+        `with_data` the data position comes back as None (e.g. exporting a multi-host run's
+        weights on one machine)."""
         ocp = self._ocp
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
-        return out.state, _from_jsonable(out.data), out.meta
+        data = out.data
+        hosts = data.get("hosts") if isinstance(data, dict) and set(data) == {"hosts"} else None
+        if not with_data:
+            return out.state, None, out.meta
+        if hosts is not None or jax.process_count() > 1:
+            count = 1 if hosts is None else len(hosts)
+            if count != jax.process_count():
+                raise ValueError(f"{self.directory / str(step)}: saved by {count} process(es), restored by "
+                                 f"{jax.process_count()}; each host's data position only carries over to "
+                                 "the same number of hosts")
+            data = hosts[jax.process_index()]
+        return out.state, _from_jsonable(data), out.meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -120,7 +153,7 @@ def model_from_checkpoint(path: str | Path, *, merge_lora: bool = False, step: i
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
-    state, _, _ = ckpt.restore(step, trainer.abstract_state())
+    state, _, _ = ckpt.restore(step, trainer.abstract_state(), with_data=False)
     ckpt.close()
     model = trainer.step.model(state)
     if merge_lora:

@@ -270,7 +270,7 @@ def train(cfg: SFTConfig, *, devices=None, stop_after: int | None = None) -> dic
     summary = {"step": step, "total_steps": total, "resumed_from": start, "last": last,
                "skipped": iterator.stats(), "out_dir": str(out)}
     finished = step >= total or (stop_after is None)
-    if cfg.run.save_model and is_main and finished and step > start:
+    if cfg.run.save_model and finished and step > start:  # every process: the weights may span hosts
         from sr_jax.convert.orbax_io import save_model
         from sr_jax.lora import lora_layers, merge_lora
 
