@@ -134,3 +134,32 @@ def test_lora_run_exports_merged_weights_to_hf(tmp_path):
     with torch.no_grad():
         peft_logits = tuned(input_ids=torch.as_tensor(ids)).logits.numpy()
     assert np.abs(peft_logits - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_multi_host_data_positions_need_the_same_host_count(tmp_path):
+    """A checkpoint written by two hosts holds both data positions: one process cannot resume
+    from it (its share of the data would differ), but can still restore the weights."""
+    import jax.numpy as jnp
+
+    from sr_jax.train.checkpoint import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(tmp_path, save_every=1, keep=1, async_save=False)
+    state = {"w": jnp.arange(3.0)}
+    # What `save` writes on two processes (every host's position, gathered by process 0).
+    ckpt.save(1, state, {"hosts": [{"next_index": 5}, {"next_index": 6}]}, {"step": 1})
+    ckpt.wait()
+    abstract = {"w": jax_struct(state["w"])}
+    with pytest.raises(ValueError, match="saved by 2 process"):
+        ckpt.restore(1, abstract)
+    restored, data, _ = ckpt.restore(1, abstract, with_data=False)
+    assert data is None and np.array_equal(restored["w"], np.arange(3.0))
+    ckpt.save(2, state, {"next_index": 7}, {"step": 2})  # one process: the position as it is
+    ckpt.wait()
+    assert ckpt.restore(2, abstract)[1] == {"next_index": 7}
+    ckpt.close()
+
+
+def jax_struct(x):
+    import jax
+
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
