@@ -109,7 +109,8 @@ def main() -> None:
     # ---- HF PyTorch ----
     inputs = dict(input_ids=torch.as_tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
                   pixel_values=torch.as_tensor(pixels), image_grid_thw=torch.as_tensor(grids),
-                  mm_token_type_ids=torch.as_tensor(ids == IMAGE).int(), labels=torch.as_tensor(labels))
+                  mm_token_type_ids=torch.as_tensor(ids == IMAGE).int(), labels=torch.as_tensor(labels),
+                  use_cache=False)  # training needs no KV cache; building one costs torch.compile recompiles
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-5)
 
     def torch_step(model):

@@ -87,6 +87,19 @@ def _shared_tag() -> str:
     return f"{int(multihost_utils.broadcast_one_to_all(draw)[0]):08x}"
 
 
+def _publish(tmp: Path, out: Path, tag: str) -> None:
+    """Makes the finished `tmp` the directory `out` (replacing an older one) durably."""
+    _fsync_tree(tmp)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{tag}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.rename(tmp, out)
+    _fsync(out.parent)
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False):
     """Yields a fresh temporary directory beside `out` that becomes `out` when the block succeeds.
@@ -99,25 +112,18 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
     if _process_count() > 1:
         import jax
 
-        tmp = out.parent / f".{out.name}.tmp-{_shared_tag()}"
+        tag = _shared_tag()
+        tmp = out.parent / f".{out.name}.tmp-{tag}"
         primary = jax.process_index() == 0
         if primary:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
-        _sync(f"atomic_directory:create:{tmp.name}")
+        _sync(f"atomic_directory:create:{tag}")
         yield tmp
-        _sync(f"atomic_directory:written:{tmp.name}")
+        _sync(f"atomic_directory:written:{tag}")
         if primary:
-            _fsync_tree(tmp)
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{tmp.name}"
-                os.rename(out, old)
-                os.rename(tmp, out)
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-            else:
-                os.rename(tmp, out)
-            _fsync(out.parent)
-        _sync(f"atomic_directory:done:{tmp.name}")
+            _publish(tmp, out, tag)
+        _sync(f"atomic_directory:done:{tag}")
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -125,15 +131,7 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{tag}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.rename(tmp, out)
-        _fsync(out.parent)
+        _publish(tmp, out, tag)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
