@@ -219,6 +219,35 @@ def test_jit_with_precomputed_inputs_equals_eager(untied):
     assert_close(run(ours, ids, pv, pos, vis), eager, tol=1e-5)
 
 
+def test_host_blocks_side_by_side_match_hf(untied):
+    """A multi-host batch is the hosts' batches side by side, each with its own patch padding and
+    image ids counted from 0 (`shard_batch` offsets the ids): host 1's image tokens must take host
+    1's features, not host 0's padding. Each row equals HF on that row's own inputs."""
+    from sr_jax.model.vision import pad_patches
+
+    hf, ours = untied
+    rng = np.random.default_rng(11)
+    hosts, budget = [([(1, 4, 6)], [5, 9]), ([(1, 4, 4), (1, 2, 4)], [3, 3, 6])], 64
+    ids, pixels, tables, refs = [], [], [], []
+    for h, (grids, lens) in enumerate(hosts):
+        row = image_prompt(rng, grids, lens)[None]
+        pv = random_pixels(rng, grids)
+        refs.append(hf_logits(hf, row, None, pv, grids).logits.numpy())
+        pv, vis = pad_patches(pv, ours.prepare_vision(np.array(grids)), budget)
+        vis = vis.as_tuple()
+        ids.append(row)
+        pixels.append(pv)
+        tables.append(vis[:3] + (vis[3] + h * budget,))
+    assert ids[0].shape == ids[1].shape and refs[0].shape == refs[1].shape
+    ids = np.concatenate(ids)
+    vision = tuple(np.concatenate(parts) for parts in zip(*tables))
+    positions = np.concatenate([ours.prepare_positions(ids[i:i + 1], None, np.array(hosts[i][0])) for i in range(2)],
+                               axis=1)
+    out = ours(ids, pixel_values=np.concatenate(pixels), position_ids=positions, vision=vision)
+    for i in range(2):
+        assert_close(out[i:i + 1], refs[i])
+
+
 def test_bfloat16_kl_against_fp32_reference(untied):
     hf, _ = untied
     ours_bf16 = our_model_from_hf(hf, dtype="bfloat16")
