@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     from sr_jax.train.sft import SFTConfig, train
 
     run_dir = work / "sft"
+    # A fresh run every time: a finished run left by an earlier demo would resume at its last step
+    # and train nothing (and save no model).
+    shutil.rmtree(run_dir, ignore_errors=True)
     cfg = load_config(SFTConfig, Path(__file__).resolve().parents[1] / "configs" / "sft" / "demo_cpu.yaml", [
         f"run.out_dir={run_dir}", f"run.total_steps={args.train_steps}", "run.checkpoint_every=20",
         f"data.sources=['{data / 'train.array_record'}']", "data.batch_size=2", "data.seq_lens=[512]",
