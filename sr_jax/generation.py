@@ -20,6 +20,7 @@ from flax import nnx
 
 from sr_jax.model.rope_index import get_rope_index
 from sr_jax.model.vision import attention_slots, pad_patches
+from sr_jax.sharding import constrain
 
 PAD_ID = 151643
 DEFAULT_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
@@ -130,7 +131,9 @@ def _generate_program(state, ids, mask, positions, next_pos, pixel_values, visio
         return i + 1, new, tokens, done, step.kv_cache, key_valid, seen
 
     carry = (jnp.int32(1), tok, tokens, done, out.kv_cache, key_valid, seen)
-    return jax.lax.while_loop(cond, body, carry)[2]
+    # Under a mesh (`jax.set_mesh`) the activations follow the batch rules, so each device decodes
+    # its own rows; the tokens come back whole on every device (and every process).
+    return constrain(jax.lax.while_loop(cond, body, carry)[2], (None, None))
 
 
 @functools.lru_cache(maxsize=64)

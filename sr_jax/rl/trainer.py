@@ -7,7 +7,8 @@ prompt-stream position) and metrics (JSONL + TensorBoard) use the SFT classes, s
 exact: rollout sampling is seeded by (train.seed, step).
 
 Several processes (a pod slice): every process runs the same rollout (the same prompts and
-seeds, so the same completions from the globally sharded model), rewards come from process 0 (an
+seeds, so the same completions from the globally sharded model; generation runs under the mesh,
+so the rows are split over the batch axes as in training), rewards come from process 0 (an
 external judge may not answer twice alike), and each process places its devices' slices of the
 update batch; process 0 writes the metrics, the run config and the tokenizer.
 
@@ -104,7 +105,8 @@ def rollout(trainer: RLTrainer, state, stream, rewards, processor, step: int):
     records = [r for r, _ in pairs for _ in range(g)]
     prompts = [p for _, p in pairs for _ in range(g)]
     model = trainer.step.model(state)
-    tokens = sample_completions(model, prompts, cfg.grpo, seed=cfg.train.seed * 1_000_003 + step)
+    with jax.set_mesh(trainer.mesh):  # rows split over the batch axes: each device samples its share
+        tokens = sample_completions(model, prompts, cfg.grpo, seed=cfg.train.seed * 1_000_003 + step)
     mask = completion_mask(tokens, cfg.grpo.stop_ids)
     texts = decode_completions(processor.tokenizer, tokens, mask)
     parsed = parse_completions(records, texts)
