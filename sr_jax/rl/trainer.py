@@ -8,8 +8,8 @@ exact: rollout sampling is seeded by (train.seed, step).
 
 Several processes (a pod slice): every process runs the same rollout (the same prompts and
 seeds, so the same completions from the globally sharded model; generation runs under the mesh,
-so the rows are split over the batch axes as in training), rewards come from process 0 (an
-external judge may not answer twice alike), and each process places its devices' slices of the
+so the rows are split over the batch axes as in training), process 0 computes the rewards and
+broadcasts them (an external judge is called once per completion), and each process places its devices' slices of the
 update batch; process 0 writes the metrics, the run config and the tokenizer.
 
 The reference policy is the starting weights: a frozen copy of the trainable parameters for a
@@ -110,10 +110,13 @@ def rollout(trainer: RLTrainer, state, stream, rewards, processor, step: int):
     mask = completion_mask(tokens, cfg.grpo.stop_ids)
     texts = decode_completions(processor.tokenizer, tokens, mask)
     parsed = parse_completions(records, texts)
-    total, per_function = rewards.score(records, texts, parsed)
-    if jax.process_count() > 1:  # one set of rewards for every process: process 0's
+    if jax.process_count() == 1:
+        total, per_function = rewards.score(records, texts, parsed)
+    else:  # process 0 scores (one call per completion to an external judge) and shares the totals
         from jax.experimental import multihost_utils
 
+        total, per_function = rewards.score(records, texts, parsed) if jax.process_index() == 0 \
+            else (np.zeros(len(texts)), {})
         total = np.asarray(multihost_utils.broadcast_one_to_all(total))
     advantages = group_advantages(total, g, cfg.grpo.advantage_eps, cfg.grpo.advantage_std_ddof)
     result = Rollout(records, prompts, tokens, mask, texts, parsed, total, per_function, advantages)
