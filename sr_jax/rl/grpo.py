@@ -216,16 +216,17 @@ class GRPOStep(TrainStep):
 
     def logprobs(self, params, frozen, microbatch: Mapping[str, Any]) -> jax.Array:
         signature = _signature(microbatch)
-        shardings = {k: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:]))
-                     for k, s in rl_batch_shardings({k: jax.ShapeDtypeStruct((1,) + np.shape(v), np.int8)
-                                                     for k, v in microbatch.items()}, self.mesh).items()}
         if signature not in self._logprob_compiled:
             fn = lambda p, f, r, b: _logprob_program(self.eval_graphdef, self.grpo.temperature,
                                                      self.cfg.loss.chunk_size, p, f, r, b)
-            self._logprob_compiled[signature] = jax.jit(
+            shardings = {k: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:]))
+                         for k, s in rl_batch_shardings({k: jax.ShapeDtypeStruct((1,) + np.shape(v), np.int8)
+                                                         for k, v in microbatch.items()}, self.mesh).items()}
+            self._logprob_compiled[signature] = shardings, jax.jit(
                 fn, in_shardings=(self.state_shardings.params, self.state_shardings.frozen, self.rest_shardings,
                                   shardings),
                 out_shardings=NamedSharding(self.mesh, PartitionSpec()),  # readable on every process
                 compiler_options=self.compiler_options)
+        shardings, program = self._logprob_compiled[signature]
         with jax.set_mesh(self.mesh):
-            return self._logprob_compiled[signature](params, frozen, self.rest, global_from_full(microbatch, shardings))
+            return program(params, frozen, self.rest, global_from_full(microbatch, shardings))

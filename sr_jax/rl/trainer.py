@@ -110,13 +110,12 @@ def rollout(trainer: RLTrainer, state, stream, rewards, processor, step: int):
     mask = completion_mask(tokens, cfg.grpo.stop_ids)
     texts = decode_completions(processor.tokenizer, tokens, mask)
     parsed = parse_completions(records, texts)
-    if jax.process_count() == 1:
-        total, per_function = rewards.score(records, texts, parsed)
-    else:  # process 0 scores (one call per completion to an external judge) and shares the totals
+    # Process 0 scores (one call per completion to an external judge) and shares the totals.
+    total, per_function = rewards.score(records, texts, parsed) if jax.process_index() == 0 \
+        else (np.zeros(len(texts)), {})
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        total, per_function = rewards.score(records, texts, parsed) if jax.process_index() == 0 \
-            else (np.zeros(len(texts)), {})
         total = np.asarray(multihost_utils.broadcast_one_to_all(total))
     advantages = group_advantages(total, g, cfg.grpo.advantage_eps, cfg.grpo.advantage_std_ddof)
     result = Rollout(records, prompts, tokens, mask, texts, parsed, total, per_function, advantages)
