@@ -193,6 +193,48 @@ def test_loss_matches_hf():
     np.testing.assert_allclose(float(stats.loss_sum / stats.weight), ref, rtol=1e-5)
 
 
+def test_gradients_match_hf():
+    """d(loss)/d(every weight) == HF's loss.backward() on the same weights and batch: two images
+    (vision attention and deepstack), a padded row, rows long enough for the blocked causal path."""
+    from sr_jax.convert.names import hf_key, normalize_hf_key, to_hf
+
+    hf = random_hf_model(tiny_hf_config(text_layers=2, vision_depth=2, deepstack=(0, 1)), seed=7)
+    ours = our_model_from_hf(hf)
+    rng = np.random.default_rng(7)
+    grids = [(1, 8, 8), (1, 4, 6)]
+    rows = [image_prompt(rng, grids[:1], [40, 198]), image_prompt(rng, grids[1:], [30, 120])]
+    ids = np.full((2, 256), 151643, np.int64)
+    mask = np.zeros_like(ids)
+    labels = np.full_like(ids, IGNORE)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        labels[i, len(r) - 24:len(r)] = r[-24:]
+    pv = random_pixels(rng, grids)
+    hf.zero_grad()
+    hf(**hf_inputs(ids, mask, pv, grids), labels=torch.as_tensor(labels)).loss.backward()
+    ref = {normalize_hf_key(k): p.grad.numpy() for k, p in hf.named_parameters()}
+
+    positions = ours.prepare_positions(ids, mask, np.array(grids))
+    graphdef, state = nnx.split(ours)
+
+    def loss(state, vision):
+        m = nnx.merge(graphdef, state)
+        out = m.features(ids, mask, pv, position_ids=positions, vision=vision)
+        stats = label_loss(m.logits, out.hidden, jnp.asarray(labels), max_label_tokens=64)
+        return stats.loss_sum / stats.weight
+
+    grads = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(state, ours.prepare_vision(np.array(grids)).as_tuple())
+    checked = 0
+    for path, g in nnx.to_flat_state(grads):
+        want = ref[hf_key(path)]
+        got = to_hf(path, np.asarray(g.get_value()), want.shape)
+        scale = max(float(np.abs(want).max()), 1e-3)
+        err = float(np.abs(got - want).max())
+        assert err <= 1e-4 * scale, f"{hf_key(path)}: max abs error {err:.3g}, gradient scale {scale:.3g}"
+        checked += 1
+    assert checked == len(ref)
+
+
 def test_packed_rows_weigh_examples_like_separate_rows():
     model = init_model(tiny_config(), seed=1)
     examples = make_examples(np.random.default_rng(4), 5)

@@ -7,6 +7,8 @@ Parameters are stored in `param_dtype` and cast to the compute `dtype` at use.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -131,19 +133,83 @@ def activation(name: str):
     return table[name]
 
 
+NEG_FILL = float(jnp.finfo(jnp.float32).min)  # masked scores: large but finite, so fully masked rows stay finite
+
+
+def _swap_last(x: jax.Array) -> jax.Array:
+    """x with its last two axes swapped. On CPU the copy is forced (an optimisation barrier keeps
+    XLA from folding it into the next dot): XLA:CPU runs a dot that contracts over its left
+    operand's rows at about a third of its usual speed, and the copy costs less than the loss."""
+    x = jnp.swapaxes(x, -1, -2)
+    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+
+
+def _scores(q, k, allowed, scale):
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
+    return jnp.where(allowed, s, NEG_FILL)
+
+
+def _attention_fwd(q, k, v, allowed, scale):
+    s = _scores(q, k, allowed, scale)
+    row_max = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - row_max)
+    row_sum = jnp.sum(e, axis=-1, keepdims=True)
+    out = jnp.einsum("bhgqk,bhkd->bhgqd", (e / row_sum).astype(v.dtype), v)
+    return out, (q, k, v, allowed, out, row_max, row_sum)
+
+
+def _attention_bwd(scale, res, d_out):
+    # Flash-attention style: the probabilities are recomputed from the saved row max and sum
+    # rather than stored, so the residuals are O(T) per head instead of O(T^2).
+    q, k, v, allowed, out, row_max, row_sum = res
+    p = jnp.exp(_scores(q, k, allowed, scale) - row_max) / row_sum
+    b, h, g, tq, tk = p.shape
+    rows = lambda x: x.reshape(b, h, g * tq, x.shape[-1])  # queries of all groups as one row axis
+    f32 = jnp.float32
+    d_v = jnp.einsum("bhkq,bhqd->bhkd", _swap_last(rows(p.astype(v.dtype))), rows(d_out), preferred_element_type=f32)
+    d_p = jnp.einsum("bhgqd,bhkd->bhgqk", d_out, v, preferred_element_type=f32)
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    d_s = (p * (d_p - delta) * scale).astype(q.dtype)
+    d_q = jnp.einsum("bhgqk,bhkd->bhgqd", d_s, k, preferred_element_type=f32)
+    d_k = jnp.einsum("bhkq,bhqd->bhkd", _swap_last(rows(d_s)), rows(q), preferred_element_type=f32)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def heads_major_attention(q, k, v, allowed, scale: float):
+    """Softmax attention on heads-major layouts: q (B, H, G, Q, D) (G query heads per key/value
+    head), k/v (B, H, K, D), `allowed` broadcastable to (B, H, G, Q, K), True where a query may
+    see a key. Scores and softmax in float32; a fully masked row averages all keys (its output
+    is unused), exactly as a softmax over a large negative fill does."""
+    return _attention_fwd(q, k, v, allowed, scale)[0]
+
+
+heads_major_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def to_heads_major(q, k, v):
+    """(B, T, H, G, D) queries and (B, T, H, D) keys/values -> heads-major layouts."""
+    return jnp.transpose(q, (0, 2, 3, 1, 4)), jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+
+
 def masked_softmax_attention(q, k, v, mask, *, scale: float):
     """Grouped-query attention on (B, Tq, Hkv, G, D) queries and (B, Tk, Hkv, D) keys/values.
 
     `mask` (B, Tq, Tk) is True where attention is allowed. Scores and softmax run in float32;
     a large negative (not -inf) fill keeps fully masked rows (padding queries) finite.
     """
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+    if q.shape[1] <= 8:
+        # Decoding: a few queries against the whole KV cache. Computed in the cache's own layout;
+        # moving the cache to heads-major would copy all of it every step.
+        scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_FILL)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+    qh, kh, vh = to_heads_major(q, k, v)
+    return jnp.transpose(heads_major_attention(qh, kh, vh, mask[:, None, None], scale), (0, 3, 1, 2, 4))
 
 
-def causal_attention(q, k, v, mask, *, scale: float, block: int = 256):
+def causal_attention(q, k, v, mask, *, scale: float, block: int = 128):
     """`masked_softmax_attention` for a mask that is causal (no key after its query), as every
     mask of a full forward pass is: query block i only meets keys [0, (i + 1) * block), so the
     upper triangle is never computed (about half the work and memory for long rows, forward and
@@ -154,8 +220,10 @@ def causal_attention(q, k, v, mask, *, scale: float, block: int = 256):
         block //= 2
     if t != k.shape[1] or t % block or t <= block:
         return masked_softmax_attention(q, k, v, mask, scale=scale)
+    qh, kh, vh = to_heads_major(q, k, v)
     outs = []
     for i in range(t // block):
         rows, end = slice(i * block, (i + 1) * block), (i + 1) * block
-        outs.append(masked_softmax_attention(q[:, rows], k[:, :end], v[:, :end], mask[:, rows, :end], scale=scale))
-    return jnp.concatenate(outs, axis=1)
+        outs.append(heads_major_attention(qh[:, :, :, rows], kh[:, :, :end], vh[:, :, :end],
+                                          mask[:, None, None, rows, :end], scale))
+    return jnp.transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4))

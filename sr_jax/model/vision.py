@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from sr_jax.model.config import VisionConfig
-from sr_jax.model.layers import LayerNorm, Linear, activation, apply_rope, call_layer
+from sr_jax.model.layers import (LayerNorm, Linear, activation, apply_rope, call_layer, heads_major_attention,
+                                  to_heads_major)
 from sr_jax.sharding import constrain
 
 PATCH_AXES = ("patches", "act_vision_embed")
@@ -118,28 +119,25 @@ class VisionAttention(nnx.Module):
         # RoPE in float32, as the reference does, then back to the compute dtype.
         q = apply_rope(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
         k = apply_rope(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
+        scale = self.head_dim ** -0.5
         if layout is None:
-            out = _segment_attention(q[None], k[None], v[None], segment[None, :, None] == segment[None, None, :])
+            qh, kh, vh = to_heads_major(q[None, :, :, None], k[None], v[None])
+            allowed = (segment[:, None] == segment[None, :])[None, None, None]
+            out = heads_major_attention(qh, kh, vh, allowed, scale)[0, :, 0].transpose(1, 0, 2)
         else:  # per-image slots (see attention_slots)
             slots, inverse = layout
             rows = jnp.maximum(slots, 0)
-            keys, values, valid = k[rows], v[rows], (slots >= 0)[:, None, :]
+            qh, kh, vh = to_heads_major(q[rows][:, :, :, None], k[rows], v[rows])  # (S, H, 1, L, D), (S, H, L, D)
+            valid = (slots >= 0)[:, None, None, None, :]
             # Query blocks of 128 keep each block's scores small enough to stay in cache (faster on
             # CPU than one (S, H, L, L) score array); slot widths are multiples of 128.
             width = slots.shape[1]
             step = 128 if width % 128 == 0 else width
-            out = jnp.concatenate([_segment_attention(q[rows[:, i:i + step]], keys, values, valid)
-                                   for i in range(0, width, step)], axis=1)
+            out = jnp.concatenate([heads_major_attention(qh[:, :, :, i:i + step], kh, vh, valid, scale)
+                                   for i in range(0, width, step)], axis=3)
+            out = out[:, :, 0].transpose(0, 2, 1, 3)  # (S, L, H, D)
             out = out.reshape(-1, *out.shape[2:])[inverse]
         return self.proj(out.reshape(n, -1))
-
-
-def _segment_attention(q, k, v, allowed):
-    """q (B, Q, H, D), k/v (B, K, H, D), allowed (B, Q or 1, K) -> (B, Q, H, D); float32 softmax."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-    scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def attention_slots(segment: np.ndarray, num_real: int | None = None, multiple: int = 128):
