@@ -164,14 +164,14 @@ def test_per_image_vision_attention_matches_hf(tied):
 
     hf, ours = tied
     rng = np.random.default_rng(6)
-    grids = [(1, 10, 6), (1, 4, 12), (1, 2, 2), (1, 8, 8), (2, 4, 4), (1, 6, 10)] * 3  # 2-frame one: 2 segments
+    grids = [(1, 10, 6), (1, 4, 12), (1, 2, 2), (1, 8, 8), (2, 4, 4), (1, 6, 10)] * 3 + [(1, 12, 12)]  # 2 frames: 2 segments
     pv = random_pixels(rng, grids)
     with torch.no_grad():
         ref = hf.model.visual(torch.as_tensor(pv), grid_thw=torch.as_tensor(grids))
     n = pv.shape[0]
     padded, inputs = pad_patches(pv, ours.prepare_vision(np.array(grids)), 2048)
     layout = attention_slots(inputs.segment, num_real=n)
-    assert layout is not None and layout[0].shape == (32, 128)  # 21 frames -> 32 slots of 128 rows
+    assert layout is not None and layout[0].shape == (32, 192)  # 22 frames -> 32 slots of 192 rows (2 query blocks)
     assert attention_slots(inputs.segment) is None  # counting the padding as an image: not worth it
     with pytest.raises(ValueError, match="non-decreasing"):
         attention_slots(inputs.segment[:n][::-1].copy())

@@ -201,8 +201,8 @@ def test_gradients_match_hf():
     hf = random_hf_model(tiny_hf_config(text_layers=2, vision_depth=2, deepstack=(0, 1)), seed=7)
     ours = our_model_from_hf(hf)
     rng = np.random.default_rng(7)
-    grids = [(1, 8, 8), (1, 4, 6)]
-    rows = [image_prompt(rng, grids[:1], [40, 198]), image_prompt(rng, grids[1:], [30, 120])]
+    grids = [(1, 12, 16), (1, 4, 6)]  # 216 patches: vision attention in 2 query blocks
+    rows = [image_prompt(rng, grids[:1], [40, 166]), image_prompt(rng, grids[1:], [30, 120])]
     ids = np.full((2, 256), 151643, np.int64)
     mask = np.zeros_like(ids)
     labels = np.full_like(ids, IGNORE)

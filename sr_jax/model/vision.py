@@ -120,29 +120,37 @@ class VisionAttention(nnx.Module):
         q = apply_rope(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
         k = apply_rope(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
         scale = self.head_dim ** -0.5
-        if layout is None:
-            qh, kh, vh = to_heads_major(q[None, :, :, None], k[None], v[None])
+        if layout is None:  # every patch against every patch, masked to its own image
+            qh, kh, vh = to_heads_major(q[None, :, :, None], k[None], v[None])  # (1, H, 1, N, D), (1, H, N, D)
             allowed = (segment[:, None] == segment[None, :])[None, None, None]
-            out = heads_major_attention(qh, kh, vh, allowed, scale)[0, :, 0].transpose(1, 0, 2)
+            out = jnp.concatenate([heads_major_attention(qh[:, :, :, a:b], kh, vh, allowed[..., a:b, :], scale)
+                                   for a, b in query_blocks(n)], axis=3)
+            out = out[0, :, 0].transpose(1, 0, 2)  # (N, H, D)
         else:  # per-image slots (see attention_slots)
             slots, inverse = layout
             rows = jnp.maximum(slots, 0)
             qh, kh, vh = to_heads_major(q[rows][:, :, :, None], k[rows], v[rows])  # (S, H, 1, L, D), (S, H, L, D)
             valid = (slots >= 0)[:, None, None, None, :]
-            # Query blocks of 128 keep each block's scores small enough to stay in cache (faster on
-            # CPU than one (S, H, L, L) score array); slot widths are multiples of 128.
-            width = slots.shape[1]
-            step = 128 if width % 128 == 0 else width
-            out = jnp.concatenate([heads_major_attention(qh[:, :, :, i:i + step], kh, vh, valid, scale)
-                                   for i in range(0, width, step)], axis=3)
+            out = jnp.concatenate([heads_major_attention(qh[:, :, :, a:b], kh, vh, valid, scale)
+                                   for a, b in query_blocks(slots.shape[1])], axis=3)
             out = out[:, :, 0].transpose(0, 2, 1, 3)  # (S, L, H, D)
             out = out.reshape(-1, *out.shape[2:])[inverse]
         return self.proj(out.reshape(n, -1))
 
 
-def attention_slots(segment: np.ndarray, num_real: int | None = None, multiple: int = 128):
+def query_blocks(n: int, target: int = 128) -> list[tuple[int, int]]:
+    """[start, stop) query ranges of about `target` rows (multiples of 8) covering n rows. Small
+    blocks keep each block's score array in cache: a single (L, L) score array per head runs
+    2-3x slower on a CPU once it outgrows the cache."""
+    count = -(-n // target)
+    step = -(-n // count)
+    step = -(-step // 8) * 8
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def attention_slots(segment: np.ndarray, num_real: int | None = None, multiple: int = 64):
     """Host-side layout for per-image vision attention: (slots (S, L), inverse (N,)) int32, or
-    None when attention over all N patches at once costs about as much.
+    None when attention over all N patches at once costs no more.
 
     Row k of `slots` lists the patch rows of segment (image frame) k, -1 past its end; `inverse`
     maps each patch row back to its place in the flattened (S * L) slot grid. Attention then runs
@@ -161,7 +169,7 @@ def attention_slots(segment: np.ndarray, num_real: int | None = None, multiple: 
         raise ValueError("vision segments must be contiguous and non-decreasing")
     num = 1 << (len(ids) - 1).bit_length()
     width = -(-int(counts.max()) // multiple) * multiple
-    if 2 * num * width * width > n * n:
+    if num * width * width >= n * n:
         return None
     slots = np.full((num, width), -1, np.int32)
     inverse = np.zeros(n, np.int32)
