@@ -169,9 +169,9 @@ def _attention_bwd(scale, res, d_out):
     d_v = jnp.einsum("bhkq,bhqd->bhkd", _swap_last(rows(p.astype(v.dtype))), rows(d_out), preferred_element_type=f32)
     d_p = jnp.einsum("bhgqd,bhkd->bhgqk", d_out, v, preferred_element_type=f32)
     delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-    d_s = (p * (d_p - delta) * scale).astype(q.dtype)
-    d_q = jnp.einsum("bhgqk,bhkd->bhgqd", d_s, k, preferred_element_type=f32)
-    d_k = jnp.einsum("bhkq,bhqd->bhkd", _swap_last(rows(d_s)), rows(q), preferred_element_type=f32)
+    d_s = (p * (d_p - delta)).astype(q.dtype)  # the score scale is applied to d_q and d_k (smaller)
+    d_q = jnp.einsum("bhgqk,bhkd->bhgqd", d_s, k, preferred_element_type=f32) * scale
+    d_k = jnp.einsum("bhkq,bhqd->bhkd", _swap_last(rows(d_s)), rows(q), preferred_element_type=f32) * scale
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
