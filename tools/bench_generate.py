@@ -146,6 +146,16 @@ def main() -> None:
     for batch, plen, o, h, c, same, op, hp, os_, hs in rows:
         print(f"{batch:>5} {plen:>6} {o:>13.1f} {h:>9.1f} {o / h:>5.1f}x {c:>12.1f} {same:>11.1%} "
               f"{op:>10.2f}/{hp:<9.2f} {os_:>12.1f}/{hs:<12.1f}")
+    # The floor for the prefill: its useful FLOPs (forward; LM head on the last position only)
+    # at this machine's measured float32 matmul peak.
+    from sr_jax.train.metrics import measured_matmul_peak, train_flops
+
+    peak = measured_matmul_peak()
+    for batch in args.batches:
+        ids, _, grids = prompts(batch, np.random.default_rng(0))
+        flops = train_flops(ours.config, [ids.shape[1]] * batch, batch, grids) / 3
+        print(f"prefill at batch {batch}: {flops / 1e9:.0f} GFLOP, {flops / peak:.2f} s at the measured "
+              f"float32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
     ours_ms, hf_ms = bench_sampling()
     print(f"\nsampling step, 16 x 151936 logits, top-k 50 + top-p 0.9: sr_jax {ours_ms:.1f} ms, HF warpers {hf_ms:.1f} ms")
     print("\n(greedy decoding, prefill included in the tokens/s of both; the first sr_jax call includes "
