@@ -102,12 +102,29 @@ def test_causal_attention_equals_masked_attention_with_gradients():
     def loss(f, q, k, v):
         return (jnp.where(live, f(q, k, v, mask, scale=0.25), 0) ** 2 * jnp.arange(16)).sum()
 
+    def textbook(q, k, v, mask, scale):  # softmax(q k^T * scale) v, differentiated by JAX itself
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) * scale
+        s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+        return jnp.einsum("bhgqk,bkhd->bqhgd", jax.nn.softmax(s, axis=-1), v)
+
     blocked = jax.value_and_grad(lambda *a: loss(functools.partial(causal_attention, block=128), *a), (0, 1, 2))
     plain = jax.value_and_grad(lambda *a: loss(masked_softmax_attention, *a), (0, 1, 2))
-    (lb, gb), (lp, gp) = blocked(q, k, v), plain(q, k, v)
-    assert_close(lb, lp, 1e-5)
-    for a, b in zip(gb, gp):
-        assert_close(a, b, 1e-5)
+    reference = jax.value_and_grad(lambda *a: loss(textbook, *a), (0, 1, 2))
+    (lr, gr) = reference(q, k, v)
+    for lx, gx in (blocked(q, k, v), plain(q, k, v)):
+        assert_close(lx, lr, 1e-5)
+        for a, b in zip(gx, gr):
+            assert_close(a, b, 1e-5)
+    # A padding query (no visible key) averages all the values it is given, as a softmax over the
+    # fill does (the blocked path gives it its block's keys only; the output is unused either way).
+    dead = np.asarray(masked_softmax_attention(q, k, v, mask, scale=0.25))[1, 10]
+    np.testing.assert_allclose(dead, np.asarray(v[1]).mean(0)[:, None].repeat(3, 1), atol=1e-5)
+    # bfloat16 inputs: gradients within bfloat16 precision of the float32 reference.
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    _, gbf = jax.value_and_grad(lambda *a: loss(functools.partial(causal_attention, block=128), *a), (0, 1, 2))(*bf)
+    for a, b in zip(gbf, gr):
+        assert a.dtype == jnp.bfloat16
+        assert_close(a, b, 3e-2)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
