@@ -162,6 +162,18 @@ def test_loss_matches_full_logits_reference(weighting, chunk):
     assert float(small.tokens) == n - 5 and float(small.dropped) == 5
 
 
+def right_padded(rows, width, answer):
+    """(ids, mask, labels) for token rows right-padded to `width`; the last `answer` tokens of
+    each row are its labels."""
+    ids = np.full((len(rows), width), 151643, np.int64)
+    mask = np.zeros_like(ids)
+    labels = np.full_like(ids, IGNORE)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        labels[i, len(r) - answer:len(r)] = r[-answer:]
+    return ids, mask, labels
+
+
 def test_loss_matches_hf():
     """Our loss (label rows only) == HF's Qwen3VLForConditionalGeneration(labels=...).loss."""
     hf = random_hf_model(tiny_hf_config(text_layers=1, vision_depth=1, deepstack=(0,)), seed=3)
@@ -169,13 +181,7 @@ def test_loss_matches_hf():
     rng = np.random.default_rng(3)
     grids = [(1, 4, 6)]
     rows = [image_prompt(rng, grids, [3, 6]), rng.integers(0, 151000, 9)]
-    width = max(len(r) for r in rows)
-    ids = np.full((2, width), 151643, np.int64)
-    mask = np.zeros_like(ids)
-    labels = np.full_like(ids, IGNORE)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = r, 1
-        labels[i, len(r) - 4:len(r)] = r[-4:]
+    ids, mask, labels = right_padded(rows, max(len(r) for r in rows), answer=4)
     pv = random_pixels(rng, grids)
     with torch.no_grad():
         ref = hf(**hf_inputs(ids, mask, pv, grids), labels=torch.as_tensor(labels)).loss.item()
@@ -203,12 +209,7 @@ def test_gradients_match_hf():
     rng = np.random.default_rng(7)
     grids = [(1, 12, 16), (1, 4, 6)]  # 216 patches: vision attention in 2 query blocks
     rows = [image_prompt(rng, grids[:1], [40, 166]), image_prompt(rng, grids[1:], [30, 120])]
-    ids = np.full((2, 256), 151643, np.int64)
-    mask = np.zeros_like(ids)
-    labels = np.full_like(ids, IGNORE)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = r, 1
-        labels[i, len(r) - 24:len(r)] = r[-24:]
+    ids, mask, labels = right_padded(rows, 256, answer=24)
     pv = random_pixels(rng, grids)
     hf.zero_grad()
     hf(**hf_inputs(ids, mask, pv, grids), labels=torch.as_tensor(labels)).loss.backward()
