@@ -105,10 +105,14 @@ def main() -> None:
     n_params = sum(p.numel() for p in hf.parameters())
     print(f"model: {n_params / 1e6:.0f}M params, float32; jax {jax.__version__} on {jax.devices()[0].platform}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    from sr_jax.train.metrics import train_flops
+
     rng = np.random.default_rng(0)
-    rows = []
+    rows, prefill_flops = [], {}
     for batch in args.batches:
         ids, pixels, grids = prompts(batch, rng)
+        # Useful prefill FLOPs: the forward pass, LM head on the last position only.
+        prefill_flops[batch] = train_flops(ours.config, [ids.shape[1]] * batch, batch, grids) / 3
         t0 = time.perf_counter()
         out = generate(ours, ids, None, pixels, grids, max_new_tokens=args.new, stop_ids=[])
         compile_s = time.perf_counter() - t0
@@ -146,16 +150,25 @@ def main() -> None:
     for batch, plen, o, h, c, same, op, hp, os_, hs in rows:
         print(f"{batch:>5} {plen:>6} {o:>13.1f} {h:>9.1f} {o / h:>5.1f}x {c:>12.1f} {same:>11.1%} "
               f"{op:>10.2f}/{hp:<9.2f} {os_:>12.1f}/{hs:<12.1f}")
-    # The floor for the prefill: its useful FLOPs (forward; LM head on the last position only)
-    # at this machine's measured float32 matmul peak.
-    from sr_jax.train.metrics import measured_matmul_peak, train_flops
+    # Floors: the prefill's useful FLOPs at this machine's measured float32 matmul peak, and the
+    # LM-head product every decode step runs (it reads the whole vocabulary matrix).
+    from sr_jax.train.metrics import measured_matmul_peak
 
     peak = measured_matmul_peak()
+    head = jax.jit(ours.logits)
+    head_bytes = ours.lm_head.kernel[...].nbytes
     for batch in args.batches:
-        ids, _, grids = prompts(batch, np.random.default_rng(0))
-        flops = train_flops(ours.config, [ids.shape[1]] * batch, batch, grids) / 3
-        print(f"prefill at batch {batch}: {flops / 1e9:.0f} GFLOP, {flops / peak:.2f} s at the measured "
-              f"float32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
+        flops = prefill_flops[batch]
+        hidden = jax.numpy.ones((batch, ours.config.text.hidden_size), jax.numpy.float32)
+        head(hidden).block_until_ready()
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            head(hidden).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        print(f"batch {batch}: prefill {flops / 1e9:.0f} GFLOP = {flops / peak:.2f} s at the measured float32 "
+              f"matmul peak ({peak / 1e9:.0f} GFLOP/s); LM-head product {1e3 * min(times):.1f} ms "
+              f"({head_bytes / 1e6:.0f} MB of weights, {head_bytes / min(times) / 1e9:.1f} GB/s)")
     ours_ms, hf_ms = bench_sampling()
     print(f"\nsampling step, 16 x 151936 logits, top-k 50 + top-p 0.9: sr_jax {ours_ms:.1f} ms, HF warpers {hf_ms:.1f} ms")
     print("\n(greedy decoding, prefill included in the tokens/s of both; the first sr_jax call includes "

@@ -192,6 +192,24 @@ def to_heads_major(q, k, v):
     return jnp.transpose(q, (0, 2, 3, 1, 4)), jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
 
 
+def query_blocks(n: int, target: int = 128) -> list[tuple[int, int]]:
+    """[start, stop) ranges of about `target` rows (multiples of 8) covering n rows."""
+    count = -(-n // target)
+    step = -(-n // count)
+    step = -(-step // 8) * 8
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def query_blocked_attention(q, k, v, allowed, scale: float, target: int = 128):
+    """`heads_major_attention` in query blocks of about `target` rows, each against all keys:
+    a block's scores stay in cache, which on a CPU is much faster than one score array per head
+    once that outgrows the cache. `allowed` has a query axis of 1 or Q."""
+    def mask(a, b):
+        return allowed if allowed.shape[-2] == 1 else allowed[..., a:b, :]
+    return jnp.concatenate([heads_major_attention(q[..., a:b, :], k, v, mask(a, b), scale)
+                            for a, b in query_blocks(q.shape[-2], target)], axis=-2)
+
+
 def masked_softmax_attention(q, k, v, mask, *, scale: float):
     """Grouped-query attention on (B, Tq, Hkv, G, D) queries and (B, Tk, Hkv, D) keys/values.
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from sr_jax.model.config import VisionConfig
-from sr_jax.model.layers import (LayerNorm, Linear, activation, apply_rope, call_layer, heads_major_attention,
+from sr_jax.model.layers import (LayerNorm, Linear, activation, apply_rope, call_layer, query_blocked_attention,
                                   to_heads_major)
 from sr_jax.sharding import constrain
 
@@ -123,29 +123,15 @@ class VisionAttention(nnx.Module):
         if layout is None:  # every patch against every patch, masked to its own image
             qh, kh, vh = to_heads_major(q[None, :, :, None], k[None], v[None])  # (1, H, 1, N, D), (1, H, N, D)
             allowed = (segment[:, None] == segment[None, :])[None, None, None]
-            out = jnp.concatenate([heads_major_attention(qh[:, :, :, a:b], kh, vh, allowed[..., a:b, :], scale)
-                                   for a, b in query_blocks(n)], axis=3)
-            out = out[0, :, 0].transpose(1, 0, 2)  # (N, H, D)
+            out = query_blocked_attention(qh, kh, vh, allowed, scale)[0, :, 0].transpose(1, 0, 2)  # (N, H, D)
         else:  # per-image slots (see attention_slots)
             slots, inverse = layout
             rows = jnp.maximum(slots, 0)
             qh, kh, vh = to_heads_major(q[rows][:, :, :, None], k[rows], v[rows])  # (S, H, 1, L, D), (S, H, L, D)
             valid = (slots >= 0)[:, None, None, None, :]
-            out = jnp.concatenate([heads_major_attention(qh[:, :, :, a:b], kh, vh, valid, scale)
-                                   for a, b in query_blocks(slots.shape[1])], axis=3)
-            out = out[:, :, 0].transpose(0, 2, 1, 3)  # (S, L, H, D)
+            out = query_blocked_attention(qh, kh, vh, valid, scale)[:, :, 0].transpose(0, 2, 1, 3)  # (S, L, H, D)
             out = out.reshape(-1, *out.shape[2:])[inverse]
         return self.proj(out.reshape(n, -1))
-
-
-def query_blocks(n: int, target: int = 128) -> list[tuple[int, int]]:
-    """[start, stop) query ranges of about `target` rows (multiples of 8) covering n rows. Small
-    blocks keep each block's score array in cache: a single (L, L) score array per head runs
-    2-3x slower on a CPU once it outgrows the cache."""
-    count = -(-n // target)
-    step = -(-n // count)
-    step = -(-step // 8) * 8
-    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
 def attention_slots(segment: np.ndarray, num_real: int | None = None, multiple: int = 64):

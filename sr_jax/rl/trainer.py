@@ -9,8 +9,9 @@ exact: rollout sampling is seeded by (train.seed, step).
 Several processes (a pod slice): every process runs the same rollout (the same prompts and
 seeds, so the same completions from the globally sharded model; generation runs under the mesh,
 so the rows are split over the batch axes as in training), process 0 computes the rewards and
-broadcasts them (an external judge is called once per completion), and each process places its devices' slices of the
-update batch; process 0 writes the metrics, the run config and the tokenizer.
+broadcasts them (an external judge is called once per completion), and each process places its
+devices' slices of the update batch; process 0 writes the metrics, the run config and the
+tokenizer.
 
 The reference policy is the starting weights: a frozen copy of the trainable parameters for a
 full fine-tune (rebuilt from `model.init_from` on resume, not checkpointed), and for LoRA the
