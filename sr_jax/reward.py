@@ -352,7 +352,8 @@ def parse_output(text: Any, with_region: bool = True, score_range: float = SCORE
     Where the official scripts would crash (a score that is text or null, a number too large for
     a float) the official modes treat the score as missing, like the strict mode does; booleans
     count as 1/0 as they do in the official Python code. In official modes `edit_region` is read
-    with the strict box rules, which do not affect scores.
+    with the strict box rules, which do not affect scores; their extra error codes are
+    score_by_pattern, score_by_numbers (a fallback gave the scores) and no_score.
 
     The strict mode:
 
