@@ -5,7 +5,17 @@ overediting]; PQ: reasoning + [naturalness, artifacts]). A policy being trained 
 sees thousands of samples, and a reward model occasionally writes broken JSON, so the parser never
 raises: it repairs what it can and falls back to the middle of the scale for what it cannot.
 
+Two more reading rules reproduce the official SpatialReward scripts on the same text (see
+`PARSE_MODES`): `official_eval` (the benchmark evaluation scripts) and `official_server` (the
+released reward server). They are for reproducing published numbers; the strict reading above stays
+the default for scoring and RL.
+
 `aggregate` / `aggregate_batch` combine the two score pairs into the scalar reward.
+
+One rule for numbers too large for a float, in every mode: a value that does not fit a finite
+64-bit float (a 401-digit integer, `1e400`, `Infinity`, `NaN`) is unreadable. As a score it counts
+as a missing score in its place (score_range / 2, counted in `missing_scores`); as a box
+coordinate it drops its region. The rest of the answer is kept.
 """
 
 from __future__ import annotations
@@ -37,6 +47,26 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _SCORE_FALLBACK = re.compile(
     r"""["']?scores?["']?\s*[:=]\s*[\[(]([^,\]\)\n]*)(?:,([^,\]\)\n]*))?""", re.IGNORECASE
 )
+
+
+_MAX_INT_DIGITS = 300  # longer integers exceed any float anyway; int() of them is slow and limited
+
+
+def _read_number(text: str) -> int | float:
+    """A JSON-style number literal; integers stay int while they fit a float. float() takes any
+    length and gives inf past the float range, which `_finite` then rejects."""
+    if len(text) <= _MAX_INT_DIGITS and text.lstrip("+-").isdigit():
+        return int(text)
+    return float(text)
+
+
+def _finite(x: Any) -> float | None:
+    """A Python number as a finite float, else None (the huge-number rule)."""
+    try:
+        v = float(x)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
 
 
 class _LenientReader:
@@ -80,10 +110,7 @@ class _LenientReader:
         m = _NUMBER.match(self.s, i)
         if m:
             text = m.group()
-            try:
-                return (int(text) if text.lstrip("+-").isdigit() else float(text)), m.end()
-            except (ValueError, OverflowError):
-                return _NOTHING, i
+            return _read_number(text), m.end()
         m = _WORD.match(self.s, i)
         if m and m.group().lower() in _WORDS:
             return _WORDS[m.group().lower()], m.end()
@@ -204,7 +231,7 @@ def _candidate_objects(text: str) -> tuple[list[dict], bool, bool]:
         _collect_dicts(obj, found)
         if any(k in obj for k in ("score", "scores", "reasoning", "edit_region")):
             try:
-                json.loads(text[i:end])
+                _json_loads(text[i:end])
             except ValueError:
                 strict = False
         i = max(end, i + 1)
@@ -235,18 +262,11 @@ def _as_number(x: Any) -> float | None:
     if isinstance(x, bool) or x is None:
         return None
     if isinstance(x, (int, float)):
-        v = float(x)
-    elif isinstance(x, str):
+        return _finite(x)
+    if isinstance(x, str):
         m = _NUMBER.search(x)
-        if not m:
-            return None
-        try:
-            v = float(m.group())
-        except (ValueError, OverflowError):
-            return None
-    else:
-        return None
-    return v if math.isfinite(v) else None
+        return _finite(m.group()) if m else None
+    return None
 
 
 def _scores_from(raw: Any) -> list[float | None]:
@@ -309,8 +329,33 @@ def _regions_from(raw: Any, errors: list[str]) -> list[dict]:
     return regions
 
 
-def parse_output(text: Any, with_region: bool = True, score_range: float = SCORE_RANGE) -> dict:
-    """Reads one generated answer. Never raises.
+PARSE_MODES = ("strict", "official_eval", "official_server")
+
+
+def parse_output(text: Any, with_region: bool = True, score_range: float = SCORE_RANGE,
+                 mode: str = "strict") -> dict:
+    """Reads one generated answer. Never raises (except ValueError for an unknown `mode`).
+
+    `mode` picks the reading rule; every mode returns the same fields:
+      strict           sr_jax's own reading (below); the default for scoring and RL.
+      official_eval    the official benchmark evaluation scripts' reading: `<think>...</think>`
+                       blocks removed, the text from the first `{` to the last `}` read as JSON;
+                       if that is not valid JSON, a `"score": [a, b, ...]` pattern in it (plain
+                       decimals, at least two) gives the first two scores; a lone score is used
+                       twice (`[21]` -> [21, 21]); no answer -> both scores score_range / 2.
+                       Scores are not clamped. Used by `sr-jax eval`.
+      official_server  the released reward server's reading: no think handling, first `{` to last
+                       `}` as JSON, retried with every `'` turned into `"`, else the first two
+                       numbers anywhere in the text; numbers are kept, other list items dropped;
+                       fewer than two scores are padded with score_range / 2 (`[21]` -> [21, 12.5]).
+                       Scores are not clamped.
+    Where the official scripts would crash (a score that is text or null, a number too large for
+    a float) the official modes treat the score as missing, like the strict mode does; booleans
+    count as 1/0 as they do in the official Python code. In official modes `edit_region` is read
+    with the strict box rules, which do not affect scores; their extra error codes are
+    score_by_pattern, score_by_numbers (a fallback gave the scores) and no_score.
+
+    The strict mode:
 
     Returns {"score": [float, float], "reasoning": str, "edit_region": [...] (only when
     with_region, i.e. SC answers), "parsed": bool, "missing_scores": 0..2, "errors": [codes]}.
@@ -329,11 +374,16 @@ def parse_output(text: Any, with_region: bool = True, score_range: float = SCORE
     - `parsed` is True when an answer object was found; error codes: no_json, truncated,
       not_strict_json, unclosed_think, score_clamped, regionN:<why>, edit_region_not_list.
     """
+    if mode not in PARSE_MODES:
+        raise ValueError(f"parse mode must be one of {PARSE_MODES}, got {mode!r}")
     errors: list[str] = []
     default = float(score_range) / 2.0
     try:
         if not isinstance(text, str):
             text = text.decode("utf-8", "replace") if isinstance(text, bytes) else ("" if text is None else str(text))
+        if mode != "strict":
+            reader = _parse_official_eval if mode == "official_eval" else _parse_official_server
+            return _official_result(*reader(text, errors), errors, default, with_region)
         body = _strip_thinking(text, errors)
         objects, truncated, strict = _candidate_objects(body)
         answer = _choose_answer(objects)
@@ -375,7 +425,116 @@ def parse_output(text: Any, with_region: bool = True, score_range: float = SCORE
         return result
 
 
-AGGREGATION_MODES = ("weighted", "min_geometric")
+# ---------------------------------------------------------------- the official scripts' readings
+
+_OFFICIAL_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)  # case-sensitive, as theirs
+_PLAIN_NUMBER = r"[-+]?\d*\.?\d+"  # no exponent: "1e5" reads as the two numbers 1 and 5
+_EVAL_SCORE_LIST = re.compile(r'"score"\s*:\s*\[(' + _PLAIN_NUMBER + r"(?:,\s*" + _PLAIN_NUMBER + r")+)\]")
+_ANY_NUMBER = re.compile(_PLAIN_NUMBER)
+
+
+def _json_loads(text: str) -> Any:
+    """json.loads where a long integer reads as float (inf past the range) instead of hitting
+    Python's int-digit limit, so the huge-number rule sees every oversized number alike."""
+    return json.loads(text, parse_int=_read_number)
+
+
+def _braced(text: str) -> str | None:
+    """First `{` to last `}` (what a greedy `{.*}` search finds), or None."""
+    start, end = text.find("{"), text.rfind("}")
+    return text[start:end + 1] if 0 <= start < end else None
+
+
+def _python_number(x: Any) -> float | None:
+    """What the official Python arithmetic accepts as a score: int, float or bool; finite."""
+    return _finite(x) if isinstance(x, (int, float)) else None
+
+
+def _parse_official_eval(text: str, errors: list[str]) -> tuple[dict | None, list | None]:
+    """(answer object or None, raw score items or None = use the defaults)."""
+    body = _OFFICIAL_THINK.sub("", text).strip()
+    if body.find("{") < 0 or body.rfind("}") < 0:
+        errors.append("no_json")
+        return None, None
+    candidate = body[body.find("{"):body.rfind("}") + 1]  # empty when the last } precedes the first {
+    try:
+        answer = _json_loads(candidate)
+    except json.JSONDecodeError:
+        errors.append("not_strict_json")
+        m = _EVAL_SCORE_LIST.search(candidate)
+        if m is None:
+            return None, None
+        errors.append("score_by_pattern")
+        return {}, [float(v) for v in m.group(1).split(",")[:2]]
+    except (ValueError, RecursionError):  # their reader gives up on these too
+        errors.append("no_json")
+        return None, None
+    if not isinstance(answer, dict):
+        errors.append("no_json")
+        return None, None
+    if "score" not in answer:
+        errors.append("no_score")
+        return answer, None
+    raw = answer["score"]
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        return answer, None
+    if len(items) < 2:
+        items = items * 2
+    return answer, items[:2]
+
+
+def _parse_official_server(text: str, errors: list[str]) -> tuple[dict | None, list | None]:
+    if not text.strip():
+        errors.append("no_json")
+        return None, None
+    candidate = _braced(text)
+    if candidate is None:  # no object at all: the defaults, without looking for numbers
+        errors.append("no_json")
+        return None, None
+    answer = None
+    try:
+        answer = _json_loads(candidate)
+    except (ValueError, RecursionError):
+        errors.append("not_strict_json")
+        try:
+            answer = _json_loads(candidate.replace("'", '"'))
+        except (ValueError, RecursionError):
+            pass
+    if not isinstance(answer, dict):  # the last resort reads the whole text, think block included
+        errors.append("score_by_numbers")
+        return None, [float(v) for v in _ANY_NUMBER.findall(text)[:2]]
+    raw = answer.get("score", [])
+    if isinstance(raw, (int, float)):
+        items = [raw]
+    elif isinstance(raw, list):
+        items = [v for v in raw if isinstance(v, (int, float))]
+    else:
+        items = []
+    return answer, items[:2]
+
+
+def _official_result(answer: dict | None, items: list | None, errors: list[str], default: float,
+                     with_region: bool) -> dict:
+    values = [_python_number(v) for v in (items or [])][:2]
+    values += [None] * (2 - len(values))
+    answer_obj = answer if isinstance(answer, dict) else {}
+    reasoning = answer_obj.get("reasoning", answer_obj.get("reason", ""))
+    result = {
+        "score": [default if v is None else v for v in values],
+        "reasoning": reasoning if isinstance(reasoning, str) else ("" if reasoning is None else str(reasoning)),
+        "parsed": answer is not None,
+        "missing_scores": sum(v is None for v in values),
+        "errors": errors,
+    }
+    if with_region:
+        result["edit_region"] = _regions_from(answer_obj.get("edit_region"), errors)
+    return result
+
+
+# ---------------------------------------------------------------- aggregation
+
+AGGREGATION_MODES = ("weighted", "min_geometric", "mean")
 
 
 def _pairs(values: Any, name: str) -> np.ndarray:
@@ -405,6 +564,7 @@ def aggregate_batch(
     score_range: float = SCORE_RANGE,
     grounding: Any = None,
     grounding_weight: float = 0.0,
+    clamp: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vectorised `aggregate` for N answers: sc_scores and pq_scores are [N, 2]; returns three
     float64 arrays of shape [N] (reward, SC, PQ). See `aggregate` for the formula."""
@@ -420,14 +580,19 @@ def aggregate_batch(
     if sc.shape != pq.shape:
         raise ValueError(f"sc_scores has {sc.shape[0]} rows but pq_scores has {pq.shape[0]}")
     unit = score_range / 10.0  # both components live on 0..10
+    top = 10.0 if clamp else np.inf
     if mode == "weighted":
-        sc_raw, pq_raw = w1 * sc[:, 0] + w2 * sc[:, 1], w3 * pq[:, 0] + w4 * pq[:, 1]
+        sc_10 = np.clip((w1 * sc[:, 0] + w2 * sc[:, 1]) / unit, 0.0, top)
+        pq_10 = np.clip((w3 * pq[:, 0] + w4 * pq[:, 1]) / unit, 0.0, top)
+        # Bases are >= 0 after clipping, so the powers are real; numpy gives 0**x = 0 (x > 0), 0**0 = 1.
+        reward = sc_10**a * pq_10 ** (1.0 - a) / 10.0
     else:
-        sc_raw, pq_raw = sc.min(axis=1), pq.min(axis=1)
-    sc_10 = np.clip(sc_raw / unit, 0.0, 10.0)
-    pq_10 = np.clip(pq_raw / unit, 0.0, 10.0)
-    # Bases are >= 0 after clipping, so the powers are real; numpy gives 0**x = 0 (x > 0), 0**0 = 1.
-    reward = sc_10**a * pq_10 ** (1.0 - a) / 10.0
+        pick = np.min if mode == "min_geometric" else np.mean
+        sc_10 = np.maximum(pick(sc, axis=1) / unit, 0.0)
+        pq_10 = np.maximum(pick(pq, axis=1) / unit, 0.0)
+        # The official geometric modes cap the combined score, not its parts.
+        reward = np.minimum(np.sqrt(sc_10 * pq_10), top) / 10.0
+        sc_10, pq_10 = np.minimum(sc_10, top), np.minimum(pq_10, top)
     if grounding is not None:
         g = np.broadcast_to(np.asarray(grounding, dtype=np.float64), reward.shape)
         if not (np.isfinite(g) & (g >= 0) & (g <= 1)).all():
@@ -448,15 +613,25 @@ def aggregate(
     score_range: float = SCORE_RANGE,
     grounding: float | None = None,
     grounding_weight: float = 0.0,
+    clamp: bool = True,
 ) -> tuple[float, float, float]:
     """Scalar reward in [0, 1] from SC scores (success, overediting) and PQ scores
     (naturalness, artifacts), each on 0..score_range. Returns (reward, SC, PQ), SC and PQ on 0..10.
+    With u = score_range / 10:
 
-    mode "weighted":      SC = (w1*s1 + w2*s2) / (score_range/10),  PQ = (w3*n + w4*art) / (score_range/10)
-    mode "min_geometric": SC = min(s1, s2) / (score_range/10),      PQ = min(n, art) / (score_range/10)
-    (the min variant follows VIEScore: an edit is only as good as its weakest criterion; w1..w4
-    are unused there). SC and PQ are clamped to [0, 10]; then in both modes
-        reward = SC**a * PQ**(1 - a) / 10      (a zero component gives a zero reward, never NaN).
+    mode "weighted" (the official weighted geometric mean; the evaluation's "weighted_power"):
+        SC = (w1*s1 + w2*s2) / u,  PQ = (w3*n + w4*art) / u,  each clamped to [0, 10];
+        reward = SC**a * PQ**(1 - a) / 10      (a zero component gives a zero reward, never NaN)
+    mode "min_geometric" (the official min geometric mean; the evaluation's "min"):
+        SC = min(s1, s2) / u,  PQ = min(n, art) / u;  reward = min(sqrt(SC * PQ), 10) / 10
+    mode "mean" (the evaluation's "mean"):
+        SC = (s1 + s2) / 2 / u,  PQ = (n + art) / 2 / u;  reward = min(sqrt(SC * PQ), 10) / 10
+    In the two geometric modes the exponent is 0.5 and `a`, w1..w4 are unused (as officially);
+    SC and PQ are floored at 0 and reported capped at 10.
+    `clamp=False` drops every cap at 10, the official evaluation scripts' arithmetic (they cap
+    nothing); scores above score_range then give a reward above 1. Negative parts are still
+    floored at 0 (the official code would fail on them).
+
     If `grounding` (a pixel-grounding score in [0, 1]) is given, the reward becomes
     (1 - grounding_weight) * reward + grounding_weight * grounding; without it grounding_weight
     is ignored, so a scorer can keep one setting for answers with and without a reference image.
@@ -464,6 +639,6 @@ def aggregate(
     """
     reward, sc, pq = aggregate_batch(
         [sc_scores], [pq_scores], mode, w1, w2, w3, w4, a, score_range,
-        None if grounding is None else [grounding], grounding_weight,
+        None if grounding is None else [grounding], grounding_weight, clamp,
     )
     return float(reward[0]), float(sc[0]), float(pq[0])

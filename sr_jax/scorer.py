@@ -18,9 +18,9 @@ from sr_jax.data.image import open_image
 from sr_jax.data.processor import Processor
 from sr_jax.data.records import SpatialExample
 from sr_jax.data.templates import PromptTemplates
-from sr_jax.generation import PAD_ID, generate
+from sr_jax.generation import DEFAULT_STOP_IDS, PAD_ID, generate
 from sr_jax.grounding import grounding_check
-from sr_jax.reward import aggregate, parse_output
+from sr_jax.reward import AGGREGATION_MODES, PARSE_MODES, aggregate, parse_output
 
 
 @dataclasses.dataclass
@@ -31,7 +31,11 @@ class ScorerOptions:
     top_k: int = 0
     seed: int = 0
     batch_size: int = 8            # prompts per generate call (SC and PQ prompts count separately)
-    mode: str = "weighted"         # or "min_geometric"
+    mode: str = "weighted"         # or "min_geometric", "mean" (sr_jax.reward.AGGREGATION_MODES)
+    # How answers are read (sr_jax.reward.PARSE_MODES): "strict" (sr_jax's own, clamped to the
+    # score range), "official_eval" (the official evaluation scripts' reading, and their
+    # arithmetic: no cap at 10), "official_server" (the released reward server's reading).
+    parse_mode: str = "strict"
     w1: float = 0.6
     w2: float = 0.4
     w3: float = 0.5
@@ -53,10 +57,11 @@ class ScorerOptions:
 
     def validate(self) -> "ScorerOptions":
         """Value checks, so a bad option is the caller's error (HTTP 400), not a model failure."""
-        from sr_jax.reward import AGGREGATION_MODES
+        from sr_jax.reward import AGGREGATION_MODES, PARSE_MODES
 
         checks = [
             (self.mode in AGGREGATION_MODES, f"mode must be one of {AGGREGATION_MODES}"),
+            (self.parse_mode in PARSE_MODES, f"parse_mode must be one of {PARSE_MODES}"),
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -123,8 +128,14 @@ class Scorer:
 
     def generate_texts(self, prompts: list[dict], opts: ScorerOptions) -> list[str]:
         """Greedy/sampled answers for encoded prompts, batched by similar length (left padding)."""
+        return self.generate_answers(prompts, opts)[0]
+
+    def generate_answers(self, prompts: list[dict], opts: ScorerOptions) -> tuple[list[str], list[bool]]:
+        """(answers, truncated): an answer is truncated when it reached max_new_tokens without a
+        stop token, i.e. it was cut off rather than finished."""
         order = sorted(range(len(prompts)), key=lambda i: prompts[i]["input_ids"].shape[1])
         texts: list[str] = [""] * len(prompts)
+        truncated: list[bool] = [False] * len(prompts)
         for start in range(0, len(order), opts.batch_size):
             chunk = [prompts[i] for i in order[start:start + opts.batch_size]]
             width = max(p["input_ids"].shape[1] for p in chunk)
@@ -141,7 +152,8 @@ class Scorer:
             for row, idx in enumerate(order[start:start + opts.batch_size]):
                 texts[idx] = self.processor.tokenizer.decode(
                     [t for t in new[row].tolist() if t != PAD_ID], skip_special_tokens=True)
-        return texts
+                truncated[idx] = not np.isin(new[row], DEFAULT_STOP_IDS).any()
+        return texts, truncated
 
     # ---- the public call ----
     def score(self, originals: Sequence[Any], edited: Sequence[Any], instructions: Sequence[str],
@@ -154,19 +166,21 @@ class Scorer:
                              f"({len(instructions)}) must have the same length")
         if not edited:
             return []
-        texts = self.generate_texts(self._encode_prompts(originals, edited, instructions), opts)
+        texts, cut = self.generate_answers(self._encode_prompts(originals, edited, instructions), opts)
         n = len(edited)
-        return [self._result(originals[i], edited[i], texts[i], texts[n + i], opts) for i in range(n)]
+        return [self._result(originals[i], edited[i], texts[i], texts[n + i], opts,
+                             {"sc": cut[i], "pq": cut[n + i]}) for i in range(n)]
 
-    def _result(self, original, edited, sc_text: str, pq_text: str, opts: ScorerOptions) -> dict:
-        sc = parse_output(sc_text, with_region=True, score_range=opts.score_range)
-        pq = parse_output(pq_text, with_region=False, score_range=opts.score_range)
+    def _result(self, original, edited, sc_text: str, pq_text: str, opts: ScorerOptions,
+                truncated: dict | None = None) -> dict:
+        sc = parse_output(sc_text, with_region=True, score_range=opts.score_range, mode=opts.parse_mode)
+        pq = parse_output(pq_text, with_region=False, score_range=opts.score_range, mode=opts.parse_mode)
         grounding = None
         if opts.grounding:
             grounding = grounding_check(open_image(_as_list(original)[0]), open_image(edited), sc["edit_region"])
         reward, sc_value, pq_value = aggregate(
             sc["score"], pq["score"], mode=opts.mode, w1=opts.w1, w2=opts.w2, w3=opts.w3, w4=opts.w4, a=opts.a,
-            score_range=opts.score_range,
+            score_range=opts.score_range, clamp=opts.parse_mode != "official_eval",
             grounding=None if grounding is None else grounding["grounding_score"],
             grounding_weight=opts.grounding_weight if grounding is not None else 0.0)
         return {
@@ -179,6 +193,7 @@ class Scorer:
             "reasoning": {"sc": sc["reasoning"], "pq": pq["reasoning"]},
             "grounding": grounding,
             "parsed": {"sc": sc["parsed"], "pq": pq["parsed"]},
+            "truncated": truncated or {"sc": False, "pq": False},
             "raw": {"sc": sc_text, "pq": pq_text},
         }
 
@@ -192,7 +207,9 @@ def register(sub) -> None:
     p.add_argument("--instruction", required=True)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--mode", default="weighted", choices=["weighted", "min_geometric"])
+    p.add_argument("--mode", default="weighted", choices=list(AGGREGATION_MODES))
+    p.add_argument("--parse-mode", default="strict", choices=list(PARSE_MODES),
+                   help="answer reading: sr_jax's strict one, or the official evaluation's / server's")
     p.add_argument("--grounding-weight", type=float, default=0.0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any ScorerOptions field")
     p.set_defaults(func=_score_command)
@@ -208,7 +225,8 @@ def _score_command(args) -> int:
         key, _, raw = item.partition("=")
         extra[key] = yaml.safe_load(raw)
     scorer = Scorer.from_pretrained(args.model, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                                    mode=args.mode, grounding_weight=args.grounding_weight, **extra)
+                                    mode=args.mode, parse_mode=args.parse_mode,
+                                    grounding_weight=args.grounding_weight, **extra)
     result = scorer.score([args.original], [args.edited], [args.instruction])[0]
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0

@@ -216,17 +216,60 @@ def test_mer_metrics_by_hand(mer_parquet):
     assert len(scorer.scored) == 12 and all(n == 1 for *_, n in scorer.scored)
     overall = summary["overall"]
     assert overall["n"] == 5 and overall["exact_match"] == pytest.approx(1 / 5)
-    assert overall["top1"] == pytest.approx(2 / 5) and overall["top2"] == pytest.approx(1 / 2)
+    # Official columns. Stable sort by descending reward, p = predicted order of the items:
+    # a [200,100] p=[0,1]; b [100,200] p=[1,0]; c [150,150] tie -> p=[0,1];
+    # d [250,50,100] p=[0,2,1]; e [100,200,200] p=[1,2,0].
+    assert overall["top1"] == pytest.approx(3 / 5)  # a, c, d
+    assert overall["top2"] == pytest.approx(3 / 5)  # a, b, c (2-pair groups always); d {0,2}, e {1,2}
+    # tau = (C - D) / (k(k-1)/2): a 1, b -1, c 1, d (2-1)/3, e (1-2)/3
+    assert overall["kendall_tau"] == pytest.approx((1 - 1 + 1 + 1 / 3 - 1 / 3) / 5)
+    # rho = 1 - 6 sum (p_i - i)^2 / (k(k^2-1)): a 1, b -1, c 1, d 1 - 12/24, e 1 - 36/24
+    assert overall["spearman_rho"] == pytest.approx((1 - 1 + 1 + 0.5 - 0.5) / 5)
+    # ndcg = sum (k-i)/log2(p_i+2) / sum (k-i)/log2(i+2)
+    l3 = math.log2(3)
+    ndcg_b = (2 / l3 + 1) / (2 + 1 / l3)
+    ndcg_d = (3 + 2 / 2 + 1 / l3) / (3 + 2 / l3 + 1 / 2)
+    ndcg_e = (3 / l3 + 2 / 2 + 1) / (3 + 2 / l3 + 1 / 2)
+    assert overall["ndcg"] == pytest.approx((1 + ndcg_b + 1 + ndcg_d + ndcg_e) / 5)
+    assert overall["position_error"] == pytest.approx((0 + 1 + 0 + 2 / 3 + 4 / 3) / 5)
+    # Tie-aware columns: a tie is never a correct decision (c and e lose), top2 undefined for k = 2.
+    assert overall["strict_top1"] == pytest.approx(2 / 5) and overall["strict_top2"] == pytest.approx(1 / 2)
     tau_e = -2 / math.sqrt(6)  # tau-b: two discordant pairs, one tie in the predictions
-    assert overall["kendall_tau"] == pytest.approx((1 - 1 + 0 + 1 / 3 + tau_e) / 5)
+    assert overall["strict_kendall_tau"] == pytest.approx((1 - 1 + 0 + 1 / 3 + tau_e) / 5)
     assert scipy_stats.kendalltau([100, 200, 200], [3, 2, 1])[0] == pytest.approx(tau_e)
-    assert overall["position_error"] == pytest.approx((0 + 1 + 0.5 + 2 / 3 + 4 / 3) / 5)
+    assert overall["strict_position_error"] == pytest.approx((0 + 1 + 0.5 + 2 / 3 + 4 / 3) / 5)
+    assert overall["truncated_answers"] is None  # this scorer does not say
     by_type = summary["tables"]["by pair type"]
     assert by_type["2pair"]["n"] == 3 and by_type["2pair"]["exact_match"] == pytest.approx(1 / 3)
-    assert by_type["2pair"]["top2"] is None and by_type["3pair"]["top2"] == pytest.approx(0.5)
+    assert by_type["2pair"]["top2"] == 1.0 and by_type["3pair"]["top2"] == 0.0
+    assert by_type["2pair"]["strict_top2"] is None and by_type["3pair"]["strict_top2"] == pytest.approx(0.5)
     by_label = summary["tables"]["by label"]
     assert set(by_label) == {"color", "object", "style"} and by_label["color"]["top1"] == pytest.approx(0.5)
-    assert by_label["object"]["ndcg"] == pytest.approx(((1 + 1 / math.log2(3)) / 2 + 2.5 / (2 + 1 / math.log2(3))) / 2)
+    assert by_label["object"]["ndcg"] == pytest.approx((1 + ndcg_d) / 2)
+    assert by_label["object"]["strict_ndcg"] == pytest.approx(
+        ((1 + 1 / l3) / 2 + 2.5 / (2 + 1 / l3)) / 2)
+
+
+def test_official_mer_metrics_by_hand():
+    # scores [0.9, 0.5, 0.7]: p = [0, 2, 1]
+    # ndcg = (3/log2 2 + 2/log2 4 + 1/log2 3) / (3/log2 2 + 2/log2 3 + 1/log2 4) = 4.63093 / 4.76186
+    m = M.official_ranking_metrics([0.9, 0.5, 0.7])
+    assert m["ndcg"] == pytest.approx((3 + 1 + 1 / math.log2(3)) / (3 + 2 / math.log2(3) + 0.5))
+    assert m["ndcg"] == pytest.approx(0.97250, abs=1e-5) and round(m["ndcg"], 3) == 0.973
+    assert (m["top1"], m["top2"], m["exact_match"]) == (1.0, 0.0, 0.0)
+    assert m["kendall_tau"] == pytest.approx(1 / 3) and m["spearman_rho"] == pytest.approx(0.5)
+    assert m["position_error"] == pytest.approx(2 / 3)
+    # all tied: the stable sort keeps the true order, so everything but exact_match is perfect
+    assert M.official_ranking_metrics([0.4, 0.4, 0.4]) == {
+        "exact_match": 0.0, "kendall_tau": 1.0, "spearman_rho": 1.0, "ndcg": 1.0, "top1": 1.0, "top2": 1.0,
+        "position_error": 0.0}
+    # ties resolve by true position only among the tied: [1, 3, 3, 2] -> p = [1, 2, 3, 0]
+    m = M.official_ranking_metrics([1, 3, 3, 2])
+    assert m["top1"] == 0 and m["top2"] == 0 and m["position_error"] == pytest.approx((1 + 1 + 1 + 3) / 4)
+    # tau: pairs of p (1,2) C, (1,3) C, (1,0) D, (2,3) C, (2,0) D, (3,0) D -> 0
+    assert m["kendall_tau"] == 0.0
+    assert M.official_ranking_metrics([1.0, 2.0])["top2"] == 1.0  # any 2-pair group
+    assert M.official_ranking_metrics([3, 2, 1, 0])["exact_match"] == 1.0
 
 
 def test_mer_formats_agree(mer_parquet, mer_arrow, mer_jsonl):
@@ -286,13 +329,28 @@ def test_editreward_accuracy_by_hand(editreward_jsonl):
     by_task = summary["tables"]["by task type"]
     assert by_task["subject-add"] == {"n": 3, "prompt_following": 1.0, "consistency": 0.0, "overall": 1.0}
     assert by_task["color_alter"] == {"n": 3, "prompt_following": 0.0, "consistency": 1.0, "overall": 1.0}
-    assert by_task["weird_task"] == {"n": 1, "prompt_following": None, "consistency": None, "overall": 0.0}
-    overall = summary["overall"]  # averages across task types
-    assert overall["prompt_following"] == 0.5 and overall["consistency"] == 0.5
+    # weird_task has no pair judged on prompt_following or consistency: 0.0 there, as officially
+    assert by_task["weird_task"] == {"n": 1, "prompt_following": 0.0, "consistency": 0.0, "overall": 0.0}
+    overall = summary["overall"]  # averages across the three task types, the 0.0s included
+    assert overall["prompt_following"] == pytest.approx((1 + 0 + 0) / 3)
+    assert overall["consistency"] == pytest.approx((0 + 1 + 0) / 3)
     assert overall["overall"] == pytest.approx(2 / 3) and overall["micro_accuracy"] == pytest.approx(4 / 7)
     groups = summary["tables"]["by group"]
     assert set(groups) == {"object", "appearance", "other"}
     assert groups["object"]["consistency"] == 0.0 and groups["appearance"]["consistency"] == 1.0
+    assert groups["other"]["prompt_following"] == 0.0
+
+
+def test_tiger_lab_editreward_bench_is_refused_by_name(tmp_path):
+    rows = [{"instruction": "make it blue", "source_image": {"bytes": png(1), "path": None},
+             "candidate_1": {"bytes": png(2), "path": None}, "candidate_2": {"bytes": png(3), "path": None},
+             "ranking": "1>2"}]
+    (tmp_path / "2pair").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "2pair" / "train-00000-of-00001.parquet")
+    for loader in (EditRewardBench, MERBench):
+        with pytest.raises(BenchmarkError, match=r"row 0: this is TIGER-Lab/EditReward-Bench .*"
+                                                 r"EditScore/EditReward-Bench"):
+            loader(tmp_path)
 
 
 def test_editreward_parquet_and_errors(editreward_jsonl, tmp_path):
@@ -347,9 +405,15 @@ def mmrb2_release(tmp_path_factory):
 def test_mmrb2_accuracy_and_multi_image(mmrb2_release, tmp_path):
     scorer = PixelScorer()
     summary = evaluate(MMRB2Bench(mmrb2_release), scorer)
-    assert summary["overall"] == {"n": 5, "accuracy": pytest.approx(3 / 5)}
+    assert summary["overall"] == {"n": 5, "accuracy": pytest.approx(3 / 5), "truncated_answers": None,
+                                  "unparsed_answers": None}
     assert summary["tables"]["by subset"] == {"multi-image": {"n": 2, "accuracy": 0.5},
                                               "single-image": {"n": 3, "accuracy": pytest.approx(2 / 3)}}
+    # the official breakdowns: p1 right, p2 wrong, p5 right (1 image); p3 right (2); p4 tie, wrong (3)
+    assert summary["tables"]["by input images"] == {"1": {"n": 3, "accuracy": pytest.approx(2 / 3)},
+                                                    "2": {"n": 1, "accuracy": 1.0}, "3": {"n": 1, "accuracy": 0.0}}
+    assert summary["tables"]["by source"] == {"emu-edit": {"n": 3, "accuracy": pytest.approx(2 / 3)},
+                                              "new_synthetic_edit": {"n": 2, "accuracy": 0.5}}
     assert sorted((i, n) for i, _, _, n in scorer.scored) == sorted(
         (f"edit {pid}", n) for pid, n, *_ in MMRB2_PAIRS for _ in "ab")
     # the documented JSONL form gives the same numbers
@@ -365,6 +429,72 @@ def test_mmrb2_accuracy_and_multi_image(mmrb2_release, tmp_path):
     (tmp_path / "mmrb2.jsonl").write_text(lines[0].replace('"chosen": "A"', '"chosen": "tie"'))
     with pytest.raises(BenchmarkError, match="mmrb2.jsonl:1: chosen must be 'A' or 'B'"):
         MMRB2Bench(tmp_path / "mmrb2.jsonl")
+
+
+LIST_OF_IMAGES = pa.list_(IMAGE)
+MMRB2_HUB_SCHEMA = pa.schema([
+    ("pair_id", pa.string()), ("prompt_text", pa.string()), ("prompt_images", LIST_OF_IMAGES),
+    ("response_a_text", pa.string()), ("response_a_images", LIST_OF_IMAGES),
+    ("response_b_text", pa.string()), ("response_b_images", LIST_OF_IMAGES), ("chosen", pa.string()),
+    ("prompt_source", pa.string()), ("response_a_model", pa.string()), ("response_b_model", pa.string()),
+    ("human_annotations", pa.string()), ("prompt_metadata", pa.string())])
+
+
+def _mmrb2_hub_rows():
+    """MMRB2_PAIRS in the Hub release's `edit` layout: images embedded, <image_N> markers."""
+    rows = []
+    for pid, n_src, chosen, ra, rb in MMRB2_PAIRS:
+        markers = "".join(f"<image_{s + 1}>" for s in range(n_src))
+        rows.append({
+            "pair_id": pid, "prompt_text": f"{markers}\nedit {pid}",
+            "prompt_images": [{"bytes": png(s), "path": f"{pid}_{s}.png"} for s in range(n_src)],
+            "response_a_text": "", "response_a_images": [{"bytes": png(ra), "path": None}],
+            "response_b_text": "", "response_b_images": [{"bytes": png(rb), "path": None}],
+            "chosen": chosen.lower() if pid == "p2" else chosen,
+            "prompt_source": "emu-edit" if n_src == 1 else "new_synthetic_edit",
+            "response_a_model": "m1", "response_b_model": "m2", "human_annotations": json.dumps([6, 5, 6]),
+            "prompt_metadata": json.dumps({"id": pid})})
+    return rows
+
+
+def test_mmrb2_hub_release(mmrb2_release, tmp_path):
+    """The HF release read from local copies (Parquet shards of the repo, or save_to_disk arrow)
+    gives the same records, instructions, images and numbers as edit.json."""
+    rows = _mmrb2_hub_rows()
+    repo = tmp_path / "multimodal-rewardbench-2"
+    for config in ("edit", "t2i"):  # the repo holds every config; only edit/ is read
+        (repo / config).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows, MMRB2_HUB_SCHEMA), repo / config / "test-00000-of-00001.parquet",
+                       row_group_size=2)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    with pa.ipc.new_stream(str(saved / "data-00000-of-00001.arrow"), MMRB2_HUB_SCHEMA) as writer:
+        writer.write_table(pa.Table.from_pylist(rows, MMRB2_HUB_SCHEMA), max_chunksize=1)
+    (saved / "state.json").write_text("{}")
+    reference_scorer = PixelScorer()
+    reference = evaluate(MMRB2Bench(mmrb2_release), reference_scorer)
+    for path in (repo, repo / "edit" / "test-00000-of-00001.parquet", saved):
+        scorer = PixelScorer()
+        bench = MMRB2Bench(path)
+        assert [r["id"] for r in bench.records] == [p[0] for p in MMRB2_PAIRS]
+        assert bench.records[0]["human_annotations"] == [6, 5, 6]
+        summary = evaluate(bench, scorer)
+        assert summary["overall"] == reference["overall"] and summary["tables"] == reference["tables"], path
+        assert sorted(scorer.scored) == sorted(reference_scorer.scored)  # same text, pixels, image counts
+    # bad rows are named
+    bad = [dict(rows[0], prompt_text="<image_1><image_2> edit p1")]
+    pq.write_table(pa.Table.from_pylist(bad, MMRB2_HUB_SCHEMA), tmp_path / "bad.parquet")
+    with pytest.raises(BenchmarkError, match=r"bad.parquet#row 0: prompt_text has 2 <image_N> markers but "
+                                             r"prompt_images holds 1 image"):
+        MMRB2Bench(tmp_path / "bad.parquet")
+    bad = [dict(rows[0], human_annotations="[6, 5,")]
+    pq.write_table(pa.Table.from_pylist(bad, MMRB2_HUB_SCHEMA), tmp_path / "bad.parquet")
+    with pytest.raises(BenchmarkError, match=r"bad.parquet#row 0: human_annotations is not valid JSON"):
+        MMRB2Bench(tmp_path / "bad.parquet")
+    bad = [dict(rows[0], response_b_images=[])]
+    pq.write_table(pa.Table.from_pylist(bad, MMRB2_HUB_SCHEMA), tmp_path / "bad.parquet")
+    with pytest.raises(BenchmarkError, match=r"bad.parquet#row 0 response_b_images: an editing response needs"):
+        MMRB2Bench(tmp_path / "bad.parquet")
 
 
 # ---------------------------------------------------------------- synthetic benchmark
@@ -581,6 +711,34 @@ def model_dir(tmp_path_factory):
     return d
 
 
+def test_eval_defaults_are_the_official_evaluation_settings():
+    from sr_jax.eval.cli import _scorer_options
+
+    opts = _scorer_options([], batch_size=3)
+    assert (opts.max_new_tokens, opts.parse_mode, opts.batch_size) == (4096, "official_eval", 6)
+    opts = _scorer_options(["max_new_tokens=64", "parse_mode=strict", "batch_size=5"], batch_size=3)
+    assert (opts.max_new_tokens, opts.parse_mode, opts.batch_size) == (64, "strict", 5)
+    with pytest.raises(ValueError, match="parse_mode"):
+        _scorer_options(["parse_mode=lenient"], batch_size=3)
+
+
+def test_truncated_answers_are_counted_apart_from_parse_failures(mer_parquet):
+    class CutScorer(PixelScorer):
+        """Every edit whose red is 100 was cut off in its SC answer; red 50 gave no JSON."""
+
+        def score(self, originals, edited, instructions):
+            out = super().score(originals, edited, instructions)
+            for image, r in zip(edited, out):
+                red = pixel(image)[0]
+                r["truncated"] = {"sc": red == 100, "pq": False}
+                r["parsed"] = {"sc": red != 100 and red != 50, "pq": True}
+            return out
+
+    overall = evaluate(MERBench(mer_parquet), CutScorer())["overall"]
+    # reds over all 12 edits: 200 100 | 100 200 | 150 150 | 250 50 100 | 100 200 200
+    assert overall["truncated_answers"] == 4 and overall["unparsed_answers"] == 1
+
+
 def test_eval_cli_end_to_end_with_tiny_model(model_dir, tmp_path, monkeypatch):
     from sr_jax.cli import main
     from sr_jax.data.synthetic import generate_examples
@@ -599,6 +757,12 @@ def test_eval_cli_end_to_end_with_tiny_model(model_dir, tmp_path, monkeypatch):
     cache = read_cache(tmp_path)
     assert sorted(cache) == sorted(ex.id for ex in examples)
     results = json.loads((tmp_path / "results.json").read_text())
+    # answers cut at max_new_tokens are counted from the generator's own flag
+    flags = [cut for r in cache.values() for cut in r["truncated"].values()]
+    assert len(flags) == 3 and results["overall"]["truncated_answers"] == sum(flags)
+    assert "truncated_answers" in (tmp_path / "report.md").read_text()
+    options = json.loads((tmp_path / "run.json").read_text())["scorer_options"]
+    assert options["max_new_tokens"] == 6 and options["parse_mode"] == "official_eval"
     assert (results["overall"]["n_sc"], results["overall"]["n_pq"]) == (
         sum(ex.task == "sc" for ex in examples), sum(ex.task == "pq" for ex in examples))
     assert 0 <= results["overall"]["parse_rate"] <= 1

@@ -198,7 +198,7 @@ score_value = st.one_of(st.integers(-10, 40), st.floats(-10, 40, allow_nan=False
 answers = st.fixed_dictionaries({
     "edit_region": st.lists(st.fixed_dictionaries({
         "id": st.integers(0, 9),
-        "label": st.text(max_size=12),
+        "label": st.text(max_size=12).filter(lambda t: "think>" not in t.lower()),  # see "reasoning"
         "bbox_2d": st.lists(st.integers(-100, 1100), min_size=4, max_size=4),
     }), max_size=3),
     # Think tags are stripped wherever they stand (documented in parse_output), so a reasoning
@@ -266,12 +266,34 @@ def test_perfect_and_zero_scores():
 
 
 def test_min_geometric_hand_computed():
-    # SC = min(20, 15) / 2.5 = 6.0 ; PQ = min(20, 10) / 2.5 = 4.0 ; reward = 6^0.8 * 4^0.2 / 10
-    reward, sc, pq = aggregate([20, 15], [20, 10], mode="min_geometric")
-    assert (sc, pq) == pytest.approx((6.0, 4.0))
-    # exp(0.8*ln 6 + 0.2*ln 4) = exp(0.8*1.79176 + 0.2*1.38629) = exp(1.71067) = 5.5326
-    assert reward == pytest.approx(6.0**0.8 * 4.0**0.2 / 10)
-    assert reward == pytest.approx(0.55326, abs=1e-5)
+    # Official: reward = sqrt(min SC * min PQ) / 2.5 / 10, exponent 0.5 whatever `a` is.
+    # SC [20, 10], PQ [25, 25]: sqrt(10 * 25) / 2.5 = 15.8114 / 2.5 = 6.3246 -> 0.632
+    for a in (0.8, 0.3, 1.0):
+        reward, sc, pq = aggregate([20, 10], [25, 25], mode="min_geometric", a=a)
+        assert (sc, pq) == pytest.approx((4.0, 10.0))
+        assert reward == pytest.approx(0.63246, abs=1e-5)
+    # SC = min(20, 15) / 2.5 = 6.0 ; PQ = min(20, 10) / 2.5 = 4.0 ; sqrt(24) = 4.89898
+    assert aggregate([20, 15], [20, 10], mode="min_geometric")[0] == pytest.approx(0.489898, abs=1e-6)
+
+
+def test_mean_mode_hand_computed():
+    # The evaluation's "mean": SC = (20 + 10) / 2 / 2.5 = 6 ; PQ = (25 + 15) / 2 / 2.5 = 8 ; sqrt(48) = 6.9282
+    reward, sc, pq = aggregate([20, 10], [25, 15], mode="mean", a=0.1)
+    assert (sc, pq) == pytest.approx((6.0, 8.0)) and reward == pytest.approx(0.69282, abs=1e-5)
+
+
+def test_clamp_off_is_the_evaluation_arithmetic():
+    # weighted: SC = 0.6*30/2.5 + 0.4*30/2.5 = 12 (not capped), PQ = 10:
+    # 12^0.8 * 10^0.2 = exp(0.8*2.484907 + 0.2*2.302585) = exp(2.448442) = 11.5703
+    assert aggregate([30, 30], [25, 25])[0] == 1.0
+    reward, sc, pq = aggregate([30, 30], [25, 25], clamp=False)
+    assert sc == pytest.approx(12.0) and reward == pytest.approx(1.15703, abs=1e-5)
+    # geometric modes cap the combined score: sqrt(20 * 20) = 20 -> 1.0 capped, 2.0 without the cap
+    assert aggregate([50, 50], [50, 60], mode="min_geometric")[0] == 1.0
+    assert aggregate([50, 50], [50, 60], mode="min_geometric", clamp=False)[0] == pytest.approx(2.0)
+    # a part above 10 with a combined score below 10: sqrt(20 * 2) = 6.3246 either way, as officially
+    assert aggregate([50, 50], [5, 5], mode="min_geometric")[0] == pytest.approx(0.63246, abs=1e-5)
+    assert aggregate([-5, 10], [25, 25], mode="min_geometric", clamp=False)[0] == 0.0
 
 
 def test_other_score_range_and_clamping():
@@ -293,7 +315,7 @@ def test_grounding_blend():
 
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="mode"):
-        aggregate([1, 2], [3, 4], mode="mean")
+        aggregate([1, 2], [3, 4], mode="median")
     with pytest.raises(ValueError, match="sc_scores"):
         aggregate([1, float("nan")], [3, 4])
     with pytest.raises(ValueError, match="pq_scores"):
@@ -308,7 +330,7 @@ def test_batch_matches_scalar():
     pq = rng.uniform(-2, 27, size=(64, 2))
     sc[0] = 0.0
     g = rng.uniform(0, 1, size=64)
-    for mode in ["weighted", "min_geometric"]:
+    for mode in ["weighted", "min_geometric", "mean"]:
         reward, sc10, pq10 = aggregate_batch(sc, pq, mode=mode, grounding=g, grounding_weight=0.3)
         assert reward.shape == (64,) and np.isfinite(reward).all()
         assert ((reward >= 0) & (reward <= 1)).all()
@@ -327,3 +349,81 @@ def test_parse_then_aggregate():
     assert (s, p) == pytest.approx((7.68, 9.0))
     assert reward == pytest.approx(7.68**0.8 * 9.0**0.2 / 10)
     assert math.isfinite(reward)
+
+
+# ---------------------------------------------------------------- the official readings
+
+EVAL, SERVER = "official_eval", "official_server"
+
+
+def test_official_eval_reading():
+    # think blocks go; a lone score is used twice (strict: the other score is missing)
+    text = '<think>draft {"score": [1, 1]}</think>\n{"reasoning": "fine", "score": [21]}'
+    r = parse_output(text, with_region=False, mode=EVAL)
+    assert r["score"] == [21.0, 21.0] and r["reasoning"] == "fine" and r["missing_scores"] == 0 and r["parsed"]
+    assert parse_output(text, with_region=False)["score"] == [21.0, 12.5]
+    # no clamping: [30, 0] gives SC = 0.6 * 30 / 2.5 = 7.2 (strict clamps 30 to 25: SC 6.0)
+    r = parse_output('{"edit_region": [], "reasoning": "", "score": [30, 0]}', mode=EVAL)
+    assert r["score"] == [30.0, 0.0] and r["edit_region"] == []
+    assert aggregate(r["score"], [25, 25])[1] == pytest.approx(7.2)
+    assert aggregate(parse_output('{"score": [30, 0]}')["score"], [25, 25])[1] == pytest.approx(6.0)
+    # invalid JSON: the "score": [a, b, ...] pattern, first two
+    broken = '{"reasoning": "a "quoted" word", "score": [19.5, 7, 3]}'
+    r = parse_output(broken, with_region=False, mode=EVAL)
+    assert r["score"] == [19.5, 7.0] and r["parsed"] and "score_by_pattern" in r["errors"]
+    # the pattern's limits are theirs: a space before the comma, single quotes -> nothing read
+    for text in ('{"reasoning": "x" "score": [19.5 , 7]}', "{'score': [5, 6]}"):
+        r = parse_output(text, with_region=False, mode=EVAL)
+        assert r["score"] == [12.5, 12.5] and not r["parsed"] and r["missing_scores"] == 2, text
+    # no braces, or a score list with nothing in it: the middle of the scale
+    assert parse_output("score: [20, 18]", mode=EVAL)["score"] == [12.5, 12.5]
+    assert parse_output('{"score": []}', mode=EVAL)["score"] == [12.5, 12.5]
+    # a score that is text (the official arithmetic would fail) counts as missing
+    r = parse_output('{"score": ["20", 18]}', mode=EVAL)
+    assert r["score"] == [12.5, 18.0] and r["missing_scores"] == 1
+    assert parse_output('{"score": 17}', mode=EVAL)["score"] == [17.0, 17.0]
+    assert parse_output('{"score": [4, 5]}', score_range=10, mode=EVAL)["score"] == [4.0, 5.0]
+    assert parse_output("nothing", score_range=10, mode=EVAL)["score"] == [5.0, 5.0]
+
+
+def test_official_server_reading():
+    r = parse_output('{"reasoning": "ok", "score": [21]}', with_region=False, mode=SERVER)
+    assert r["score"] == [21.0, 12.5] and r["missing_scores"] == 1 and r["reasoning"] == "ok"
+    # numbers kept, other items dropped; more than two: the first two
+    assert parse_output('{"score": ["20", 15, 10, 9]}', mode=SERVER)["score"] == [15.0, 10.0]
+    assert parse_output('{"score": 30}', mode=SERVER)["score"] == [30.0, 12.5]
+    # single quotes are retried as double quotes
+    r = parse_output("{'reason': 'fine', 'score': [5, 6]}", with_region=False, mode=SERVER)
+    assert r["score"] == [5.0, 6.0] and r["reasoning"] == "fine" and r["parsed"]
+    # no think handling: the first { is inside the think block, so the JSON fails and the first
+    # two numbers of the whole text are taken (here the "1" of "step 1" and 20)
+    r = parse_output('<think>step 1 {draft}</think>{"score": [20, 18]}', mode=SERVER)
+    assert r["score"] == [1.0, 20.0] and not r["parsed"] and "score_by_numbers" in r["errors"]
+    # no braces at all: the defaults, numbers are not searched
+    assert parse_output("scores 20 and 18", mode=SERVER)["score"] == [12.5, 12.5]
+    assert parse_output("   ", mode=SERVER)["score"] == [12.5, 12.5]
+
+
+def test_parse_mode_is_checked():
+    with pytest.raises(ValueError, match="parse mode"):
+        parse_output("{}", mode="lenient")
+
+
+@pytest.mark.parametrize("mode", ["strict", EVAL, SERVER])
+def test_one_rule_for_huge_numbers(mode):
+    """A number too large for a float (401 digits, 5000 digits, 1e400) is a missing score in its
+    place, whatever its spelling; the rest of the answer is kept."""
+    results = []
+    for huge in ("9" * 401, "9" * 5000, "1e400", "-1e400"):
+        text = ('{"edit_region": [{"id": 0, "label": "hat", "bbox_2d": [10, 20, 300, 400]}], '
+                f'"reasoning": "kept", "score": [{huge}, 18]}}')
+        r = parse_output(text, mode=mode)
+        assert r["score"] == [12.5, 18.0] and r["missing_scores"] == 1 and r["parsed"], (huge, r)
+        assert r["reasoning"] == "kept" and r["edit_region"][0]["bbox_2d"] == [10, 20, 300, 400]
+        assert not any(e.startswith("internal:") for e in r["errors"])
+        results.append(r)
+    assert all(r == results[0] for r in results)
+    # as a box coordinate it drops that region only
+    text = f'{{"edit_region": [{{"bbox_2d": [0, 0, {"9" * 401}, 5]}}, {{"bbox_2d": [1, 1, 9, 9]}}], "score": [3, 4]}}'
+    r = parse_output(text, mode=mode)
+    assert r["score"] == [3.0, 4.0] and [reg["bbox_2d"] for reg in r["edit_region"]] == [[1, 1, 9, 9]]

@@ -51,6 +51,8 @@ def test_batched_scoring_equals_single_prompts(scorer):
         text = scorer.processor.tokenizer.decode([t for t in new.tolist() if t != PAD_ID], skip_special_tokens=True)
         kind, item = ("sc", i) if i < 3 else ("pq", i - 3)
         assert results[item]["raw"][kind] == text
+        # cut off at max_new_tokens = no stop token (<|im_end|>, <|endoftext|>) among the new tokens
+        assert results[item]["truncated"][kind] == (not ({151645, 151643} & set(new.tolist())))
     for r in results:
         sc, pq = parse_output(r["raw"]["sc"]), parse_output(r["raw"]["pq"], with_region=False)
         assert r["sc_scores"] == sc["score"] and r["pq_scores"] == pq["score"]
@@ -71,6 +73,17 @@ def test_result_from_known_answers(scorer):
     assert r["grounding"]["coverage"] == pytest.approx(1.0) and r["grounding"]["grounding_score"] > 0.99
     folded = scorer._result(before, after, sc_text, pq_text, scorer.options.replace(grounding_weight=0.5))
     assert folded["reward"] == pytest.approx(0.5 * r["reward"] + 0.5 * r["grounding"]["grounding_score"])
+    # the official evaluation's reading: a lone score twice, nothing clamped; [30] -> SC 30/2.5 = 12
+    lone = '{"edit_region": [], "reasoning": "", "score": [30]}'
+    strict = scorer._result(before, after, lone, pq_text, scorer.options.replace(grounding=False))
+    assert strict["sc_scores"] == [25.0, 12.5] and strict["sc"] == pytest.approx(0.6 * 10 + 0.4 * 5)
+    official = scorer._result(before, after, lone, pq_text,
+                              scorer.options.replace(grounding=False, parse_mode="official_eval"))
+    assert official["sc_scores"] == [30.0, 30.0] and official["sc"] == pytest.approx(12.0)
+    assert official["reward"] == pytest.approx(12.0**0.8 * pq**0.2 / 10)
+    server = scorer._result(before, after, lone, pq_text,
+                            scorer.options.replace(grounding=False, parse_mode="official_server"))
+    assert server["sc_scores"] == [30.0, 12.5] and server["sc"] == pytest.approx(9.2)  # (18 + 5) / 2.5
 
 
 def test_score_cli_prints_the_same_result(model_dir, scorer, tmp_path, capsys):
@@ -87,9 +100,10 @@ def test_score_cli_prints_the_same_result(model_dir, scorer, tmp_path, capsys):
 
 
 def test_bad_option_values_are_rejected(scorer):
-    for bad in [{"mode": "max"}, {"top_p": 0.0}, {"temperature": -1.0}, {"grounding_weight": 2.0}]:
+    for bad in [{"mode": "max"}, {"parse_mode": "loose"}, {"top_p": 0.0}, {"temperature": -1.0}, {"grounding_weight": 2.0}]:
         with pytest.raises(ValueError):
             scorer.validate_options(bad)
     with pytest.raises(ValueError, match="unknown"):
         scorer.validate_options({"no_such_option": 1})
     scorer.validate_options({"mode": "min_geometric", "max_new_tokens": 8})
+    scorer.validate_options({"mode": "mean", "parse_mode": "official_eval"})

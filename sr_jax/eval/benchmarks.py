@@ -13,8 +13,14 @@ Local formats (see `sr_jax.eval.tables` for the file types):
               (data/2pair-00000-of-00001.parquet, 2pair/data-00000-of-00001.arrow), else from
               the number of edited images.
   editreward  rows {key: [k1, k2], instruction, task_type, dimension, input_image,
-              output_images: [2]}; an output image is scored once per key.
-  mmrb2       MMRB2's release file edit.json ({"pairs": [...]}) or JSONL/parquet rows with
+              output_images: [2]} (EditScore/EditReward-Bench); an output image is scored once
+              per key. TIGER-Lab/EditReward-Bench, another benchmark of the same name (2/3/4-way
+              rankings of candidate_* images), is recognised and refused by name.
+  mmrb2       the Hub release rl-research/multimodal-rewardbench-2, config `edit` (rows {pair_id,
+              prompt_text with <image_N> markers, prompt_images, response_a_images,
+              response_b_images, chosen, prompt_source, human_annotations as a JSON string}, as
+              Parquet shards or a `datasets.save_to_disk` folder); or
+              MMRB2's release file edit.json ({"pairs": [...]}) or JSONL/parquet rows with
               id (or pair_id), chosen (or human_preference) "A"/"B", prompt_source (optional),
               prompt_content: {"text": str, "images": [image, ...]} or the release's list
               [["text", str], ["image", path], ...], and response_a / response_b: an image or
@@ -25,6 +31,7 @@ Local formats (see `sr_jax.eval.tables` for the file types):
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -38,6 +45,9 @@ from sr_jax.reward import aggregate, parse_output
 
 BENCHMARKS = ("mer", "editreward", "mmrb2", "synthetic")
 RANKING_KEYS = ("exact_match", "kendall_tau", "spearman_rho", "ndcg", "top1", "top2", "position_error")
+# Tie-aware variants of the MER-Bench metrics (exact_match is the same in both): a tie is not a
+# correct decision, see `metrics.ranking_metrics`; the unprefixed columns are the official ones.
+STRICT_RANKING_KEYS = tuple(f"strict_{k}" for k in RANKING_KEYS if k != "exact_match")
 DIMENSIONS = ("prompt_following", "consistency", "overall")
 # Task-type groups of EditReward-Bench as its authors (EditScore) report them.
 EDITREWARD_GROUPS = {
@@ -81,6 +91,40 @@ class Benchmark:
         seen[rid] = where
 
 
+def answer_counts(results: dict, jobs: Sequence[str]) -> dict:
+    """How many generated answers (SC and PQ count apart) were cut off at max_new_tokens, and how
+    many others gave no readable answer. None when the results do not say (a scorer that does
+    not report it, or a cache written before it was recorded)."""
+    truncated = unparsed = 0
+    known = True
+    for job in jobs:
+        r = results.get(job) or {}
+        cut, parsed = r.get("truncated"), r.get("parsed")
+        if not isinstance(cut, dict) or not isinstance(parsed, dict):
+            known = False
+            continue
+        for kind, ok in parsed.items():
+            if cut.get(kind):
+                truncated += 1
+            elif ok is False:
+                unparsed += 1
+    return {"truncated_answers": truncated if known else None, "unparsed_answers": unparsed if known else None}
+
+
+def _refuse_tiger_editreward(row) -> None:
+    """TIGER-Lab/EditReward-Bench (2pair/3pair/4pair folders of rankings over source_image and
+    candidate_1..k) shares its name with EditScore/EditReward-Bench and its folder names with
+    MER-Bench; neither loader can read it, so say which benchmark it is instead of a missing key."""
+    columns = sorted(row.data)
+    if "source_image" in row.data and any(c.startswith("candidate_") for c in columns):
+        raise BenchmarkError(
+            f"{row.where}: this is TIGER-Lab/EditReward-Bench (columns {columns}), a different benchmark "
+            "that shares the name; sr-jax does not evaluate it. `sr-jax eval editreward` reads "
+            "EditScore/EditReward-Bench (rows with key, instruction, task_type, dimension, input_image, "
+            "output_images), the one the SpatialReward paper reports, and `sr-jax eval mer` reads "
+            "MER-Bench (rows with pair_id, instruction, original_image, edited_images)")
+
+
 def _result(results: dict, job: str) -> dict:
     try:
         return results[job]
@@ -111,6 +155,7 @@ class MERBench(Benchmark):
         self.files = table_files(path)
         seen: dict = {}
         for row in iter_rows(self.files, drop=("original_image",), lengths=("edited_images",), limit=limit):
+            _refuse_tiger_editreward(row)
             require(row, "pair_id", "instruction", "edited_images")
             k = row.data["edited_images"]
             pair_type = _pair_type_from_path(row.file) or f"{k}pair"
@@ -147,13 +192,16 @@ class MERBench(Benchmark):
         items = []
         for r in self.records:
             scores = [float(_result(results, j)["reward"]) for j in r["jobs"]]
+            strict = M.ranking_metrics(scores)
             items.append({"id": r["id"], "pair_type": r["pair_type"], "label": r["label"], "rewards": scores,
-                          **M.ranking_metrics(scores)})
+                          **M.official_ranking_metrics(scores),
+                          **{f"strict_{k}": v for k, v in strict.items() if k != "exact_match"}})
+        keys = RANKING_KEYS + STRICT_RANKING_KEYS
         return {
             "benchmark": self.name,
-            "overall": M.mean_metrics(items, RANKING_KEYS),
-            "tables": {"by pair type": M.grouped(items, "pair_type", RANKING_KEYS),
-                       "by label": M.grouped(items, "label", RANKING_KEYS)},
+            "overall": M.mean_metrics(items, keys) | answer_counts(results, self.job_ids()),
+            "tables": {"by pair type": M.grouped(items, "pair_type", keys),
+                       "by label": M.grouped(items, "label", keys)},
             "plot": [["by pair type", ["exact_match", "top1", "kendall_tau", "ndcg"]],
                      ["by label", ["exact_match", "top1"]]],
             "items": items,
@@ -183,6 +231,7 @@ class EditRewardBench(Benchmark):
         self.first_row: dict[str, int] = {}
         instructions: dict[str, tuple[str, str]] = {}
         for row in iter_rows(self.files, drop=("input_image",), lengths=("output_images",), limit=limit):
+            _refuse_tiger_editreward(row)
             require(row, "key", "instruction", "task_type", "dimension", "output_images")
             d = row.data
             if not isinstance(d["key"], list) or len(d["key"]) != 2 or d["output_images"] != 2:
@@ -231,15 +280,16 @@ class EditRewardBench(Benchmark):
             rows = [i for i in items if i["task_type"] == task]
             cell: dict = {"n": len(rows)}
             for dim in DIMENSIONS:
+                # A task type with no pair judged on a dimension scores 0.0 there, and that 0.0
+                # enters the averages below: the official script counts it so.
                 hits = [i["correct"] for i in rows if i["dimension"] == dim]
-                cell[dim] = float(np.mean(hits)) if hits else None
+                cell[dim] = float(np.mean(hits)) if hits else 0.0
             by_task[task] = cell
 
         def across(tasks: Sequence[str]) -> dict:
             cell: dict = {"n": sum(by_task[t]["n"] for t in tasks), "task_types": len(tasks)}
             for dim in DIMENSIONS:
-                values = [by_task[t][dim] for t in tasks if by_task[t][dim] is not None]
-                cell[dim] = float(np.mean(values)) if values else None
+                cell[dim] = float(np.mean([by_task[t][dim] for t in tasks])) if tasks else None
             return cell
 
         known = {t for group in EDITREWARD_GROUPS.values() for t in group}
@@ -247,6 +297,7 @@ class EditRewardBench(Benchmark):
         groups["other"] = [t for t in by_task if t not in known]
         overall = across(list(by_task))  # average across task types, as the benchmark reports it
         overall["micro_accuracy"] = float(np.mean([i["correct"] for i in items])) if items else None
+        overall |= answer_counts(results, self.job_ids())
         return {
             "benchmark": self.name,
             "overall": overall,
@@ -288,18 +339,59 @@ def _mmrb2_prompt(content: Any, where: str) -> tuple[str, list]:
 
 
 def _mmrb2_response(value: Any, where: str) -> Any:
+    """The edited image of a response: the first image, as the official script takes it."""
     if isinstance(value, dict) and "response_content" in value:
         images = [v for kind, v in value["response_content"] if kind == "image"]
-        if len(images) != 1:
-            raise BenchmarkError(f"{where}: an editing response needs exactly one image, got {len(images)}")
+        if not images:
+            raise BenchmarkError(f"{where}: an editing response needs an image, got none")
         return images[0]
     if value is None:
         raise BenchmarkError(f"{where}: missing")
     return value
 
 
+_IMAGE_MARKER = re.compile(r"<image_\d+>")
+_HF_RESPONSES = ("response_a_images", "response_b_images")
+
+
+def _mmrb2_hf_prompt(data: dict, where: str) -> tuple[str, Any]:
+    """The Hub release's prompt: `prompt_text` with one `<image_N>` marker where each image of
+    `prompt_images` stands. Returns the text without markers (its pieces joined by newlines, as
+    in the edit.json layout) and the images (their count in a metadata-only pass)."""
+    parts = _IMAGE_MARKER.split(data.get("prompt_text") or "")
+    images = data.get("prompt_images") or []
+    count = images if isinstance(images, int) else len(images)
+    if len(parts) > 1 and len(parts) - 1 != count:
+        raise BenchmarkError(f"{where}: prompt_text has {len(parts) - 1} <image_N> markers but prompt_images "
+                             f"holds {count} image(s)")
+    return "\n".join(p.strip() for p in parts if p.strip()), images
+
+
+def _mmrb2_hf_response(data: dict, side: str, where: str) -> Any:
+    images = data.get(f"response_{side}_images")
+    count = images if isinstance(images, int) else len(images or [])
+    if not count:
+        raise BenchmarkError(f"{where} response_{side}_images: an editing response needs an image, got none")
+    return None if isinstance(images, int) else images[0]
+
+
+def _mmrb2_human_annotations(value: Any, where: str) -> Any:
+    """The Hub release stores human_annotations as a JSON string; edit.json as a list."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value) if value.strip() else None
+    except ValueError as e:
+        raise BenchmarkError(f"{where}: human_annotations is not valid JSON ({e})") from None
+
+
 class MMRB2Bench(Benchmark):
-    """Pairwise preference between two edits of the same prompt (one or several source images)."""
+    """Pairwise preference between two edits of the same prompt (one or several source images).
+
+    Reads the Hub release (`rl-research/multimodal-rewardbench-2`, config `edit`: Parquet shards,
+    or a `datasets.save_to_disk` folder; a folder holding the config folders is read from its
+    `edit/`) and MMRB2's own edit.json. Results are broken down as the official script does:
+    by number of input images and by prompt source."""
 
     name = "mmrb2"
 
@@ -307,25 +399,40 @@ class MMRB2Bench(Benchmark):
         super().__init__()
         path = Path(path)
         release = path / "edit.json"
-        self.files = [release] if path.is_dir() and release.is_file() else table_files(path)
+        if path.is_dir() and release.is_file():
+            self.files = [release]
+        elif path.is_dir() and (path / "edit").is_dir():
+            self.files = table_files(path / "edit")
+        else:
+            self.files = table_files(path)
         seen: dict = {}
-        for row in iter_rows(self.files, limit=limit):
+        for row in iter_rows(self.files, lengths=("prompt_images",) + _HF_RESPONSES, limit=limit):
             d = row.data
-            require(row, "prompt_content", "response_a", "response_b")
+            hub = "prompt_text" in d or "prompt_images" in d
+            if hub:
+                require(row, "pair_id", "prompt_text", "chosen")
+                text, images = _mmrb2_hf_prompt(d, row.where)
+                n_images = images if isinstance(images, int) else len(images)
+                for side in "ab":
+                    _mmrb2_hf_response(d, side, row.where)
+            else:
+                require(row, "prompt_content", "response_a", "response_b")
+                text, images = _mmrb2_prompt(d["prompt_content"], f"{row.where} prompt_content")
+                n_images = len(images)
+                for side in ("a", "b"):
+                    _mmrb2_response(d[f"response_{side}"], f"{row.where} response_{side}")
             chosen = str(d.get("chosen", d.get("human_preference", ""))).strip().upper()
             if chosen not in ("A", "B"):
                 raise BenchmarkError(f"{row.where}: chosen must be 'A' or 'B', got {chosen!r}")
-            text, images = _mmrb2_prompt(d["prompt_content"], f"{row.where} prompt_content")
-            if not images or not text.strip():
+            if not n_images or not text.strip():
                 raise BenchmarkError(f"{row.where}: an editing prompt needs source image(s) and text, "
-                                     f"got {len(images)} image(s) and text {text!r}")
-            for side in ("a", "b"):
-                _mmrb2_response(d[f"response_{side}"], f"{row.where} response_{side}")
+                                     f"got {n_images} image(s) and text {text!r}")
             rid = str(d.get("id", d.get("pair_id", f"row{row.index}")))
             self._check_unique(rid, row.where, seen)
             self.records.append({
                 "id": rid, "row": row.index, "chosen": chosen, "source": str(d.get("prompt_source") or "unknown"),
-                "subset": "single-image" if len(images) == 1 else "multi-image", "n_images": len(images),
+                "subset": "single-image" if n_images == 1 else "multi-image", "n_images": n_images,
+                "human_annotations": _mmrb2_human_annotations(d.get("human_annotations"), row.where),
                 "jobs": [f"{rid}/a", f"{rid}/b"],
             })
 
@@ -337,27 +444,36 @@ class MMRB2Bench(Benchmark):
             record = by_row.get(row.index)
             if record is None:
                 continue
-            text, images = _mmrb2_prompt(row.data["prompt_content"], row.where)
+            d = row.data
+            if "prompt_text" in d or "prompt_images" in d:
+                text, images = _mmrb2_hf_prompt(d, row.where)
+                responses = {side: _mmrb2_hf_response(d, side, row.where) for side in "ab"}
+                names = {side: f"{row.where} response_{side}_images[0]" for side in "ab"}
+            else:
+                text, images = _mmrb2_prompt(d["prompt_content"], row.where)
+                names = {side: f"{row.where} response_{side}" for side in "ab"}
+                responses = {side: _mmrb2_response(d[f"response_{side}"], names[side]) for side in "ab"}
+            if len(images) != record["n_images"]:
+                raise BenchmarkError(f"{row.where}: the number of prompt images changed while reading")
             originals = [load_image(im, row.base, f"{row.where} prompt image {n}") for n, im in enumerate(images)]
             for side, job in zip("ab", record["jobs"]):
                 if job in wanted:
-                    where = f"{row.where} response_{side}"
-                    edited = load_image(_mmrb2_response(row.data[f"response_{side}"], where), row.base, where)
-                    yield Job(job, edited, originals, text)
+                    yield Job(job, load_image(responses[side], row.base, names[side]), originals, text)
 
     def summarize(self, results: dict[str, dict]) -> dict:
         items = []
         for r in self.records:
             a, b = (float(_result(results, j)["reward"]) for j in r["jobs"])
             preferred, other = (a, b) if r["chosen"] == "A" else (b, a)
-            items.append({k: r[k] for k in ("id", "chosen", "source", "subset")}
+            items.append({k: r[k] for k in ("id", "chosen", "source", "subset", "n_images")}
                          | {"rewards": [a, b], "accuracy": float(M.pairwise_correct(preferred, other))})
         return {
             "benchmark": self.name,
-            "overall": M.mean_metrics(items, ["accuracy"]),
-            "tables": {"by subset": M.grouped(items, "subset", ["accuracy"]),
-                       "by source": M.grouped(items, "source", ["accuracy"])},
-            "plot": [["by subset", ["accuracy"]], ["by source", ["accuracy"]]],
+            "overall": M.mean_metrics(items, ["accuracy"]) | answer_counts(results, self.job_ids()),
+            "tables": {"by input images": M.grouped(items, "n_images", ["accuracy"]),
+                       "by source": M.grouped(items, "source", ["accuracy"]),
+                       "by subset": M.grouped(items, "subset", ["accuracy"])},
+            "plot": [["by input images", ["accuracy"]], ["by source", ["accuracy"]]],
             "items": items,
         }
 
@@ -482,6 +598,7 @@ class SyntheticBench(Benchmark):
     def summarize(self, results: dict[str, dict]) -> dict:
         predictions = [_result(results, r["id"]) for r in self.records]
         model = self._metrics(self.records, predictions)
+        overall = model | answer_counts(results, self.job_ids())
         groups: dict = {}
         for r, p in zip(self.records, predictions):
             groups.setdefault(r["group"], ([], []))
@@ -498,7 +615,7 @@ class SyntheticBench(Benchmark):
             items.append(item)
         return {
             "benchmark": self.name,
-            "overall": model,
+            "overall": overall,
             "tables": {
                 "model vs baselines": {
                     "model": model,

@@ -27,7 +27,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder: cache, results.json, report.md, plot.png")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--batch-size", type=int, default=4, help="edits scored per call (each makes an SC and a PQ prompt)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any ScorerOptions field")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any ScorerOptions field; eval defaults: max_new_tokens=4096, parse_mode=official_eval")
     p.add_argument("--process-index", type=int, default=None, help="this host (default: jax.process_index())")
     p.add_argument("--process-count", type=int, default=None, help="number of hosts (default: jax.process_count())")
     p.add_argument("--merge", action="store_true", help="no scoring: aggregate the cached results of all hosts")
@@ -35,14 +36,22 @@ def register(sub) -> None:
     p.set_defaults(func=_eval_command)
 
 
+# Evaluation defaults that differ from the scorer's: the official evaluation scripts let an answer
+# run to 4096 new tokens and read it with their own fallbacks, so a score file from the official
+# checkpoint gives the published numbers. `--set` overrides either.
+EVAL_DEFAULTS = {"max_new_tokens": 4096, "parse_mode": "official_eval"}
+
+
 def _scorer_options(overrides: list[str], batch_size: int):
     from sr_jax.config import load_config
     from sr_jax.scorer import ScorerOptions
 
     opts = load_config(ScorerOptions, None, overrides)
-    if not any(o.partition("=")[0].strip() == "batch_size" for o in overrides):
-        opts = dataclasses.replace(opts, batch_size=2 * batch_size)  # one generate call per batch of edits
-    return opts
+    given = {o.partition("=")[0].strip() for o in overrides}
+    defaults = {k: v for k, v in EVAL_DEFAULTS.items() if k not in given}
+    if "batch_size" not in given:
+        defaults["batch_size"] = 2 * batch_size  # one generate call per batch of edits
+    return dataclasses.replace(opts, **defaults).validate()
 
 
 def _hosts(args) -> tuple[int, int, bool]:
@@ -99,5 +108,9 @@ def _eval_command(args) -> int:
         return 2
     if summary is not None:
         print(json.dumps(summary["overall"], indent=2))
+        cut = summary["overall"].get("truncated_answers")
+        if cut:
+            print(f"warning: {cut} answer(s) reached max_new_tokens={opts.max_new_tokens} before finishing; "
+                  "they are scored as read (see truncated_answers in the report)", file=sys.stderr)
         print(f"report: {out / 'report.md'}", file=sys.stderr)
     return 0

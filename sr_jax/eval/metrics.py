@@ -1,6 +1,7 @@
 """Benchmark metrics as pure numpy functions (no model, no files).
 
-Conventions shared by every benchmark here:
+Conventions shared by every benchmark here (`official_ranking_metrics` excepted: it reproduces
+the official MER-Bench script, which breaks ties in the model's favour):
 - A tie in predicted scores never counts as a correct decision (exact ranking, top-k, pairwise).
 - Rank statistics use average ranks for ties (rank 1 = highest score).
 - A correlation that is undefined for one item (all predictions equal) counts as 0 for that
@@ -102,6 +103,44 @@ def ranking_metrics(scores: Sequence[float]) -> dict:
         "top1": float(rivals == 0),
         "top2": float(rivals < 2) if k > 2 else None,
         "position_error": float(np.abs(average_ranks(s) - np.arange(1, k + 1)).mean()),
+    }
+
+
+def official_ranking_metrics(scores: Sequence[float]) -> dict:
+    """MER-Bench metrics as the official SpatialReward script computes them, for predicted
+    `scores` of k candidates listed best first.
+
+    The predicted order `p` lists candidate indices by descending score with a stable sort, so
+    tied candidates keep their true order (a tie is resolved in the model's favour); p[i] is
+    the candidate predicted at position i, and the truth is 0, 1, ..., k-1.
+      exact_match    1 iff p is the truth and no two scores are equal
+      kendall_tau    (concordant - discordant pairs of p) / (k(k-1)/2)
+      spearman_rho   1 - 6 * sum_i (p[i] - i)^2 / (k(k^2 - 1))
+      ndcg           sum_i (k - i) / log2(p[i] + 2)  /  sum_i (k - i) / log2(i + 2): gains k..1
+                     by predicted position, discounted by the true index of the item placed there
+      top1           1 iff p[0] == 0
+      top2           1 iff {p[0], p[1]} == {0, 1} (always 1 for k = 2)
+      position_error mean_i |p[i] - i|
+    """
+    s = np.asarray(scores, np.float64)
+    k = len(s)
+    if k < 2:
+        raise ValueError(f"a ranking needs at least 2 candidates, got {k}")
+    if not np.isfinite(s).all():
+        raise ValueError(f"ranking scores must be finite, got {s.tolist()}")
+    p = np.argsort(-s, kind="stable")
+    truth = np.arange(k)
+    i, j = np.triu_indices(k, k=1)
+    order = np.sign(p[j] - p[i])  # the truth increases along i < j
+    positions = np.arange(k, 0, -1, dtype=np.float64)  # gains k, k-1, ..., 1
+    return {
+        "exact_match": float(bool((p == truth).all() and len(np.unique(s)) == k)),
+        "kendall_tau": float(order.sum()) / (k * (k - 1) / 2),
+        "spearman_rho": 1.0 - 6.0 * float(((p - truth) ** 2).sum()) / (k * (k * k - 1)),
+        "ndcg": float((positions / np.log2(p + 2.0)).sum() / (positions / np.log2(truth + 2.0)).sum()),
+        "top1": float(p[0] == 0),
+        "top2": float(set(p[:2].tolist()) == {0, 1}),
+        "position_error": float(np.abs(p - truth).mean()),
     }
 
 

@@ -63,14 +63,15 @@ def score_pq_only(scorer, edited: Sequence[Any]) -> list[dict]:
     prompts = [scorer.processor.encode(SpatialExample(id=f"pq-{i}", task="pq", images=[open_image(im)]),
                                        with_target=False) for i, im in enumerate(edited)]
     out = []
-    for text in scorer.generate_texts(prompts, opts):
-        pq = parse_output(text, with_region=False, score_range=opts.score_range)
+    for text, cut in zip(*scorer.generate_answers(prompts, opts)):
+        pq = parse_output(text, with_region=False, score_range=opts.score_range, mode=opts.parse_mode)
         top = [opts.score_range] * 2  # SC does not enter the PQ component
         _, _, pq_value = aggregate(top, pq["score"], mode=opts.mode, w1=opts.w1, w2=opts.w2, w3=opts.w3,
-                                   w4=opts.w4, a=opts.a, score_range=opts.score_range)
+                                   w4=opts.w4, a=opts.a, score_range=opts.score_range,
+                                   clamp=opts.parse_mode != "official_eval")
         out.append({"reward": None, "sc": None, "pq": pq_value, "sc_scores": None, "pq_scores": list(pq["score"]),
                     "edit_region": None, "reasoning": {"pq": pq["reasoning"]}, "grounding": None,
-                    "parsed": {"pq": pq["parsed"]}, "raw": {"pq": text}})
+                    "parsed": {"pq": pq["parsed"]}, "truncated": {"pq": cut}, "raw": {"pq": text}})
     return out
 
 
