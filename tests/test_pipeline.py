@@ -428,3 +428,41 @@ def test_packed_batch_gives_the_per_example_loss_of_unpacked_examples(proc, exam
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
         checked += 1
     assert checked == int(batch["num_examples"])
+
+
+def test_imported_verbatim_rows_train_through_the_pipeline(proc, tmp_path):
+    """Rows imported from the released SFT shape: encoded from their own text (qwen3_vl layout under
+    `auto`), packed like any record; `chat_template` reaches the pipeline's processor."""
+    import json
+
+    from sr_jax.data.importers import import_records
+    from sr_jax.data.storage import ArrayRecordSource
+
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64 + 16 * k, 3), dtype=np.uint8)).save(buf, format="PNG")
+        (tmp_path / f"{k}.png").write_bytes(buf.getvalue())
+    answer = '{"reasoning": "fine", "score": [20, 21]}'
+    rows = [
+        {"image": ["0.png", "1.png"], "messages": [
+            {"role": "user", "content": 'Before <image> after <image>. Instruction: Change "A" to "B"'},
+            {"role": "assistant", "content": answer}]},
+        {"image": "2.png", "conversations": [{"from": "system", "value": "Rate."}, {"from": "human", "value": "<image>?"},
+                                            {"from": "gpt", "value": "<think>\nhm\n</think>\n\nnot json"}]},
+    ]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "imported.array_record"
+    assert import_records("jsonl", tmp_path / "data.jsonl", out).written == 2
+    records = list(ArrayRecordSource(out))
+    encoded = [proc.encode(e) for e in records]
+    think = proc.tokenizer.encode("<think>\n\n</think>\n\n")
+    sup = encoded[0]["labels"][0][encoded[0]["labels"][0] != IGNORE_INDEX]
+    assert list(sup[: len(think)]) == think  # qwen3_vl: the empty think block is trained
+    cfg = DataConfig(sources=[str(out)], batch_size=2, mode="pack", seq_lens=[512], shuffle=False)
+    batches, stats = run(cfg, proc)
+    assert stats == {} and sorted(i for b in batches for i in check_batch_against_encodes(b, encoded, VisionConfig())) == [0, 1]
+    pipe = DataPipeline(dataclasses.replace(cfg, chat_template="qwen3_vl_nothink"), process_index=0, process_count=1)
+    assert pipe.processor.chat_template == "qwen3_vl_nothink"
+    with pytest.raises(ValueError, match="chat_template"):
+        dataclasses.replace(cfg, chat_template="chatml").validate()

@@ -433,3 +433,18 @@ def test_tfds_builder_round_trip(tmp_path):
     for split, n in config.split_sizes:
         got = sorted(load_split(builder, split), key=lambda e: e.id)
         assert got == list(generate_examples(n, 3, split, image_size=(48, 64)))  # bytes, boxes, meta
+
+
+def test_lone_surrogates_skip_the_row_and_unparsed_rows_give_no_eval_truth(tmp_path):
+    from sr_jax.eval.benchmarks import SyntheticBench
+
+    (tmp_path / "a.png").write_bytes(png("red"))
+    bad = row(["a.png", "a.png"], sc_answer())
+    bad["messages"][0]["content"] += "\ud800"
+    rows = [row(["a.png", "a.png"], sc_answer()), bad, row(["a.png", "a.png"], "no JSON here")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = ImportStats()
+    got = list(read_jsonl(tmp_path / "d.jsonl", stats))
+    assert dict(stats.skipped) == {"bad_utf8": 1} and len(got) == 2
+    bench = SyntheticBench(got)
+    assert [r["id"] for r in bench.records] == ["d.jsonl:1"] and bench.skipped_unparsed == 1

@@ -138,6 +138,9 @@ def _inspect(args) -> int:
         "outcome": lambda e: e.meta.get("outcome", e.meta.get("artifact", "-")),
         "images per record": lambda e: len(e.images),
         "regions per record": lambda e: len(e.edit_region),
+        # imported rows train on their own text; say how many answers parsed into fields
+        "answer": lambda e: ("parsed" if e.meta.get("answer_parsed") else "verbatim only")
+        if e.meta.get("verbatim") else "sr_jax",
     }
     counts = {title: collections.Counter() for title in keys}
     long_sides, megapixels, words, answer_chars, sample = [], [], [], [], []
@@ -150,7 +153,8 @@ def _inspect(args) -> int:
                 long_sides.append(max(w, h))
                 megapixels.append(w * h / 1e6)
             words.append(len(e.instruction.split()))
-            answer_chars.append(len(e.target_json()))
+            verbatim = e.meta.get("verbatim")
+            answer_chars.append(len(e.meta.get("answer") or "") if verbatim else len(e.target_json()))
             if len(sample) < args.token_sample:
                 sample.append(e)
     except (FileNotFoundError, RecordError) as e:

@@ -257,6 +257,11 @@ def parse_conversation_row(row: dict, base: Path, rid: str, opts: ImportOptions)
         _fail("image_count", f"{n_tags} {IMAGE_TAG} tags but {len(images)} images", rid)
     if any(IMAGE_TAG in a for _, a in turns):
         _fail("image_count", f"an assistant turn holds an {IMAGE_TAG} tag", rid)
+    for text in [system or ""] + [t for turn in turns for t in turn]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate from a JSON \ud800 escape
+            _fail("bad_utf8", f"text is not valid Unicode ({e.reason} at {e.start})", rid)
     loaded = [_load_image(entry, base, i, rid, opts.check_images) for i, entry in enumerate(images)]
     meta = {"source": "import", "verbatim": True, "prompt": prompt, "answer": answer_text}
     if system:
