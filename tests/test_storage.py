@@ -258,6 +258,8 @@ def test_instruction_extractor_keeps_quoted_text():
     assert extract_instruction("The instruction: “make it blue”\n", pats) == "make it blue"
     assert extract_instruction('The editing instruction is "Replace "A" with "B"". Rate it.', pats) == 'Replace "A" with "B"'
     assert extract_instruction("The instruction is “make the sky ‘stormy’”. Go.", pats) == "make the sky ‘stormy’"
+    # The official prompts' shape: the instruction alone on the line after the label.
+    assert extract_instruction('Rate the edit.\nEditing instruction: \nChange the text "OPEN" to "CLOSED"', pats) == 'Change the text "OPEN" to "CLOSED"'
 
 
 def _lines_fixture(root: Path) -> tuple[Path, list[bytes]]:
