@@ -244,20 +244,25 @@ def test_surrogate_text_is_skipped_in_memory_records(proc, tmp_path, examples):
     from sr_jax.data.pipeline import EncodeStep, Sources
 
     sc = next(e for e in examples if e.task == "sc")
-    in_memory = [dataclasses.replace(sc, id="surrogate", instruction="Make it \udcff blue.")]
+    in_memory = [dataclasses.replace(sc, id="surrogate", instruction="Make it \udcff blue."),
+                 dataclasses.replace(sc, id="verbatim-surrogate", meta={  # the texts a verbatim record trains on
+                     "verbatim": True, "prompt": "<image><image>Rate.", "answer": "Fine \udcff."})]
 
     class Memory:
         def __len__(self):
-            return 1
+            return 2
 
         def fetch(self, i):
             return in_memory[i]
 
     sources = Sources([f"synthetic:n=1,{SMALL}"])
     sources.parts = [Memory()]
+    sources.offsets = np.cumsum([0, len(in_memory)])
     step = EncodeStep(sources, proc, 2048, 10**6, "drop")
     out = step(0)
     assert out["skip"] == "bad_utf8" and out["id"] == "surrogate"
+    out = step(1)
+    assert out["skip"] == "bad_utf8" and out["id"] == "verbatim-surrogate", out
 
 
 def test_strict_mode_raises_with_the_record_id(proc, mixed_file):
