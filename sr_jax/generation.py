@@ -1,8 +1,8 @@
 """Batched generation: one jitted prefill (images included) plus a `lax.while_loop` of decode
 steps over a preallocated KV cache.
 
-Prompt lengths and patch counts are rounded up to buckets so that repeated calls with
-similar inputs reuse one compiled program. Positions follow HF: the prompt's 3-D M-RoPE ids
+Prompt lengths, patch counts and `max_new_tokens` are rounded up to buckets so that repeated
+calls with similar inputs reuse one compiled program. Positions follow HF: the prompt's 3-D M-RoPE ids
 come from `get_rope_index` (padding-aware), and generated token i sits at max prompt position
 + 1 + i on all three axes.
 """
@@ -36,6 +36,17 @@ def bucket_length(n: int, minimum: int = 64) -> int:
         return 1 << (n - 1).bit_length()
     step = 128 if n <= 2048 else 512 if n <= 8192 else 2048
     return -(-n // step) * step
+
+
+def bucket_new_tokens(n: int, minimum: int = 16) -> int:
+    """The compiled decode length for a request of `n` new tokens: powers of two up to 256, then
+    multiples of 256. The loop still stops after `n` steps (a traced limit), so a bucket costs only
+    its KV-cache slots, and every `n` in a bucket shares one program."""
+    if n <= minimum:
+        return minimum
+    if n <= 256:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 256) * 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +90,7 @@ def _sample(logits, rng, temperature, top_p, static: _Static):
 
 
 def _generate_program(state, ids, mask, positions, next_pos, pixel_values, vision, vision_layout, rng, temperature,
-                      top_p, penalty, stop_ids, *, graphdef, static: _Static):
+                      top_p, penalty, stop_ids, limit, *, graphdef, static: _Static):
     TRACE_COUNT["generate"] += 1
     model = nnx.merge(graphdef, state)
     tcfg = model.config.text
@@ -110,7 +121,7 @@ def _generate_program(state, ids, mask, positions, next_pos, pixel_values, visio
 
     def cond(carry):
         i, _, _, done, _, _, _ = carry
-        return (i < n_new) & ~jnp.all(done)
+        return (i < limit) & ~jnp.all(done)
 
     def body(carry):
         i, tok, tokens, done, cache, key_valid, seen = carry
@@ -181,7 +192,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
         pixel_values, vision = pv, vinputs.as_tuple()
 
     static = _Static(
-        max_new_tokens=int(max_new_tokens),
+        max_new_tokens=bucket_new_tokens(int(max_new_tokens)),
         greedy=temperature <= 0,
         top_k=int(top_k),
         use_top_p=top_p < 1.0,
@@ -193,5 +204,6 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
         state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(positions, jnp.int32),
         jnp.asarray(next_pos, jnp.int32), pixel_values, vision, layout, jax.random.PRNGKey(seed),
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.float32(repetition_penalty), jnp.asarray(stops),
+        jnp.int32(max_new_tokens),
     )
-    return np.asarray(tokens)
+    return np.asarray(tokens)[:, :max_new_tokens]

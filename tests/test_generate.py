@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_oracle import hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels, tiny_hf_config
-from sr_jax.generation import PAD_ID, TRACE_COUNT, bucket_length, generate
+from sr_jax.generation import PAD_ID, TRACE_COUNT, bucket_length, bucket_new_tokens, generate
 
 IM_END = 151645
 
@@ -104,6 +104,22 @@ def test_prompt_buckets_avoid_recompilation(pair):
     assert TRACE_COUNT["generate"] == before
     generate(ours, rng.integers(0, 151000, (1, 70)), max_new_tokens=8)
     assert TRACE_COUNT["generate"] == before + 1
+
+
+def test_new_token_buckets_share_a_program_and_stop_at_the_request(pair):
+    """Hostile max_new_tokens values must not each compile a program (issue 16); a bucket's extra
+    slots are never decoded, so n tokens are exactly the first n of a longer run."""
+    _, ours = pair
+    ids = np.random.default_rng(5).integers(0, 151000, (2, 30))
+    assert [bucket_new_tokens(n) for n in (1, 16, 17, 200, 256, 257, 512, 20000)] == \
+        [16, 16, 32, 256, 256, 512, 512, 20224]
+    longest = generate(ours, ids, max_new_tokens=32, stop_ids=[])
+    before = TRACE_COUNT["generate"]
+    for n in (17, 23, 31):
+        out = generate(ours, ids, max_new_tokens=n, stop_ids=[])
+        assert out.shape == (2, n)
+        np.testing.assert_array_equal(out, longest[:, :n])
+    assert TRACE_COUNT["generate"] == before
 
 
 def test_sampling_is_seeded_and_filters_reduce_to_greedy(pair):
