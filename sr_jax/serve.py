@@ -234,8 +234,8 @@ _DEPTH_STEP[[ord("]"), ord("}")]] = -1
 
 def json_depth(body: bytes, stop_above: int = MAX_JSON_DEPTH) -> int:
     """The deepest nesting of arrays/objects in a JSON text (strings skipped), found without
-    parsing it, so that hostile nesting never reaches the recursive parser. Stops counting once
-    past `stop_above`."""
+    parsing it, so that hostile nesting never reaches the recursive parser. Counts in 1 MiB chunks
+    and stops after the first chunk that goes past `stop_above`."""
     steps = _DEPTH_STEP[np.frombuffer(_STRING.sub(b"", _ESCAPE.sub(b"", body)), np.uint8)]
     depth = peak = 0
     for start in range(0, len(steps), 1 << 20):

@@ -528,6 +528,19 @@ def test_memory_budget_refuses_from_headers_and_reserves_until_done():
         assert metric(text, "sr_jax_score_errors_total", 'reason="memory_busy"') >= 3  # the 429 above + retries
 
 
+def test_json_depth_skips_strings_and_escapes():
+    from sr_jax.serve import json_depth, load_json
+
+    assert json_depth(b'{"items": [{"original": ["a", "b"]}]}') == 4
+    assert json_depth(rb'{"a": "[[[[\"[[[{{{", "b": ["\\"]}') == 2  # brackets in strings, escaped quotes
+    assert json_depth(b"[" * 20 + b"]" * 20) == 20 and json_depth(b"[" * (3 << 20)) > 16
+    assert load_json(b'{"seed": 123, "w": -0.5e3}') == {"seed": 123, "w": -500.0}
+    for bad in (b'{"x": 1e999}', b'{"x": -Infinity}', b'{"x": ' + b"1" * 33 + b"}"):
+        with pytest.raises(Exception) as err:
+            load_json(bad)
+        assert getattr(err.value, "status", None) == 400 and err.value.reason == "json_number"
+
+
 def test_default_budget_is_sized_to_the_machine():
     from sr_jax.serve import machine_memory_bytes
 
