@@ -150,11 +150,14 @@ class Scorer:
             prompts.append(self.processor.encode(pq, with_target=False))
         return prompts
 
-    def generate_texts(self, prompts: list[dict], opts: ScorerOptions) -> list[str]:
-        """Greedy/sampled answers for encoded prompts, batched by similar length (left padding)."""
+    def generate_texts(self, prompts: list[dict], opts: ScorerOptions, should_stop=None) -> list[str]:
+        """Greedy/sampled answers for encoded prompts, batched by similar length (left padding).
+        `should_stop()` true (checked between decode segments) abandons the rest: texts are cut."""
         order = sorted(range(len(prompts)), key=lambda i: prompts[i]["input_ids"].shape[1])
         texts: list[str] = [""] * len(prompts)
         for start in range(0, len(order), opts.batch_size):
+            if should_stop is not None and should_stop():
+                break
             chunk = [prompts[i] for i in order[start:start + opts.batch_size]]
             width = max(p["input_ids"].shape[1] for p in chunk)
             ids = np.full((len(chunk), width), PAD_ID, np.int64)
@@ -166,7 +169,8 @@ class Scorer:
             grids = [p["image_grid_thw"] for p in chunk if len(p["image_grid_thw"])]
             new = generate(self.model, ids, mask, np.concatenate(pixels) if pixels else None,
                            np.concatenate(grids) if grids else None, max_new_tokens=opts.max_new_tokens,
-                           temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed)
+                           temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed,
+                           should_stop=should_stop)
             for row, idx in enumerate(order[start:start + opts.batch_size]):
                 texts[idx] = self.processor.tokenizer.decode(
                     [t for t in new[row].tolist() if t != PAD_ID], skip_special_tokens=True)
@@ -174,16 +178,18 @@ class Scorer:
 
     # ---- the public call ----
     def score(self, originals: Sequence[Any], edited: Sequence[Any], instructions: Sequence[str],
-              **overrides) -> list[dict]:
+              should_stop=None, **overrides) -> list[dict]:
         """One result per item, in order. `originals[i]` is an image or a list of images (several
-        originals for multi-input edits); images are PIL images, encoded bytes or file paths."""
+        originals for multi-input edits); images are PIL images, encoded bytes or file paths.
+        `should_stop`: a callable the reward server passes; once it returns True generation stops
+        early and the results (of cut answers) are not meant to be used."""
         opts = self._per_call(overrides)
         if not (len(originals) == len(edited) == len(instructions)):
             raise ValueError(f"originals ({len(originals)}), edited ({len(edited)}) and instructions "
                              f"({len(instructions)}) must have the same length")
         if not edited:
             return []
-        texts = self.generate_texts(self._encode_prompts(originals, edited, instructions), opts)
+        texts = self.generate_texts(self._encode_prompts(originals, edited, instructions), opts, should_stop)
         n = len(edited)
         return [self._result(originals[i], edited[i], texts[i], texts[n + i], opts) for i in range(n)]
 

@@ -32,7 +32,9 @@ Memory: a request's cost (its body's copies, then each image's decoded and worki
 image headers) is reserved from a global budget before the body is read and before any image is
 decoded; the reservation lasts until the request is answered and the model is done with its
 images. A request that times out or whose client disconnects is cancelled: its queued items are
-dropped, rows of it in a running model call are discarded, and both count as cancelled.
+dropped, rows of it in a running model call are discarded, and both count as cancelled; when a
+scorer's `score` takes `should_stop=`, the server passes a callable that turns true once every
+caller of the running call has gone (the `Scorer` then stops between decode segments).
 
 A scorer may also offer `check_image_size(width, height)` (raising ValueError for a size the
 model cannot take), checked at validation so one request can never fail a shared model call, and
@@ -181,15 +183,26 @@ class ParsedRequest:
     timeout_s: float | None
 
 
+STOP_HOOK = "should_stop"  # a `score` keyword the server fills itself; never a request option
+
+
 def accepted_options(scorer: Any, allowlist: Sequence[str] | None = None) -> frozenset[str] | None:
     """Keyword options `scorer.score` takes beyond the three inputs, narrowed to `allowlist`;
     None (anything) when it takes **kwargs and no allowlist is given."""
     params = list(inspect.signature(scorer.score).parameters.values())
     named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    takes = None if any(p.kind is p.VAR_KEYWORD for p in params) else frozenset(p.name for p in named[3:])
+    takes = None if any(p.kind is p.VAR_KEYWORD for p in params) else \
+        frozenset(p.name for p in named[3:]) - {STOP_HOOK}
     if allowlist is None:
         return takes
-    return frozenset(allowlist) if takes is None else takes & frozenset(allowlist)
+    return (frozenset(allowlist) if takes is None else takes & frozenset(allowlist)) - {STOP_HOOK}
+
+
+def takes_stop_hook(scorer: Any) -> bool:
+    """Whether `scorer.score` accepts `should_stop=`, a callable it polls to abandon a model call
+    whose callers have all gone."""
+    parameter = inspect.signature(scorer.score).parameters.get(STOP_HOOK)
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
 
 def option_validator(scorer: Any) -> Callable[[dict], Any] | None:
@@ -337,6 +350,8 @@ def _check_options(options: Any, allowed: frozenset[str] | None, validate, max_n
         return {}
     if not isinstance(options, dict):
         raise RequestError(400, f"options: expected an object, got {type(options).__name__}")
+    if STOP_HOOK in options:
+        raise RequestError(400, f"options: unknown option(s) ['{STOP_HOOK}']", reason="bad_option")
     if allowed is not None:
         unknown = sorted(set(options) - allowed)
         if unknown:
@@ -591,6 +606,7 @@ class Batcher:
         self.closing = False
         self._wake = asyncio.Event()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="sr-jax-scorer")
+        self.stop_hook = takes_stop_hook(scorer)
         self._task: asyncio.Task | None = None
 
     @property
@@ -698,10 +714,14 @@ class Batcher:
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_requests.observe(len({id(p) for p, _ in batch}))
         items = [p.items[i] for p, i in batch]
+        hook = {}
+        if self.stop_hook:
+            owners = list({id(p): p for p, _ in batch}.values())
+            hook[STOP_HOOK] = lambda: all(p.dropped for p in owners)
         start = time.perf_counter()
         try:
             results = self.scorer.score([it.originals for it in items], [it.edited for it in items],
-                                        [it.instruction for it in items], **options)
+                                        [it.instruction for it in items], **options, **hook)
         finally:
             self.metrics.model_latency.observe(time.perf_counter() - start)
         results = list(results)

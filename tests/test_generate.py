@@ -122,6 +122,25 @@ def test_new_token_buckets_share_a_program_and_stop_at_the_request(pair):
     assert TRACE_COUNT["generate"] == before
 
 
+def test_segmented_generation_is_identical_and_stops_when_asked(pair):
+    """A server cancels generation nobody waits for between segments (issue 16); segmenting
+    itself never changes a token, sampled ones included."""
+    _, ours = pair
+    ids = np.random.default_rng(6).integers(0, 151000, (2, 30))
+    for kw in ({}, {"temperature": 1.2, "top_k": 50, "seed": 3}):
+        whole = generate(ours, ids, max_new_tokens=23, stop_ids=[], **kw)
+        asked = []
+        segmented = generate(ours, ids, max_new_tokens=23, stop_ids=[], segment=5,
+                             should_stop=lambda: asked.append(1) and False, **kw)
+        np.testing.assert_array_equal(segmented, whole)
+        assert len(asked) == 4  # after steps 5, 10, 15 and 20
+    calls = []
+    stopped = generate(ours, ids, max_new_tokens=23, stop_ids=[], segment=5,
+                       should_stop=lambda: calls.append(1) or len(calls) >= 2)
+    np.testing.assert_array_equal(stopped[:, :10], generate(ours, ids, max_new_tokens=10, stop_ids=[]))
+    assert (stopped[:, 10:] == PAD_ID).all() and len(calls) == 2
+
+
 def test_sampling_is_seeded_and_filters_reduce_to_greedy(pair):
     _, ours = pair
     ids = np.random.default_rng(5).integers(0, 151000, (2, 10))

@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 class PixelScorer:
     """Deterministic scorer over pixels. Instructions "sleep:S" wait S seconds, "boom" raises,
-    "gate" waits for `gate` to be set; every call's (batch size, options) is recorded."""
+    "gate" waits for `gate` to be set, "spin" runs until `should_stop()` (5 s at most); every
+    call's (batch size, options) is recorded."""
 
     # Its float64 statistics need far more than the real Scorer: 71 bytes per pixel of an
     # original/edited pair at its peak (measured with ru_maxrss on 2000x2000 images).
@@ -54,10 +55,16 @@ class PixelScorer:
         if options.get("mode", "weighted") not in AGGREGATION_MODES:
             raise ValueError(f"mode must be one of {AGGREGATION_MODES}")
 
-    def score(self, originals, edited, instructions, grounding_weight: float = 0.0, mode: str = "weighted"):
+    def score(self, originals, edited, instructions, grounding_weight: float = 0.0, mode: str = "weighted",
+              should_stop=None):
         with self._lock:
             self.calls.append((len(edited), {"grounding_weight": grounding_weight, "mode": mode}))
         for text in instructions:
+            if text == "spin":  # a long generation: runs 5 s unless the server says nobody waits
+                start = time.monotonic()
+                while time.monotonic() - start < 5 and not (should_stop and should_stop()):
+                    time.sleep(0.01)
+                self.spun = time.monotonic() - start
             if text == "boom":
                 raise RuntimeError("the model fell over")
             if text.startswith("sleep:"):
@@ -595,6 +602,26 @@ def test_abandoned_requests_are_cancelled_not_scored():
         assert metric(after, "sr_jax_score_requests_total", 'code="499"') == 2  # each sent once
         assert metric(after, "sr_jax_score_requests_total", 'code="504"') == 1
         assert metric(after, "sr_jax_queue_depth") == 0
+
+
+def test_running_call_stops_once_its_callers_are_gone(served):
+    """Point 2: the request timeout cancels the work itself: a model call whose every caller has
+    gone is told to stop (`should_stop`), so the next request does not wait for it."""
+    server, scorer = served
+    client = RewardClient(server.url, timeout=10, retries=0)
+    before = client.metrics()
+    pair = edit_pair(8)
+    code, answer = post(server.url, _body([_item(instruction="spin")], timeout_s=0.3,
+                                          options={"should_stop": True}))
+    assert code == 400 and "should_stop" in answer["error"]  # the hook is the server's, not an option
+    start = time.monotonic()
+    with pytest.raises(RewardServerError) as err:
+        RewardClient(server.url, timeout=10, retries=0, request_timeout_s=0.3).score([pair[0]], [pair[1]], ["spin"])
+    assert err.value.status == 504
+    assert client.score([pair[0]], [pair[1]], ["next"])[0]["instruction"] == "next"
+    assert time.monotonic() - start < 1.5 and scorer.spun < 1.0
+    after = client.metrics()
+    assert metric(after, "sr_jax_items_cancelled_total") - metric(before, "sr_jax_items_cancelled_total") == 1
 
 
 def test_client_retries_only_what_may_succeed(served):
