@@ -58,7 +58,8 @@ class ScorerOptions:
 
         checks = [
             (self.mode in AGGREGATION_MODES, f"mode must be one of {AGGREGATION_MODES}"),
-            (1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT, f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}]"),
+            (1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
+             f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}]"),
             (0 <= self.temperature <= 100, "temperature must be in [0, 100]"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.top_k <= 1 << 20, "top_k must be in [0, 2**20]"),

@@ -94,8 +94,8 @@ class ServeConfig:
     max_instruction_chars: int = 8192
     request_timeout_s: float = 600.0  # from arrival to answer; a request may ask for less
     body_timeout_s: float = 30.0  # to receive a request's body; a trickling client gets 408
-    # Memory admission (see `request_cost`): the bytes all requests in flight may hold (None: a
-    # quarter of the machine's or cgroup's memory) and one request may hold (None: a quarter of that).
+    # Memory admission (`image_cost`, `MemoryBudget`): the bytes all requests in flight may hold
+    # (None: a quarter of the machine's or cgroup's memory) and one request may (None: a quarter of that).
     memory_budget_mb: float | None = None
     max_request_mb: float | None = None
     max_new_tokens_cap: int | None = None  # most a request may ask for; None: the scorer's default
@@ -141,7 +141,8 @@ def machine_memory_bytes() -> int:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            raw = open(path).read().strip()
+            with open(path) as f:
+                raw = f.read().strip()
         except OSError:
             continue
         if raw.isdigit():
@@ -510,7 +511,8 @@ class _Metrics:
         Gauge("sr_jax_inflight_requests", "score requests being handled", registry=r).set_function(inflight)
         self.cancelled = Counter("sr_jax_items_cancelled", "items whose caller timed out or disconnected before "
                                  "they were answered (dropped from the queue or their batch row discarded)", registry=r)
-        Gauge("sr_jax_memory_reserved_bytes", "bytes reserved by requests in flight", registry=r).set_function(memory_used)
+        Gauge("sr_jax_memory_reserved_bytes", "bytes reserved by requests in flight",
+              registry=r).set_function(memory_used)
         Gauge("sr_jax_memory_budget_bytes", "memory_budget_mb in bytes", registry=r).set_function(memory_limit)
 
 
@@ -789,7 +791,8 @@ class RewardServer:
         self.max_batch = min(cfg.max_batch or cap or 8, cap or math.inf)
         self.allowed_options = accepted_options(scorer, cfg.request_options)
         self.validate_options = option_validator(scorer)
-        self.max_new_tokens = cfg.max_new_tokens_cap or getattr(getattr(scorer, "options", None), "max_new_tokens", None)
+        default_tokens = getattr(getattr(scorer, "options", None), "max_new_tokens", None)
+        self.max_new_tokens = cfg.max_new_tokens_cap or default_tokens
         self.work_bytes_per_pixel = int(getattr(scorer, "work_bytes_per_pixel", WORK_BYTES_PER_PIXEL))
         check = getattr(scorer, "check_image_size", None)
         self.check_image = check if callable(check) else None
