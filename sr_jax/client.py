@@ -4,9 +4,12 @@
     results = client.score(originals, edited, instructions, grounding_weight=0.1)
 
 Images may be PIL images (sent as PNG), uint8 arrays (sent as PNG), encoded PNG/JPEG bytes, or
-file paths (sent as they are). Connection errors, timeouts and 5xx answers are retried with
-exponential backoff (a 503's Retry-After is honoured); 4xx answers are the caller's fault and raise
-at once. Large calls are split into requests of at most `max_items_per_request` items.
+file paths (sent as they are). Only failures that say nothing ran and a retry may succeed are
+retried: 429 (memory budget busy), 503 (queue full), 502 and connections refused or reset; each wait
+is exponential with jitter, at least the server's Retry-After, at most `max_backoff`. Other
+answers raise at once: 4xx are the caller's fault, a 500 would fail again, and a 504 or a client
+timeout means the server already spent its time on the request (resending multiplies the load).
+Large calls are split into requests of at most `max_items_per_request` items.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import base64
 import http.client
 import io
 import json
+import random
 import socket
 import time
 import urllib.error
@@ -52,8 +56,12 @@ def encode_image(image: Any) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+RETRY_STATUSES = (429, 502, 503)
+_TIMED_OUT = -1  # internal status: no answer within the client's timeout (not retried)
+
+
 def _retryable(status: int) -> bool:
-    return status >= 500 or status == 0
+    return status in RETRY_STATUSES or status == 0
 
 
 class RewardClient:
@@ -85,7 +93,8 @@ class RewardClient:
             return exc.code, exc.read(), wait
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
-            return 0, f"{type(exc).__name__}: {reason}".encode(), None
+            status = _TIMED_OUT if isinstance(reason, (socket.timeout, TimeoutError)) else 0
+            return status, f"{type(exc).__name__}: {reason}".encode(), None
 
     def _request(self, method: str, path: str, body: bytes | None = None, ok: tuple[int, ...] = (200,)) -> Any:
         for attempt in range(self.retries + 1):
@@ -94,12 +103,14 @@ class RewardClient:
                 return json.loads(data) if path != "/metrics" else data.decode()
             if not _retryable(status) or attempt == self.retries:
                 break
-            wait = self.backoff * 2**attempt if retry_after is None else retry_after
-            time.sleep(min(wait, self.max_backoff))
+            wait = self.backoff * 2**attempt * random.uniform(0.5, 1.0)  # jitter spreads retrying clients
+            time.sleep(min(max(wait, retry_after or 0.0), self.max_backoff))
         try:
             message = json.loads(data).get("error", data.decode(errors="replace"))
         except (ValueError, AttributeError):
             message = data.decode(errors="replace")
+        if status == _TIMED_OUT:
+            status, message = 0, f"no answer within {self.timeout:g} s ({message}); not retried"
         raise RewardServerError(status, f"{method} {path}: {message}")
 
     def score(self, originals: Sequence[Any], edited: Sequence[Any], instructions: Sequence[str],

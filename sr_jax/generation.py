@@ -1,8 +1,8 @@
 """Batched generation: one jitted prefill (images included) plus a `lax.while_loop` of decode
 steps over a preallocated KV cache.
 
-Prompt lengths and patch counts are rounded up to buckets so that repeated calls with
-similar inputs reuse one compiled program. Positions follow HF: the prompt's 3-D M-RoPE ids
+Prompt lengths, patch counts and `max_new_tokens` are rounded up to buckets so that repeated
+calls with similar inputs reuse one compiled program. Positions follow HF: the prompt's 3-D M-RoPE ids
 come from `get_rope_index` (padding-aware), and generated token i sits at max prompt position
 + 1 + i on all three axes.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,17 @@ def bucket_length(n: int, minimum: int = 64) -> int:
     return -(-n // step) * step
 
 
+def bucket_new_tokens(n: int, minimum: int = 16) -> int:
+    """The compiled decode length for a request of `n` new tokens: powers of two up to 256, then
+    multiples of 256. The loop still stops after `n` steps (a traced limit), so a bucket costs only
+    its KV-cache slots, and every `n` in a bucket shares one program."""
+    if n <= minimum:
+        return minimum
+    if n <= 256:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 256) * 256
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     max_new_tokens: int
@@ -45,6 +57,7 @@ class _Static:
     top_k: int
     use_top_p: bool
     use_repetition_penalty: bool
+    segmented: bool = False  # the program returns its whole carry, to be continued
 
 
 def _apply_repetition_penalty(logits, seen, penalty):
@@ -79,7 +92,7 @@ def _sample(logits, rng, temperature, top_p, static: _Static):
 
 
 def _generate_program(state, ids, mask, positions, next_pos, pixel_values, vision, vision_layout, rng, temperature,
-                      top_p, penalty, stop_ids, *, graphdef, static: _Static):
+                      top_p, penalty, stop_ids, limit, *, graphdef, static: _Static):
     TRACE_COUNT["generate"] += 1
     model = nnx.merge(graphdef, state)
     tcfg = model.config.text
@@ -108,9 +121,33 @@ def _generate_program(state, ids, mask, positions, next_pos, pixel_values, visio
     if static.use_repetition_penalty:
         seen = seen.at[jnp.arange(batch), tok].set(True)
 
+    carry = (jnp.int32(1), tok, tokens, done, out.kv_cache, key_valid, seen)
+    carry = _decode_loop(model, carry, prompt_len, next_pos, rng, temperature, top_p, penalty, stop_ids, limit, static)
+    if static.segmented:
+        return carry
+    # Under a mesh (`jax.set_mesh`) the activations follow the batch rules, so each device decodes
+    # its own rows; the tokens come back whole on every device (and every process).
+    return constrain(carry[2], (None, None))
+
+
+def _continue_program(state, carry, next_pos, rng, temperature, top_p, penalty, stop_ids, limit, *, graphdef,
+                      static: _Static):
+    """More decode steps of a segmented generation, from the carry the previous program returned."""
+    TRACE_COUNT["generate_continue"] += 1
+    model = nnx.merge(graphdef, state)
+    prompt_len = carry[5].shape[1] - static.max_new_tokens
+    return _decode_loop(model, carry, prompt_len, next_pos, rng, temperature, top_p, penalty, stop_ids, limit, static)
+
+
+def _decode_loop(model, carry, prompt_len, next_pos, rng, temperature, top_p, penalty, stop_ids, limit,
+                 static: _Static):
+    """Decode steps until step `limit` or until every row has stopped. Step i samples with
+    fold_in(rng, i) whatever program runs it, so segmenting never changes a token."""
+    batch = carry[1].shape[0]
+
     def cond(carry):
         i, _, _, done, _, _, _ = carry
-        return (i < n_new) & ~jnp.all(done)
+        return (i < limit) & ~jnp.all(done)
 
     def body(carry):
         i, tok, tokens, done, cache, key_valid, seen = carry
@@ -130,10 +167,7 @@ def _generate_program(state, ids, mask, positions, next_pos, pixel_values, visio
         done = done | jnp.isin(new, stop_ids)
         return i + 1, new, tokens, done, step.kv_cache, key_valid, seen
 
-    carry = (jnp.int32(1), tok, tokens, done, out.kv_cache, key_valid, seen)
-    # Under a mesh (`jax.set_mesh`) the activations follow the batch rules, so each device decodes
-    # its own rows; the tokens come back whole on every device (and every process).
-    return constrain(jax.lax.while_loop(cond, body, carry)[2], (None, None))
+    return jax.lax.while_loop(cond, body, carry)
 
 
 @functools.lru_cache(maxsize=64)
@@ -141,13 +175,23 @@ def _compiled(graphdef, static: _Static):
     return jax.jit(functools.partial(_generate_program, graphdef=graphdef, static=static))
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled_continue(graphdef, static: _Static):
+    # The carry (KV cache included) is donated: a segment reuses its buffers instead of doubling them.
+    return jax.jit(functools.partial(_continue_program, graphdef=graphdef, static=static), donate_argnums=(1,))
+
+
 def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, max_new_tokens=128,
              temperature=0.0, top_p=1.0, top_k=0, seed=0, stop_ids=None, repetition_penalty=1.0,
-             min_prompt_bucket: int = 64) -> np.ndarray:
+             min_prompt_bucket: int = 64, should_stop: Callable[[], bool] | None = None,
+             segment: int = 64) -> np.ndarray:
     """New token ids (batch, max_new_tokens); after a stop token the row holds the pad id 151643.
 
     Inputs are laid out as for the model call (left or right padding both work).
-    `temperature == 0` is greedy decoding.
+    `temperature == 0` is greedy decoding. With `should_stop`, decoding runs in segments of
+    `segment` steps (identical tokens) and ends early once `should_stop()` is true between two
+    segments (the rest of the rows is pad): how a server abandons work nobody waits for. It is a
+    host-side decision, so under several processes leave it None (they must run the same steps).
     """
     ids = np.asarray(input_ids, np.int64)
     if ids.ndim != 2:
@@ -157,6 +201,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
         raise ValueError("a batch row has no real tokens")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    if segment < 1:
+        raise ValueError("segment must be >= 1")
     cfg = model.config
     grids = None if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
     positions, _ = get_rope_index(ids, grids, mask, spatial_merge_size=cfg.vision.spatial_merge_size,
@@ -181,17 +227,27 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
         pixel_values, vision = pv, vinputs.as_tuple()
 
     static = _Static(
-        max_new_tokens=int(max_new_tokens),
+        max_new_tokens=bucket_new_tokens(int(max_new_tokens)),
         greedy=temperature <= 0,
         top_k=int(top_k),
         use_top_p=top_p < 1.0,
         use_repetition_penalty=repetition_penalty != 1.0,
+        segmented=should_stop is not None,
     )
-    stops = np.asarray(DEFAULT_STOP_IDS if stop_ids is None else list(stop_ids), np.int32).reshape(-1)
+    stops = jnp.asarray(np.asarray(DEFAULT_STOP_IDS if stop_ids is None else list(stop_ids), np.int32).reshape(-1))
     graphdef, state = nnx.split(model)
-    tokens = _compiled(graphdef, static)(
+    next_pos = jnp.asarray(next_pos, jnp.int32)
+    rng, sampling = jax.random.PRNGKey(seed), (jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+                                              jnp.float32(repetition_penalty), stops)
+    first = max_new_tokens if should_stop is None else min(max_new_tokens, segment)
+    out = _compiled(graphdef, static)(
         state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(positions, jnp.int32),
-        jnp.asarray(next_pos, jnp.int32), pixel_values, vision, layout, jax.random.PRNGKey(seed),
-        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.float32(repetition_penalty), jnp.asarray(stops),
-    )
-    return np.asarray(tokens)
+        next_pos, pixel_values, vision, layout, rng, *sampling, jnp.int32(first))
+    if should_stop is None:
+        return np.asarray(out)[:, :max_new_tokens]
+    # Segmented: between segments the host asks whether the caller still wants the answer; the
+    # tokens of a stopped run end where it stopped (pad after).
+    while (step := int(out[0])) < max_new_tokens and not bool(np.all(out[3])) and not should_stop():
+        out = _compiled_continue(graphdef, static)(state, out, next_pos, rng, *sampling,
+                                                   jnp.int32(min(step + segment, max_new_tokens)))
+    return np.asarray(out[2])[:, :max_new_tokens]

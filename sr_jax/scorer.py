@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sr_jax.data.image import open_image
+from sr_jax.data.image import open_image, smart_resize
 from sr_jax.data.processor import Processor
 from sr_jax.data.records import SpatialExample
 from sr_jax.data.templates import PromptTemplates
@@ -60,26 +60,35 @@ class ScorerOptions:
         return dataclasses.replace(self, **overrides).validate()
 
     def validate(self) -> "ScorerOptions":
-        """Value checks, so a bad option is the caller's error (HTTP 400), not a model failure."""
+        """Value checks, so a bad option is the caller's error (HTTP 400), not a model failure.
+        Every number is bounded (comparisons are False for NaN, so NaN fails each of them)."""
         from sr_jax.reward import AGGREGATION_MODES, PARSE_MODES
 
         checks = [
             (self.mode in AGGREGATION_MODES, f"mode must be one of {AGGREGATION_MODES}"),
             (self.parse_mode in PARSE_MODES, f"parse_mode must be one of {PARSE_MODES}"),
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
+             f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}]"),
+            (0 <= self.temperature <= 100, "temperature must be in [0, 100]"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (0 <= self.top_k <= 1 << 20, "top_k must be in [0, 2**20]"),
+            (0 <= self.seed < 1 << 32, "seed must be in [0, 2**32)"),  # JAX keys keep 32 bits of it
+            (1 <= self.batch_size <= 4096, "batch_size must be in [1, 4096]"),
             (0 <= self.a <= 1, "a must be in [0, 1]"),
             (0 <= self.grounding_weight <= 1, "grounding_weight must be in [0, 1]"),
-            (self.score_range > 0, "score_range must be > 0"),
+            (0 < self.score_range <= 1e6, "score_range must be in (0, 1e6]"),
             (0 < self.min_pixels <= self.max_pixels, "need 0 < min_pixels <= max_pixels"),
-        ]
+        ] + [(-1e6 <= getattr(self, w) <= 1e6, f"{w} must be a finite number in [-1e6, 1e6]")
+             for w in ("w1", "w2", "w3", "w4")]
         errors = [msg for ok, msg in checks if not ok]
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+
+MAX_NEW_TOKENS_LIMIT = 1 << 16
+# Options fixed when the model and processor are built; a different value per call cannot be honoured.
+LOAD_TIME_OPTIONS = ("min_pixels", "max_pixels", "dtype", "templates")
 
 
 def _as_list(x) -> list:
@@ -112,8 +121,29 @@ class Scorer:
         request); messages name the option, e.g. `options.max_new_tokens: expected int`."""
         from sr_jax.config import from_dict
 
+        fixed = sorted(set(options) & set(LOAD_TIME_OPTIONS))
+        if fixed:
+            raise ValueError(f"options.{fixed[0]}: set when the model is loaded (sr-jax serve --option "
+                             f"{fixed[0]}=...), not per request")
         typed = from_dict(ScorerOptions, options, "options")  # names and types
-        self.options.replace(**{k: getattr(typed, k) for k in options})  # values
+        opts = self._per_call({k: getattr(typed, k) for k in options})  # values
+        vocab = getattr(getattr(getattr(self.model, "config", None), "text", None), "vocab_size", None)
+        if vocab is not None and opts.top_k > vocab:
+            raise ValueError(f"options.top_k: {opts.top_k} exceeds the vocabulary ({vocab})")
+
+    def _per_call(self, overrides: dict) -> ScorerOptions:
+        """The options of one call; a load-time option may only repeat the loaded value."""
+        for name in LOAD_TIME_OPTIONS:
+            if name in overrides and overrides[name] != getattr(self.options, name):
+                raise ValueError(f"options.{name}: fixed when the scorer was built ({getattr(self.options, name)!r}); "
+                                 f"a call cannot change it")
+        return self.options.replace(**overrides) if overrides else self.options
+
+    def check_image_size(self, width: int, height: int) -> None:
+        """Raises ValueError (ImageError) for a size the image processor cannot resize, e.g. an
+        aspect ratio over 200:1 (HF's `smart_resize` rule), before any model call sees it."""
+        cfg = self.processor.image_config
+        smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
 
     @property
     def max_batch_size(self) -> int:
@@ -132,17 +162,21 @@ class Scorer:
             prompts.append(self.processor.encode(pq, with_target=False))
         return prompts
 
-    def generate_texts(self, prompts: list[dict], opts: ScorerOptions) -> list[str]:
+    def generate_texts(self, prompts: list[dict], opts: ScorerOptions, should_stop=None) -> list[str]:
         """Greedy/sampled answers for encoded prompts, batched by similar length (left padding)."""
-        return self.generate_answers(prompts, opts)[0]
+        return self.generate_answers(prompts, opts, should_stop)[0]
 
-    def generate_answers(self, prompts: list[dict], opts: ScorerOptions) -> tuple[list[str], list[bool]]:
+    def generate_answers(self, prompts: list[dict], opts: ScorerOptions,
+                         should_stop=None) -> tuple[list[str], list[bool]]:
         """(answers, truncated): an answer is truncated when it reached max_new_tokens without a
-        stop token, i.e. it was cut off rather than finished."""
+        stop token, i.e. it was cut off rather than finished. `should_stop()` true (checked
+        between decode segments) abandons the rest: texts are cut."""
         order = sorted(range(len(prompts)), key=lambda i: prompts[i]["input_ids"].shape[1])
         texts: list[str] = [""] * len(prompts)
         truncated: list[bool] = [False] * len(prompts)
         for start in range(0, len(order), opts.batch_size):
+            if should_stop is not None and should_stop():
+                break
             chunk = [prompts[i] for i in order[start:start + opts.batch_size]]
             width = max(p["input_ids"].shape[1] for p in chunk)
             ids = np.full((len(chunk), width), PAD_ID, np.int64)
@@ -154,7 +188,8 @@ class Scorer:
             grids = [p["image_grid_thw"] for p in chunk if len(p["image_grid_thw"])]
             new = generate(self.model, ids, mask, np.concatenate(pixels) if pixels else None,
                            np.concatenate(grids) if grids else None, max_new_tokens=opts.max_new_tokens,
-                           temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed)
+                           temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed,
+                           should_stop=should_stop)
             for row, idx in enumerate(order[start:start + opts.batch_size]):
                 texts[idx] = self.processor.tokenizer.decode(
                     [t for t in new[row].tolist() if t != PAD_ID], skip_special_tokens=True)
@@ -163,16 +198,18 @@ class Scorer:
 
     # ---- the public call ----
     def score(self, originals: Sequence[Any], edited: Sequence[Any], instructions: Sequence[str],
-              **overrides) -> list[dict]:
+              should_stop=None, **overrides) -> list[dict]:
         """One result per item, in order. `originals[i]` is an image or a list of images (several
-        originals for multi-input edits); images are PIL images, encoded bytes or file paths."""
-        opts = self.options.replace(**overrides) if overrides else self.options
+        originals for multi-input edits); images are PIL images, encoded bytes or file paths.
+        `should_stop`: a callable the reward server passes; once it returns True generation stops
+        early and the results (of cut answers) are not meant to be used."""
+        opts = self._per_call(overrides)
         if not (len(originals) == len(edited) == len(instructions)):
             raise ValueError(f"originals ({len(originals)}), edited ({len(edited)}) and instructions "
                              f"({len(instructions)}) must have the same length")
         if not edited:
             return []
-        texts, cut = self.generate_answers(self._encode_prompts(originals, edited, instructions), opts)
+        texts, cut = self.generate_answers(self._encode_prompts(originals, edited, instructions), opts, should_stop)
         n = len(edited)
         return [self._result(originals[i], edited[i], texts[i], texts[n + i], opts,
                              {"sc": cut[i], "pq": cut[n + i]}) for i in range(n)]

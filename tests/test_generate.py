@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_oracle import hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels, tiny_hf_config
-from sr_jax.generation import PAD_ID, TRACE_COUNT, bucket_length, generate
+from sr_jax.generation import PAD_ID, TRACE_COUNT, bucket_length, bucket_new_tokens, generate
 
 IM_END = 151645
 
@@ -104,6 +104,41 @@ def test_prompt_buckets_avoid_recompilation(pair):
     assert TRACE_COUNT["generate"] == before
     generate(ours, rng.integers(0, 151000, (1, 70)), max_new_tokens=8)
     assert TRACE_COUNT["generate"] == before + 1
+
+
+def test_new_token_buckets_share_a_program_and_stop_at_the_request(pair):
+    """Hostile max_new_tokens values must not each compile a program (issue 16); a bucket's extra
+    slots are never decoded, so n tokens are exactly the first n of a longer run."""
+    _, ours = pair
+    ids = np.random.default_rng(5).integers(0, 151000, (2, 30))
+    assert [bucket_new_tokens(n) for n in (1, 16, 17, 200, 256, 257, 512, 20000)] == \
+        [16, 16, 32, 256, 256, 512, 512, 20224]
+    longest = generate(ours, ids, max_new_tokens=32, stop_ids=[])
+    before = TRACE_COUNT["generate"]
+    for n in (17, 23, 31):
+        out = generate(ours, ids, max_new_tokens=n, stop_ids=[])
+        assert out.shape == (2, n)
+        np.testing.assert_array_equal(out, longest[:, :n])
+    assert TRACE_COUNT["generate"] == before
+
+
+def test_segmented_generation_is_identical_and_stops_when_asked(pair):
+    """A server cancels generation nobody waits for between segments (issue 16); segmenting
+    itself never changes a token, sampled ones included."""
+    _, ours = pair
+    ids = np.random.default_rng(6).integers(0, 151000, (2, 30))
+    for kw in ({}, {"temperature": 1.2, "top_k": 50, "seed": 3}):
+        whole = generate(ours, ids, max_new_tokens=23, stop_ids=[], **kw)
+        asked = []
+        segmented = generate(ours, ids, max_new_tokens=23, stop_ids=[], segment=5,
+                             should_stop=lambda: asked.append(1) and False, **kw)
+        np.testing.assert_array_equal(segmented, whole)
+        assert len(asked) == 4  # after steps 5, 10, 15 and 20
+    calls = []
+    stopped = generate(ours, ids, max_new_tokens=23, stop_ids=[], segment=5,
+                       should_stop=lambda: calls.append(1) or len(calls) >= 2)
+    np.testing.assert_array_equal(stopped[:, :10], generate(ours, ids, max_new_tokens=10, stop_ids=[]))
+    assert (stopped[:, 10:] == PAD_ID).all() and len(calls) == 2
 
 
 def test_sampling_is_seeded_and_filters_reduce_to_greedy(pair):

@@ -107,3 +107,15 @@ def test_bad_option_values_are_rejected(scorer):
         scorer.validate_options({"no_such_option": 1})
     scorer.validate_options({"mode": "min_geometric", "max_new_tokens": 8})
     scorer.validate_options({"mode": "mean", "parse_mode": "official_eval"})
+
+
+def test_option_numbers_are_finite_and_bounded():
+    """Issue 16: NaN weights gave a null reward and huge seeds a 500; every number is bounded."""
+    from sr_jax.scorer import ScorerOptions
+
+    nan, inf = float("nan"), float("inf")
+    for bad in [{"w1": nan}, {"w3": inf}, {"score_range": inf}, {"score_range": nan}, {"temperature": nan},
+                {"seed": 2**80}, {"seed": -1}, {"max_new_tokens": 10**6}, {"batch_size": 10**9}, {"a": nan}]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ScorerOptions().replace(**bad)
+    ScorerOptions().replace(w1=0.3, seed=2**32 - 1, score_range=100.0, temperature=1.0)
