@@ -471,3 +471,19 @@ def test_imported_verbatim_rows_train_through_the_pipeline(proc, tmp_path):
     assert pipe.processor.chat_template == "qwen3_vl_nothink"
     with pytest.raises(ValueError, match="chat_template"):
         dataclasses.replace(cfg, chat_template="chatml").validate()
+
+
+def test_batch_layout_names_the_vision_tables_in_model_order():
+    """`sr_jax.batch` is the one list of batch keys: the vision keys follow VisionInputs' fields
+    (the model's `vision=` tuple), and every stage reads that same list."""
+    import dataclasses
+
+    from sr_jax import batch
+    from sr_jax.data import packing
+    from sr_jax.model.vision import VisionInputs
+    from sr_jax.rl import grpo
+    from sr_jax.train import step
+
+    assert batch.VISION_KEYS == tuple(f"vision_{f.name}" for f in dataclasses.fields(VisionInputs))
+    assert packing.VISION_KEYS is step.VISION_KEYS is grpo.VISION_KEYS is batch.VISION_KEYS
+    assert set(batch.POLICY_KEYS) == set(batch.SFT_KEYS) - {"labels", "segment_ids"}

@@ -36,7 +36,7 @@ from sr_jax.data.records import IMAGE_TAG, RecordError, SpatialExample
 from sr_jax.data.templates import VISION_PLACEHOLDER, PromptTemplates, chat_messages, user_text
 from sr_jax.data.tokenizer import QwenTokenizer, load_tokenizer
 
-IGNORE_INDEX = -100
+from sr_jax.batch import IGNORE_INDEX  # kept importable from here (sr_jax.data.IGNORE_INDEX)
 CHAT_TEMPLATES = ("auto", "sr_jax", "qwen3_vl", "qwen3_vl_nothink")
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 THINK_TAGS = ("<think>", "</think>")
