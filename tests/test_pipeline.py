@@ -17,6 +17,7 @@ from sr_jax.data.processor import IGNORE_INDEX
 from sr_jax.data.storage import ARRAY_RECORD_OPTIONS, example_to_bytes, write_array_record
 from sr_jax.data.synthetic import generate_examples
 from sr_jax.model.config import VisionConfig
+from sr_jax.special_tokens import IMAGE_PAD_ID
 
 N_GOOD = 24
 SMALL = "min_side=64,max_side=96"
@@ -94,7 +95,7 @@ def check_batch_against_encodes(batch, encoded, vision_cfg):
     assert not batch["pixel_values"][p:].any()
     grid = np.concatenate(grids)
     np.testing.assert_array_equal(batch["image_grid_thw"], grid)
-    assert int((batch["input_ids"] == 151655).sum()) * 4 == p == int(grid.prod(1).sum())
+    assert int((batch["input_ids"] == IMAGE_PAD_ID).sum()) * 4 == p == int(grid.prod(1).sum())
     # Vision tables: those of the images in order, padding patches in one extra segment.
     from sr_jax.model.vision import vision_inputs
 

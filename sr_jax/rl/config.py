@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from sr_jax.data.templates import PromptTemplates
+from sr_jax.special_tokens import DEFAULT_STOP_IDS
 from sr_jax.train.config import TrainConfig
 from sr_jax.train.sft import ModelSection, RunSection
 
@@ -45,7 +46,7 @@ class GRPOConfig:
     top_k: int = 50
     repetition_penalty: float = 1.05
     generation_batch_size: int = 0     # rows per generate call; 0 = the whole rollout at once
-    stop_ids: list[int] = dataclasses.field(default_factory=lambda: [151645, 151643])
+    stop_ids: list[int] = dataclasses.field(default_factory=lambda: list(DEFAULT_STOP_IDS))
 
     def validate(self) -> "GRPOConfig":
         checks = [
