@@ -125,7 +125,8 @@ def _token_lengths(examples, limit: int) -> tuple[list[int], str]:
         enc = processor.encode(e)
         totals.append(int(enc["input_ids"].shape[1]))
         answers.append(int((enc["labels"] != IGNORE_INDEX).sum()))
-    note = f"(first {len(totals)} examples; processor max_pixels {processor.image_config.max_pixels})"
+    note = (f"(first {len(totals)} examples; max_pixels {processor.image_config.max_pixels}, imported rows "
+            f"LLaMA-Factory's image_max_pixels {processor.llamafactory_pixels[0]})")
     return totals, note + "\n  answer tokens: " + _histogram(answers, [64, 128, 256, 512, 1024])
 
 

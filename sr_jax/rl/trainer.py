@@ -51,8 +51,9 @@ def make_processor(cfg: RLConfig):
     tokenizer = cfg.data.tokenizer
     if tokenizer is None and cfg.model.init_from and (Path(cfg.model.init_from) / "tokenizer.json").is_file():
         tokenizer = cfg.model.init_from
+    # The official RL run used ms-swift, not LLaMA-Factory: its images keep sr_jax's one resize.
     return Processor(tokenizer, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                     templates=cfg.data.templates)
+                     templates=cfg.data.templates, image_resize="sr_jax")
 
 
 class RLTrainer:
