@@ -24,6 +24,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from sr_jax.data import IGNORE_INDEX, Processor, RecordError, Region, SpatialExample, load_tokenizer
+from sr_jax.data.processor import EMPTY_THINK
 from sr_jax.data.image import ImageConfig, ImageError, preprocess_image, smart_resize
 from sr_jax.data.tokenizer import SPECIAL_TOKENS, load_tiktoken_ranks, qwen_tiktoken_path
 
@@ -365,3 +366,107 @@ def test_image_count_and_length_errors(ours):
     with pytest.raises(RecordError) as err:
         ours.encode(_sc_example([_png(_image(1005, 5)), good]))
     assert err.value.reason == "bad_image"
+
+
+# ---- verbatim records in the LLaMA-Factory `qwen3_vl` / `qwen3_vl_nothink` layouts -----------
+# The expected ids are written from the template's rules (a system turn only when non-empty; per
+# exchange the user turn, then the answer + "<|im_end|>\n"; qwen3_vl puts "<think>\n\n</think>\n\n"
+# before an answer holding neither think tag and trains on it; each piece tokenised on its own;
+# an <image> tag becomes <|vision_start|> <|image_pad|>*n <|vision_end|> where it stands), using
+# HF's image processor for n. Our own strings of the released shape.
+
+SYSTEM = "You judge image edits."
+QUOTED = 'Image 1: <image>\nImage 2: <image>\nThe instruction was: Change the text "OPEN" to “CLOSED”.\nJudge the edit.'
+THREE = "Originals <image> and <image>; result <image>.\nInstruction: Put a hat on the dog.\nReply in JSON."
+ANSWER = '{"edit_region": [{"id": 0, "label": "sign", "bbox_2d": [10, 20, 300, 400]}], "reasoning": "<|bbox_0|> reads CLOSED.", "score": [21, 18]}'
+THINKING = "<think>\nThe hat sits on the dog.\n</think>\n\n" + '{"reasoning": "ok", "score": [20, 20]}'
+
+
+def _verbatim(images, prompt, answer, system=None, history=None, rid="lf-1") -> SpatialExample:
+    meta = {"verbatim": True, "prompt": prompt, "answer": answer}
+    if system is not None:
+        meta["system"] = system
+    if history:
+        meta["history"] = history
+    return SpatialExample(id=rid, task="sc" if len(images) > 1 else "pq", images=images, meta=meta)
+
+
+def _expected(ours, hf, images, pieces):
+    """pieces: (text with <image> tags, supervised) -> ids and labels by the template rules."""
+    grids = hf.image_processor([Image.open(io.BytesIO(b)) for b in images], return_tensors="np")["image_grid_thw"]
+    counts = iter(int(np.prod(g)) // 4 for g in grids)
+    ids, labels = [], []
+    for text, supervised in pieces:
+        while "<image>" in text:
+            text = text.replace("<image>", "<|vision_start|>" + "<|image_pad|>" * next(counts) + "<|vision_end|>", 1)
+        piece = ours.tokenizer.encode(text)
+        ids += piece
+        labels += piece if supervised else [IGNORE_INDEX] * len(piece)
+    assert next(counts, None) is None
+    return np.asarray([ids]), np.asarray([labels])
+
+
+def _user(text):
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("template", ["auto", "qwen3_vl", "qwen3_vl_nothink"])
+def test_verbatim_rows_follow_the_llamafactory_layout(ours, hf, template):
+    processor = Processor(ours.tokenizer, MIN_PIXELS, MAX_PIXELS, chat_template=template)
+    think = template != "qwen3_vl_nothink"
+    two = [_png(_image(120, 90, seed=11)), _png(_image(64, 96, seed=12))]
+    three = two + [_png(_image(80, 80, seed=13))]
+    cases = [
+        (_verbatim(two, QUOTED, ANSWER, system=SYSTEM), [
+            (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n", False), (_user(QUOTED), False),
+            *([("<think>\n\n</think>\n\n", True)] if think else []), (ANSWER + "<|im_end|>\n", True)]),
+        (_verbatim(three, THREE, THINKING, system=""), [  # empty system: no system turn
+            (_user(THREE), False), (THINKING + "<|im_end|>\n", True)]),
+        (_verbatim(two, "Again: <image>", "Not JSON at all.", history=[["First <image> look.", "Looked."]]), [
+            (_user("First <image> look."), False), *([("<think>\n\n</think>\n\n", True)] if think else []),
+            ("Looked.<|im_end|>\n", True), (_user("Again: <image>"), False),
+            *([("<think>\n\n</think>\n\n", True)] if think else []), ("Not JSON at all.<|im_end|>\n", True)]),
+    ]
+    for example, pieces in cases:
+        got = processor.encode(example)
+        want_ids, want_labels = _expected(ours, hf, example.images, pieces)
+        np.testing.assert_array_equal(got["input_ids"], want_ids)
+        np.testing.assert_array_equal(got["labels"], want_labels)
+        assert got["input_ids"][0, -1] == ours.tokenizer.encode("\n")[0]  # the turn's newline is trained too
+        # Inference: the prompt pieces only, ending with the generation prompt.
+        prompt_pieces = pieces[: max(i for i, (_, sup) in enumerate(pieces) if not sup) + 1]
+        np.testing.assert_array_equal(processor.encode(example, with_target=False)["input_ids"],
+                                      _expected(ours, hf, example.images, prompt_pieces)[0])
+
+
+def test_verbatim_prompt_matches_hf_processor_expansion(ours, hf, hf_rope):
+    """Images stay where their tags stand; HF's Qwen3VLProcessor expands the same text identically."""
+    images = [_png(_image(120, 90, seed=21)), _png(_image(64, 96, seed=22)), _png(_image(200, 40, seed=23))]
+    example = _verbatim(images, THREE, None, system=SYSTEM)
+    text = ours.prompt_text(example)
+    assert text == f"<|im_start|>system\n{SYSTEM}<|im_end|>\n" + _user(THREE.replace("<image>", PLACEHOLDER))
+    got = ours.encode(example, with_target=False)
+    want = hf(text=[text], images=[Image.open(io.BytesIO(b)) for b in images], return_tensors="np")
+    _assert_same_as_hf(got, want, hf_rope)
+    with pytest.raises(RecordError) as err:  # a prompt-only record cannot be trained on
+        ours.encode(example)
+    assert err.value.reason == "no_answer"
+
+
+def test_own_records_keep_the_sr_jax_layout_under_auto(ours):
+    example = _sc_example([_png(_image(64, 64, seed=1)), _png(_image(64, 64, seed=2))])
+    got = ours.encode(example)
+    sup = got["labels"][0] != IGNORE_INDEX
+    assert ours.tokenizer.decode(got["labels"][0][sup]) == example.target_json() + "<|im_end|>"
+    lf = Processor(ours.tokenizer, MIN_PIXELS, MAX_PIXELS, chat_template="qwen3_vl").encode(example)
+    sup = lf["labels"][0] != IGNORE_INDEX
+    assert ours.tokenizer.decode(lf["labels"][0][sup]) == EMPTY_THINK + example.target_json() + "<|im_end|>\n"
+    with pytest.raises(ValueError, match="chat_template"):
+        Processor(ours.tokenizer, chat_template="chatml")
+
+
+def test_verbatim_tag_count_must_match_images(ours):
+    good = _png(_image(64, 64))
+    with pytest.raises(RecordError) as err:
+        ours.encode(_verbatim([good, good], "only <image> one", ANSWER, rid="lf-9"))
+    assert err.value.reason == "image_count" and err.value.record_id == "lf-9"

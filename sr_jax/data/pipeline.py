@@ -62,6 +62,9 @@ class DataConfig:
     min_pixels: int = 3136
     max_pixels: int = 262144
     templates: PromptTemplates = dataclasses.field(default_factory=PromptTemplates)
+    # auto: imported official rows (verbatim) in LLaMA-Factory's qwen3_vl layout, our own records
+    # in sr_jax's; or one of qwen3_vl | qwen3_vl_nothink | sr_jax for all (processor.py).
+    chat_template: str = "auto"
 
     def buckets(self):
         from sr_jax.data.packing import MERGE_UNIT, Bucket
@@ -87,6 +90,10 @@ class DataConfig:
             raise ValueError(f"num_epochs must be positive or null, got {self.num_epochs}")
         if self.mode not in ("pad", "pack") or self.too_long not in ("drop", "truncate"):
             raise ValueError(f"mode must be pad|pack and too_long drop|truncate, got {self.mode}, {self.too_long}")
+        from sr_jax.data.processor import CHAT_TEMPLATES
+
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"chat_template must be one of {CHAT_TEMPLATES}, got {self.chat_template!r}")
         if min(self.workers, self.read_threads) < 0 or min(self.worker_buffer, self.read_buffer) <= 0:
             raise ValueError("workers/read_threads must be >= 0 and buffers > 0")
         self.buckets()
@@ -301,7 +308,7 @@ class DataPipeline:
 
         self.config = config.validate()
         self.processor = processor or Processor(config.tokenizer, config.min_pixels, config.max_pixels,
-                                                templates=config.templates)
+                                                templates=config.templates, chat_template=config.chat_template)
         self.vision = vision or VisionConfig()
         if process_index is None or process_count is None:
             import jax

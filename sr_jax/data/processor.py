@@ -8,6 +8,21 @@ Token layout of an encoded example (no system turn, as in Qwen3-VL's chat templa
     <|im_start|>user\n (<|vision_start|> <|image_pad|>*n_i <|vision_end|>)*images PROMPT <|im_end|>\n
     <|im_start|>assistant\n ANSWER <|im_end|>
 The turn's trailing newline after the final <|im_end|> is left out: nothing is predicted from it.
+That is the `sr_jax` chat layout, used for sr_jax's own records.
+
+Verbatim records (imported official data, see records.py) are rendered from their own strings:
+the user text with each `<image>` tag replaced in place by the vision placeholder, and the answer
+text as given. `chat_template` picks the layout, token for token as LLaMA-Factory trains it:
+    qwen3_vl          [<|im_start|>system\n S <|im_end|>\n]  (only for a non-empty system turn)
+                      per exchange: <|im_start|>user\n U <|im_end|>\n<|im_start|>assistant\n
+                      then, trained: [<think>\n\n</think>\n\n] A <|im_end|>\n
+                      The empty think block is inserted (and trained on) only when the answer
+                      holds neither <think> nor </think>; every assistant turn is trained.
+    qwen3_vl_nothink  the same without the inserted think block.
+    sr_jax            today's layout above.
+    auto (default)    qwen3_vl for verbatim records, sr_jax for the others.
+Each piece (system turn, user turn, think block, answer) is tokenised on its own, as
+LLaMA-Factory does, so no token can straddle the prompt/answer boundary.
 """
 
 from __future__ import annotations
@@ -17,11 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from sr_jax.data.image import ImageConfig, ImageError, open_image, preprocess_images
-from sr_jax.data.records import RecordError, SpatialExample
-from sr_jax.data.templates import PromptTemplates, chat_messages, user_text
+from sr_jax.data.records import IMAGE_TAG, RecordError, SpatialExample
+from sr_jax.data.templates import VISION_PLACEHOLDER, PromptTemplates, chat_messages, user_text
 from sr_jax.data.tokenizer import QwenTokenizer, load_tokenizer
 
 IGNORE_INDEX = -100
+CHAT_TEMPLATES = ("auto", "sr_jax", "qwen3_vl", "qwen3_vl_nothink")
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+THINK_TAGS = ("<think>", "</think>")
 
 
 class Processor:
@@ -33,7 +51,11 @@ class Processor:
         *,
         templates: PromptTemplates | None = None,
         max_length: int | None = None,
+        chat_template: str = "auto",
     ):
+        if chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"chat_template must be one of {CHAT_TEMPLATES}, got {chat_template!r}")
+        self.chat_template = chat_template
         self.tokenizer = tokenizer if isinstance(tokenizer, QwenTokenizer) else load_tokenizer(tokenizer)
         self.image_config = ImageConfig(min_pixels=min_pixels, max_pixels=max_pixels)
         self.templates = templates or PromptTemplates()
@@ -87,36 +109,103 @@ class Processor:
 
     # ---- chat-formatted records -------------------------------------------------------------
 
+    def layout(self, example: SpatialExample) -> str:
+        if self.chat_template == "auto":
+            return "qwen3_vl" if example.verbatim else "sr_jax"
+        return self.chat_template
+
+    def _turns(self, example: SpatialExample) -> tuple[str | None, list[tuple[str, str | None]]]:
+        """(system, [(user text with vision placeholders, answer or None), ...])."""
+        if example.verbatim:
+            meta = example.meta
+            turns = [(u, a) for u, a in meta.get("history") or []] + [(meta["prompt"], meta.get("answer"))]
+            turns = [(u.replace(IMAGE_TAG, VISION_PLACEHOLDER), a) for u, a in turns]
+            return meta.get("system") or None, turns
+        return None, [(user_text(self.templates.render(example)), example.target_json())]
+
+    def _segments(self, example: SpatialExample, with_target: bool) -> list[tuple[str, bool]]:
+        """The conversation as (text, supervised) pieces, each tokenised on its own."""
+        layout = self.layout(example)
+        system, turns = self._turns(example)
+        if not with_target:
+            turns = turns[:-1] + [(turns[-1][0], None)]
+        pieces = []
+        if system:
+            pieces.append((f"<|im_start|>system\n{system}<|im_end|>\n", False))
+        for k, (user, answer) in enumerate(turns):
+            pieces.append((f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n", False))
+            if answer is None:
+                if k != len(turns) - 1:
+                    raise RecordError("bad_text", f"exchange {k} has no answer", example.id)
+                break
+            if layout == "sr_jax":
+                # No newline after the last <|im_end|>: nothing is predicted from it.
+                pieces.append((answer + ("<|im_end|>" if k == len(turns) - 1 else "<|im_end|>\n"), True))
+                continue
+            if layout == "qwen3_vl" and not any(tag in answer for tag in THINK_TAGS):
+                pieces.append((EMPTY_THINK, True))
+            pieces.append((answer + "<|im_end|>\n", True))
+        return pieces
+
     def prompt_text(self, example: SpatialExample) -> str:
         """The conversation up to and including the generation prompt `<|im_start|>assistant\\n`."""
-        user = user_text(self.templates.render(example))
-        return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        return "".join(text for text, _ in self._segments(example, with_target=False))
 
     def messages(self, example: SpatialExample, with_target: bool = True) -> list[dict]:
-        """The same conversation as HF chat messages (images as content parts)."""
-        return chat_messages(self.templates.render(example), example.target_json() if with_target else None)
+        """The same conversation as HF chat messages (images as content parts, answers as given)."""
+        if not example.verbatim:
+            return chat_messages(self.templates.render(example), example.target_json() if with_target else None)
+        system, turns = self._turns(example)
+        if not with_target:
+            turns = turns[:-1] + [(turns[-1][0], None)]
+        out = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+        for user, answer in turns:
+            parts = []
+            for i, piece in enumerate(user.split(VISION_PLACEHOLDER)):
+                if i:
+                    parts.append({"type": "image"})
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+            out.append({"role": "user", "content": parts})
+            if answer is not None:
+                out.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return out
+
+    def token_ids(self, example: SpatialExample, with_target: bool = True) -> tuple[list[int], list[int] | None]:
+        """Token ids (one <|image_pad|> per image) and labels (None without the target)."""
+        if self.layout(example) == "sr_jax" and not example.verbatim:
+            return self._sr_jax_ids(example, with_target)
+        ids, labels = [], []
+        for text, supervised in self._segments(example, with_target):
+            piece = self.tokenizer.encode(text)
+            ids += piece
+            labels += piece if supervised else [IGNORE_INDEX] * len(piece)
+        return ids, (labels if with_target else None)
+
+    def _sr_jax_ids(self, example: SpatialExample, with_target: bool) -> tuple[list[int], list[int] | None]:
+        prompt = self.prompt_text(example)
+        if not with_target:
+            return self.tokenizer.encode(prompt), None
+        answer = example.target_json() + "<|im_end|>"
+        ids, offsets = self.tokenizer.encode_with_offsets(prompt + answer)
+        start = len(prompt)
+        # The answer begins with "{" after "\n", which the split regex never joins, so no
+        # token straddles the boundary; check anyway rather than mislabel silently.
+        if any(s < start < e for s, e in offsets):
+            raise RecordError("bad_text", "a token straddles the prompt/answer boundary", example.id)
+        return ids, [tid if s >= start else IGNORE_INDEX for tid, (s, e) in zip(ids, offsets)]
 
     def encode(self, example: SpatialExample, with_target: bool = True) -> dict[str, np.ndarray]:
         example.validate()
+        if with_target and example.verbatim and example.meta.get("answer") is None:
+            raise RecordError("no_answer", "a prompt-only record has no answer to train on", example.id)
         images = []
         for i, source in enumerate(example.images):
             try:
                 images.append(open_image(source))
             except (OSError, ValueError, SyntaxError) as e:  # PIL's decoders raise all three
                 raise RecordError("bad_image", f"image {i} cannot be decoded: {e}", example.id) from None
-        prompt = self.prompt_text(example)
-        if not with_target:
-            ids = self.tokenizer.encode(prompt)
-            labels = None
-        else:
-            answer = example.target_json() + "<|im_end|>"
-            ids, offsets = self.tokenizer.encode_with_offsets(prompt + answer)
-            start = len(prompt)
-            # The answer begins with "{" after "\n", which the split regex never joins, so no
-            # token straddles the boundary; check anyway rather than mislabel silently.
-            if any(s < start < e for s, e in offsets):
-                raise RecordError("bad_text", "a token straddles the prompt/answer boundary", example.id)
-            labels = [tid if s >= start else IGNORE_INDEX for tid, (s, e) in zip(ids, offsets)]
+        ids, labels = self.token_ids(example, with_target)
         try:
             out = self._assemble(ids, images, labels)
         except ImageError as e:
