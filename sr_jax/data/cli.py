@@ -82,6 +82,10 @@ def _synth(args) -> int:
 
 
 def _import(args) -> int:
+    if args.format == "grpo-json":  # GRPO prompt rows: their own module
+        from sr_jax.data.grpo_import import import_command
+
+        return import_command(args)
     from sr_jax.data.importers import DEFAULT_INSTRUCTION_PATTERNS, ImportOptions, import_records
 
     patterns = tuple(args.instruction_regex or ()) + DEFAULT_INSTRUCTION_PATTERNS
@@ -187,11 +191,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("import", help="convert jsonl / parquet / synthdir data to ArrayRecord")
-    p.add_argument("--format", required=True, choices=("jsonl", "parquet", "synthdir"))
+    p.add_argument("--format", required=True, choices=("jsonl", "parquet", "synthdir", "grpo-json"),
+                   help="grpo-json: ms-swift GRPO prompt rows (SpatialReward-Train rl/data.json), prompt-only")
     p.add_argument("--src", required=True)
     p.add_argument("--out", required=True, help="output .array_record file")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.add_argument("--split", help="synthdir only: import just this split")
+    p.add_argument("--image-root", help="grpo-json: folder that relative image paths start from (default: the file's)")
     p.add_argument("--instruction-regex", action="append",
                    help="regex with a group named 'instruction', tried before the defaults")  # fmt: skip
     p.set_defaults(func=_import)
