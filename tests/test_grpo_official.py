@@ -95,6 +95,9 @@ def test_import_keeps_prompts_verbatim_and_counts_bad_rows(imported, capsys):
     assert text == ("<|im_start|>user\n" + SC_PROMPT.format('change the sign "OPEN" to "CLOSED"').replace(
         "<image>", "<|vision_start|><|vision_end|>") + "<|im_end|>\n<|im_start|>assistant\n")
 
+    assert main(["data", "inspect", str(out), "--token-sample", "2"]) == 0  # prompt-only records inspect too
+    assert "task: pq=2, sc=2" in capsys.readouterr().out
+
     # strict: the first bad row is named, and the existing output stays as it was
     before = out.read_bytes()
     assert main(["data", "import", "--format", "grpo-json", "--src", str(src), "--out", str(out), "--strict"]) == 1

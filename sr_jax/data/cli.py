@@ -125,9 +125,14 @@ def _token_lengths(examples, limit: int) -> tuple[list[int], str]:
         return [], f"token lengths unavailable ({type(e).__name__}: {e})"
     totals, answers = [], []
     for e in examples[:limit]:
-        enc = processor.encode(e)
+        try:
+            enc = processor.encode(e)
+        except RecordError as err:
+            if err.reason != "no_answer":
+                raise
+            enc = processor.encode(e, with_target=False)  # prompt-only (GRPO) records: the prompt alone
         totals.append(int(enc["input_ids"].shape[1]))
-        answers.append(int((enc["labels"] != IGNORE_INDEX).sum()))
+        answers.append(int((enc["labels"] != IGNORE_INDEX).sum()) if "labels" in enc else 0)
     note = f"(first {len(totals)} examples; processor max_pixels {processor.image_config.max_pixels})"
     return totals, note + "\n  answer tokens: " + _histogram(answers, [64, 128, 256, 512, 1024])
 
