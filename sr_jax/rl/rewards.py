@@ -250,7 +250,7 @@ def sample_ground_truth(names, sources, per_source: int = 8) -> list[tuple[str, 
 
 
 def check_rewards_against_data(specs, names, sources) -> None:
-    """Refuses (ValueError naming the reward) a reward that needs ground truth when no prompt
+    """Refuses (RewardDataError naming the reward) a reward that needs ground truth when no prompt
     source has any: it would score nothing, silently. Warns when only some sources lack it.
     `specs`: the RewardSpecs; `names`: the source specs in the order of `sources.parts`."""
     needing = [s.name for s in specs if s.name in GROUND_TRUTH_REWARDS and float(s.weight) != 0.0]
@@ -259,9 +259,9 @@ def check_rewards_against_data(specs, names, sources) -> None:
     sampled = sample_ground_truth(names, sources)
     without = [spec for spec, seen, with_truth in sampled if seen and not with_truth]
     if without and len(without) == len([1 for _, seen, _ in sampled if seen]):
-        names = ", ".join(repr(n) for n in needing)
+        listed = ", ".join(repr(n) for n in needing)
         raise RewardDataError(
-            f"reward {names} needs ground-truth answers, but the prompt data has none ({', '.join(without)} "
+            f"reward {listed} needs ground-truth answers, but the prompt data has none ({', '.join(without)} "
             f"hold prompt-only records, e.g. imported with --format grpo-json). Remove it from `rewards` and "
             f"reward with the judge (and format) instead.")
     if without:
