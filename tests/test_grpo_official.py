@@ -102,7 +102,9 @@ def test_import_keeps_prompts_verbatim_and_counts_bad_rows(imported, capsys):
     before = out.read_bytes()
     assert main(["data", "import", "--format", "grpo-json", "--src", str(src), "--out", str(out), "--strict"]) == 1
     err = capsys.readouterr().err
-    assert "record bad-task: 'solution' must be 'sc' or 'pq'" in err and str(src) in err
+    assert "record bad-task: 'solution' must be 'sc' or 'pq'" in err
+    row_line = next(i for i, line in enumerate(src.read_text().splitlines(), 1) if '"bad-task"' in line) - 1
+    assert f"[{src} line {row_line} column 2]" in err  # where the row's "{" stands
     assert out.read_bytes() == before
 
 

@@ -58,9 +58,28 @@ def _fail(reason: str, message: str, rid: str) -> NoReturn:
     raise RecordError(reason, message, rid)
 
 
-def _line_col(text: str, offset: int) -> str:
-    line = text.count("\n", 0, offset) + 1
-    return f"line {line} column {offset - (text.rfind(chr(10), 0, offset) + 1) + 1}"
+class _Lines:
+    """'line L column C' of increasing offsets, counting newlines only since the previous call
+    (counting from the start each time is quadratic in the file size)."""
+
+    def __init__(self, text: str):
+        self.text, self.offset, self.line, self.line_start = text, 0, 1, 0
+
+    def __call__(self, offset: int) -> str:
+        if offset < self.offset:
+            self.offset, self.line, self.line_start = 0, 1, 0
+        self.line += self.text.count("\n", self.offset, offset)
+        newline = self.text.rfind("\n", self.offset, offset)
+        if newline >= 0:
+            self.line_start = newline + 1
+        self.offset = offset
+        return f"line {self.line} column {offset - self.line_start + 1}"
+
+
+def _row(text: str, begin: int, end: int, where) -> tuple[int, str, str]:
+    chunk = text[begin:end]
+    first = begin + len(chunk) - len(chunk.lstrip())  # locate the row at its first character
+    return first, chunk, where(first)
 
 
 def split_rows(text: str) -> Iterator[tuple[int, str | None, str]]:
@@ -71,17 +90,18 @@ def split_rows(text: str) -> Iterator[tuple[int, str | None, str]]:
     start = len(text) - len(text.lstrip())
     if text[start:start + 1] != "[":  # JSON lines
         pos = 0
-        for line in text.splitlines(keepends=True):
+        for number, line in enumerate(text.splitlines(keepends=True), 1):
             if line.strip():
-                yield pos, line, _line_col(text, pos)
+                yield pos, line, f"line {number}"
             pos += len(line)
         return
+    _line_col = _Lines(text)
     depth, begin = 0, start + 1
     for m in _TOKEN.finditer(text, start + 1):
         token = m.group()
         if token.startswith('"'):
             if len(token) == 1:
-                yield m.start(), None, f"unterminated string at {_line_col(text, m.start())}"
+                yield m.start(), None, f"unterminated string at {_line_col(m.start())}"
                 return
             continue
         if token in "[{":
@@ -90,17 +110,17 @@ def split_rows(text: str) -> Iterator[tuple[int, str | None, str]]:
             if depth == 0:
                 if token == "]":
                     if text[begin:m.start()].strip():
-                        yield begin, text[begin:m.start()], _line_col(text, begin)
+                        yield _row(text, begin, m.start(), _line_col)
                     if text[m.end():].strip():
-                        yield m.end(), None, f"text after the array at {_line_col(text, m.end())}"
+                        yield m.end(), None, f"text after the array at {_line_col(m.end())}"
                     return
-                yield m.start(), None, f"unbalanced '}}' at {_line_col(text, m.start())}"
+                yield m.start(), None, f"unbalanced '}}' at {_line_col(m.start())}"
                 return
             depth -= 1
         elif depth == 0:  # a comma between rows
-            yield begin, text[begin:m.start()], _line_col(text, begin)
+            yield _row(text, begin, m.start(), _line_col)
             begin = m.end()
-    yield begin, None, f"the array is not closed (from {_line_col(text, begin)})"
+    yield begin, None, f"the array is not closed (from {_line_col(begin)})"
 
 
 def _content_text(content, rid: str, role) -> str:
