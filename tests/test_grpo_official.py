@@ -236,3 +236,17 @@ def test_official_config_mirrors_the_released_recipe_with_the_judge_url_as_a_set
     _, out = imported
     if out.exists():  # the judge alone needs no answers: accepted on the prompt-only records
         check_rewards_against_data(cfg.rewards, [str(out)], Sources([str(out)]))
+
+
+def test_relative_image_paths_can_start_from_an_image_root(tmp_path):
+    from sr_jax.data.grpo_import import GRPOImportStats, read_grpo_json
+
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "meta").mkdir()
+    _png(tmp_path / "pics" / "e.png", 3)
+    row = {"id": "r", "messages": [{"role": "user", "content": PQ_PROMPT}], "images": ["e.png"], "solution": "pq"}
+    (tmp_path / "meta" / "data.json").write_text(json.dumps([row]))
+    stats = GRPOImportStats()
+    assert list(read_grpo_json(tmp_path / "meta" / "data.json", stats)) == [] and stats.skipped == {"missing_image": 1}
+    (record, _), = read_grpo_json(tmp_path / "meta" / "data.json", image_root=tmp_path / "pics")
+    assert record.images == [(tmp_path / "pics" / "e.png").read_bytes()]
