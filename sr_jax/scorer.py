@@ -49,6 +49,10 @@ class ScorerOptions:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown scorer option(s): {sorted(unknown)}")
+        if isinstance(overrides.get("templates"), dict):  # `--set templates={sc: file.txt}` from a CLI
+            from sr_jax.config import from_dict
+
+            overrides["templates"] = from_dict(PromptTemplates, overrides["templates"], "templates")
         return dataclasses.replace(self, **overrides).validate()
 
     def validate(self) -> "ScorerOptions":
@@ -92,8 +96,10 @@ class Scorer:
         path = Path(path)
         model = load_model(path, dtype=opts.dtype)
         tokenizer = path if (path / "tokenizer.json").is_file() else None
+        # {score_range} in a prompt template says the scale the answers are parsed on.
+        templates = dataclasses.replace(opts.templates, score_range=opts.score_range)
         processor = Processor(tokenizer, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels,
-                              templates=opts.templates)
+                              templates=templates)
         return cls(model, processor, opts)
 
     def validate_options(self, options: dict) -> None:

@@ -244,20 +244,25 @@ def test_surrogate_text_is_skipped_in_memory_records(proc, tmp_path, examples):
     from sr_jax.data.pipeline import EncodeStep, Sources
 
     sc = next(e for e in examples if e.task == "sc")
-    in_memory = [dataclasses.replace(sc, id="surrogate", instruction="Make it \udcff blue.")]
+    in_memory = [dataclasses.replace(sc, id="surrogate", instruction="Make it \udcff blue."),
+                 dataclasses.replace(sc, id="verbatim-surrogate", meta={  # the texts a verbatim record trains on
+                     "verbatim": True, "prompt": "<image><image>Rate.", "answer": "Fine \udcff."})]
 
     class Memory:
         def __len__(self):
-            return 1
+            return 2
 
         def fetch(self, i):
             return in_memory[i]
 
     sources = Sources([f"synthetic:n=1,{SMALL}"])
     sources.parts = [Memory()]
+    sources.offsets = np.cumsum([0, len(in_memory)])
     step = EncodeStep(sources, proc, 2048, 10**6, "drop")
     out = step(0)
     assert out["skip"] == "bad_utf8" and out["id"] == "surrogate"
+    out = step(1)
+    assert out["skip"] == "bad_utf8" and out["id"] == "verbatim-surrogate", out
 
 
 def test_strict_mode_raises_with_the_record_id(proc, mixed_file):
@@ -428,3 +433,41 @@ def test_packed_batch_gives_the_per_example_loss_of_unpacked_examples(proc, exam
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
         checked += 1
     assert checked == int(batch["num_examples"])
+
+
+def test_imported_verbatim_rows_train_through_the_pipeline(proc, tmp_path):
+    """Rows imported from the released SFT shape: encoded from their own text (qwen3_vl layout under
+    `auto`), packed like any record; `chat_template` reaches the pipeline's processor."""
+    import json
+
+    from sr_jax.data.importers import import_records
+    from sr_jax.data.storage import ArrayRecordSource
+
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64 + 16 * k, 3), dtype=np.uint8)).save(buf, format="PNG")
+        (tmp_path / f"{k}.png").write_bytes(buf.getvalue())
+    answer = '{"reasoning": "fine", "score": [20, 21]}'
+    rows = [
+        {"image": ["0.png", "1.png"], "messages": [
+            {"role": "user", "content": 'Before <image> after <image>. Instruction: Change "A" to "B"'},
+            {"role": "assistant", "content": answer}]},
+        {"image": "2.png", "conversations": [{"from": "system", "value": "Rate."}, {"from": "human", "value": "<image>?"},
+                                            {"from": "gpt", "value": "<think>\nhm\n</think>\n\nnot json"}]},
+    ]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "imported.array_record"
+    assert import_records("jsonl", tmp_path / "data.jsonl", out).written == 2
+    records = list(ArrayRecordSource(out))
+    encoded = [proc.encode(e) for e in records]
+    think = proc.tokenizer.encode("<think>\n\n</think>\n\n")
+    sup = encoded[0]["labels"][0][encoded[0]["labels"][0] != IGNORE_INDEX]
+    assert list(sup[: len(think)]) == think  # qwen3_vl: the empty think block is trained
+    cfg = DataConfig(sources=[str(out)], batch_size=2, mode="pack", seq_lens=[512], shuffle=False)
+    batches, stats = run(cfg, proc)
+    assert stats == {} and sorted(i for b in batches for i in check_batch_against_encodes(b, encoded, VisionConfig())) == [0, 1]
+    pipe = DataPipeline(dataclasses.replace(cfg, chat_template="qwen3_vl_nothink"), process_index=0, process_count=1)
+    assert pipe.processor.chat_template == "qwen3_vl_nothink"
+    with pytest.raises(ValueError, match="chat_template"):
+        dataclasses.replace(cfg, chat_template="chatml").validate()

@@ -112,8 +112,9 @@ def test_bad_record_inside_a_file_names_file_and_index(tmp_path, synth_examples)
     writer.close()
     source = ArrayRecordSource(path)
     assert source[0] == synth_examples[0]
-    with pytest.raises(RecordError, match=r"bad\.array_record#1"):
+    with pytest.raises(RecordError, match=r"bad\.array_record#1") as err:
         source[1]
+    assert str(err.value).count("record record 1") == 1  # no "record X: record X:"
 
 
 def test_missing_paths_are_reported(tmp_path):
@@ -153,29 +154,43 @@ def write_jsonl_fixture(root: Path) -> tuple[Path, dict]:
     ]
     path = root / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    expected_skips = {"missing_image": 1, "bad_image": 1, "box_order": 1, "score_range": 1, "bad_json": 2,
-                      "image_count": 1, "bad_box": 1}  # fmt: skip
-    return path, {"originals": originals, "skips": expected_skips}
+    # Rows that cannot be trained on at all (images, tags, the line itself) are skipped; rows whose
+    # answer's fields do not parse still train verbatim and are counted apart.
+    expected_skips = {"missing_image": 1, "bad_image": 1, "bad_json": 1, "image_count": 1}
+    expected_unparsed = {"box_order": 1, "score_range": 1, "bad_json": 1, "bad_box": 1}
+    return path, {"originals": originals, "skips": expected_skips, "unparsed": expected_unparsed}
 
 
 def test_jsonl_import_keeps_good_records_and_counts_bad_ones(tmp_path):
     path, info = write_jsonl_fixture(tmp_path)
     stats = ImportStats()
     got = list(read_jsonl(path, stats))
-    assert [e.task for e in got] == ["sc", "pq", "sc"]
+    assert [e.task for e in got] == ["sc", "pq", "sc", "sc", "sc", "sc", "sc"]
     assert stats.read == 11 and dict(stats.skipped) == info["skips"]
-    sc, pq, sharegpt = got
+    assert stats.parsed == 3 and dict(stats.unparsed) == info["unparsed"]
+    sc, pq, sharegpt, bad_box = got[:4]
     assert sc.id == "good-sc" and pq.id == "data.jsonl:2" and sharegpt.id == "data.jsonl:4"
     assert sc.images == [info["originals"]["orig.png"], info["originals"]["edit.png"]]  # verbatim bytes
     assert sc.instruction == "Make the cat blue." and sc.meta["instruction_extracted"] is True
-    assert sc.meta["prompt"].startswith("<image><image>Image 1")
+    assert sc.meta["prompt"].startswith("<image><image>Image 1") and sc.meta["verbatim"] is True
+    assert sc.meta["answer"] == sc_answer() and sc.meta["answer_parsed"] is True  # the text as given
     assert sc.edit_region == [Region(0, "cat", (10, 20, 300, 400))] and sc.score == (20.0, 24.0)
     assert pq.score == (25.0, 24.0) and pq.reasoning == "clean" and pq.instruction == ""
+    assert pq.meta["answer"].startswith("```json\n")
     assert sharegpt.edit_region[0].bbox_2d == (0, 0, 5, 5)
+    assert bad_box.id == "bad-box" and bad_box.meta["answer_parsed"] is False and bad_box.edit_region == []
+    assert bad_box.meta["parse_error"] == "box_order" and bad_box.meta["answer"] == sc_answer(box=(300, 20, 10, 400))
 
     out = tmp_path / "out.array_record"
     stats = import_records("jsonl", path, out)
-    assert stats.written == 3 and list(ArrayRecordSource(out)) == got
+    assert stats.written == 7 and list(ArrayRecordSource(out)) == got
+    assert "answers parsed 3" in stats.summary()
+
+    strict_fields = ImportOptions(require_parsed=True)
+    stats = ImportStats()
+    assert len(list(read_jsonl(path, stats, strict_fields))) == 3
+    assert dict(stats.skipped) == {"missing_image": 1, "bad_image": 1, "box_order": 1, "score_range": 1,
+                                   "bad_json": 2, "image_count": 1, "bad_box": 1}  # fmt: skip
 
 
 def test_jsonl_strict_mode_names_record_and_line(tmp_path):
@@ -183,10 +198,144 @@ def test_jsonl_strict_mode_names_record_and_line(tmp_path):
     with pytest.raises(RecordError) as err:
         list(read_jsonl(path, opts=ImportOptions(strict=True)))
     assert err.value.reason == "missing_image" and "data.jsonl:5" in str(err.value)
+    assert str(err.value).count("record data.jsonl:5:") == 1  # the prefix once, not "record X: record X:"
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], lines[6]]) + "\n")
-    with pytest.raises(RecordError, match=r"record bad-box: .*data\.jsonl:2"):
+    with pytest.raises(RecordError, match=r"record bad-box: .*data\.jsonl:2") as err:
+        list(read_jsonl(path, opts=ImportOptions(strict=True, require_parsed=True)))
+    assert str(err.value).count("record bad-box") == 1
+
+
+def test_released_sft_row_shapes_are_all_kept_verbatim(tmp_path):
+    """The shapes LLaMA-Factory accepts: image/images (one or a list), messages/conversations,
+    role/from, content/value, a system turn, several exchanges; answers kept as given."""
+    for name, colour in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green")):
+        (tmp_path / name).write_bytes(png(colour))
+    quoted = '<image><image>Image 1 is the original; image 2 is it edited with this instruction: Change the text "OPEN" to “CLOSED”\nJudge it.'
+    thinking = "<think>\nThe sign now reads CLOSED.\n</think>\n\n" + sc_answer()
+    rows = [
+        {"image": ["a.png", "b.png"], "messages": [{"role": "user", "content": quoted},
+                                                   {"role": "assistant", "content": thinking}]},
+        {"image": "c.png", "conversations": [{"from": "system", "value": "You rate images."},
+                                             {"from": "human", "value": "Rate <image> please."},
+                                             {"from": "gpt", "value": "It looks fine to me."}]},
+        {"images": ["a.png", "b.png", "c.png"], "system": "Be brief.", "messages": [
+            {"role": "user", "content": "Originals <image> and <image>."}, {"role": "assistant", "content": "Seen."},
+            {"role": "user", "content": "Edited <image>. Instruction: “Put a hat on the dog”"},
+            {"role": "assistant", "content": sc_answer()}]},
+        {"image": "a.png", "images": "b.png", "messages": row(["a.png"], sc_answer())["messages"]},  # differ
+        {"image": ["a.png", "b.png"], "messages": list(reversed(row(["a.png", "b.png"], sc_answer())["messages"]))},
+        {"image": "a.png", "messages": [{"role": "user", "content": "<image>Rate."}]},  # no answer
+        {"image": "a.png", "messages": [{"role": "user", "content": "<image>Rate."},
+                                        {"role": "observation", "content": "x"}]},
+    ]
+    (tmp_path / "sft").mkdir()
+    for r in rows:
+        for key in ("image", "images"):
+            if key in r:
+                r[key] = [f"../{p}" for p in r[key]] if isinstance(r[key], list) else f"../{r[key]}"
+    path = tmp_path / "sft" / "data.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    stats = ImportStats()
+    quoted_row, single, multi = list(read_jsonl(path, stats))
+    assert dict(stats.skipped) == {"bad_image": 1, "bad_messages": 3}
+    assert stats.parsed == 2 and dict(stats.unparsed) == {"bad_json": 1}
+
+    assert quoted_row.meta["prompt"] == quoted and quoted_row.meta["answer"] == thinking
+    assert quoted_row.instruction == 'Change the text "OPEN" to “CLOSED”' and quoted_row.meta["answer_parsed"]
+    assert quoted_row.score == (20.0, 24.0) and len(quoted_row.images) == 2  # parsed past the think block
+    assert single.task == "pq" and single.meta["system"] == "You rate images." and len(single.images) == 1
+    assert single.meta["answer"] == "It looks fine to me." and single.meta["answer_parsed"] is False
+    assert multi.meta["history"] == [["Originals <image> and <image>.", "Seen."]] and multi.meta["system"] == "Be brief."
+    assert multi.meta["prompt"].startswith("Edited <image>.") and multi.instruction == "Put a hat on the dog"
+    assert [bytes(i) for i in multi.images] == [png("red"), png("blue"), png("green")]
+
+
+def test_instruction_extractor_keeps_quoted_text():
+    pats = DEFAULT_INSTRUCTION_PATTERNS
+    assert extract_instruction('Instruction: Change the text "OPEN" to "CLOSED"\nRate it.', pats) == 'Change the text "OPEN" to "CLOSED"'
+    assert extract_instruction("Instruction: Change the text “OPEN” to “CLOSED”", pats) == "Change the text “OPEN” to “CLOSED”"
+    assert extract_instruction("The instruction: “make it blue”\n", pats) == "make it blue"
+    assert extract_instruction('The editing instruction is "Replace "A" with "B"". Rate it.', pats) == 'Replace "A" with "B"'
+    assert extract_instruction("The instruction is “make the sky ‘stormy’”. Go.", pats) == "make the sky ‘stormy’"
+    # The official prompts' shape: the instruction alone on the line after the label.
+    assert extract_instruction('Rate the edit.\nEditing instruction: \nChange the text "OPEN" to "CLOSED"', pats) == 'Change the text "OPEN" to "CLOSED"'
+
+
+def _lines_fixture(root: Path) -> tuple[Path, list[bytes]]:
+    (root / "a.png").write_bytes(png("red"))
+    good = json.dumps(row(["a.png", "a.png"], sc_answer())).encode()
+    huge_score = sc_answer().replace("[20, 24]", "[1" + "0" * 400 + ", 3]").encode()
+    huge_box = sc_answer().replace("300", "9" * 400).encode()
+    lines = [
+        good,
+        b'{"messages": "caf\xe9 \xff"}',  # not UTF-8
+        b"[" * 100000 + b"]" * 100000,  # nested too deep
+        b'{"id": ' + b"7" * 5000 + b"}",  # an integer past the 4300-digit limit
+        json.dumps(row(["a.png", "a.png"], "ANSWER")).encode().replace(b'"ANSWER"', json.dumps(huge_score.decode()).encode()),
+        json.dumps(row(["a.png", "a.png"], "ANSWER")).encode().replace(b'"ANSWER"', json.dumps(huge_box.decode()).encode()),
+        json.dumps(row(["a.png", "a.png"], sc_answer(score=(1e400, 2)).replace("Infinity", "1e400"))).encode(),
+        good,
+    ]
+    path = root / "hostile.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path, lines
+
+
+def test_every_jsonl_row_is_isolated(tmp_path):
+    path, _ = _lines_fixture(tmp_path)
+    stats = ImportStats()
+    got = list(read_jsonl(path, stats))
+    assert len(got) == 5 and stats.read == 8
+    assert dict(stats.skipped) == {"bad_utf8": 1, "bad_json": 2}
+    # Answers whose numbers overflow a float still train verbatim; their fields are left unset.
+    assert stats.parsed == 2 and dict(stats.unparsed) == {"score_range": 2, "box_range": 1}
+    assert all(e.meta["answer_parsed"] is False for e in got[1:4])
+    out = tmp_path / "o.array_record"
+    assert import_records("jsonl", path, out).written == 5 and len(ArrayRecordSource(out)) == 5
+    stats = ImportStats()
+    assert len(list(read_jsonl(path, stats, ImportOptions(require_parsed=True)))) == 2
+    assert dict(stats.skipped) == {"bad_utf8": 1, "bad_json": 2, "score_range": 2, "box_range": 1}
+
+
+@pytest.mark.parametrize("bad_line", range(2, 8))
+def test_each_hostile_line_costs_only_itself(tmp_path, bad_line):
+    path, lines = _lines_fixture(tmp_path)
+    path.write_bytes(b"\n".join([lines[0], lines[bad_line - 1], lines[0]]) + b"\n")
+    stats = ImportStats()
+    got = list(read_jsonl(path, stats))
+    assert stats.read == 3 and [e.id for e in got if e.meta["answer_parsed"]] == ["hostile.jsonl:1", "hostile.jsonl:3"]
+
+
+@pytest.mark.parametrize("bad_line, reason", [(2, "bad_utf8"), (3, "bad_json"), (4, "bad_json")])
+def test_strict_import_names_the_bad_line_once(tmp_path, bad_line, reason):
+    path, lines = _lines_fixture(tmp_path)
+    path.write_bytes(lines[0] + b"\n" + lines[bad_line - 1] + b"\n")
+    with pytest.raises(RecordError) as err:
         list(read_jsonl(path, opts=ImportOptions(strict=True)))
+    assert err.value.reason == reason and err.value.record_id == "hostile.jsonl:2"
+    assert str(err.value).startswith("record hostile.jsonl:2: ") and str(err.value).count("record ") == 1
+    assert str(err.value).endswith(f"[{path}:2]")
+
+
+def test_failed_import_leaves_the_existing_output_untouched(tmp_path, capsys):
+    path, info = write_jsonl_fixture(tmp_path)
+    out = tmp_path / "out" / "data.array_record"
+    n = import_records("jsonl", path, out).written
+    before = out.read_bytes()
+    # Strict stops at line 5 after writing two records: the old file must survive whole.
+    assert main(["data", "import", "--format", "jsonl", "--src", str(path), "--out", str(out), "--strict"]) == 1
+    assert "data.jsonl:5" in capsys.readouterr().err
+    assert out.read_bytes() == before and len(ArrayRecordSource(out)) == n
+    assert sorted(p.name for p in out.parent.iterdir()) == ["data.array_record"]  # no temporary left
+
+    def failing():
+        yield from list(ArrayRecordSource(out))[:2]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_array_record(out, failing())
+    assert out.read_bytes() == before and sorted(p.name for p in out.parent.iterdir()) == ["data.array_record"]
 
 
 def test_unmatched_instruction_falls_back_to_the_prompt(tmp_path):
@@ -227,8 +376,9 @@ def test_parquet_import_with_image_structs(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "t.parquet")
     stats = ImportStats()
     got = list(read_parquet(tmp_path / "t.parquet", stats))
-    assert len(got) == 1 and got[0].images == [a, b] and got[0].id == "t.parquet#0"
-    assert dict(stats.skipped) == {"bad_image": 1, "missing_image": 1, "score_range": 1}
+    assert len(got) == 2 and got[0].images == [a, b] and got[0].id == "t.parquet#0"
+    assert dict(stats.skipped) == {"bad_image": 1, "missing_image": 1}
+    assert got[1].id == "t.parquet#3" and dict(stats.unparsed) == {"score_range": 1}
     with pytest.raises(RecordError, match=r"t\.parquet#1.*row 1"):
         list(read_parquet(tmp_path / "t.parquet", opts=ImportOptions(strict=True)))
 
@@ -285,3 +435,18 @@ def test_tfds_builder_round_trip(tmp_path):
     for split, n in config.split_sizes:
         got = sorted(load_split(builder, split), key=lambda e: e.id)
         assert got == list(generate_examples(n, 3, split, image_size=(48, 64)))  # bytes, boxes, meta
+
+
+def test_lone_surrogates_skip_the_row_and_unparsed_rows_give_no_eval_truth(tmp_path):
+    from sr_jax.eval.benchmarks import SyntheticBench
+
+    (tmp_path / "a.png").write_bytes(png("red"))
+    bad = row(["a.png", "a.png"], sc_answer())
+    bad["messages"][0]["content"] += "\ud800"
+    rows = [row(["a.png", "a.png"], sc_answer()), bad, row(["a.png", "a.png"], "no JSON here")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = ImportStats()
+    got = list(read_jsonl(tmp_path / "d.jsonl", stats))
+    assert dict(stats.skipped) == {"bad_utf8": 1} and len(got) == 2
+    bench = SyntheticBench(got)
+    assert [r["id"] for r in bench.records] == ["d.jsonl:1"] and bench.skipped_unparsed == 1

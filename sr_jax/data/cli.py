@@ -89,11 +89,12 @@ def _import(args) -> int:
     from sr_jax.data.importers import DEFAULT_INSTRUCTION_PATTERNS, ImportOptions, import_records
 
     patterns = tuple(args.instruction_regex or ()) + DEFAULT_INSTRUCTION_PATTERNS
-    opts = ImportOptions(strict=args.strict, instruction_patterns=patterns)
+    opts = ImportOptions(strict=args.strict, instruction_patterns=patterns, require_parsed=args.require_parsed)
     try:
         stats = import_records(args.format, args.src, args.out, opts, split=args.split)
     except (RecordError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
+        print(f"{args.out} was not written (an existing file there is unchanged)", file=sys.stderr)
         return 1
     print(f"{args.src} -> {args.out}: {stats.summary()}")
     return 0 if stats.written else 1
@@ -146,6 +147,9 @@ def _inspect(args) -> int:
         "outcome": lambda e: e.meta.get("outcome", e.meta.get("artifact", "-")),
         "images per record": lambda e: len(e.images),
         "regions per record": lambda e: len(e.edit_region),
+        # imported rows train on their own text; say how many answers parsed into fields
+        "answer": lambda e: ("parsed" if e.meta.get("answer_parsed") else "verbatim only")
+        if e.meta.get("verbatim") else "sr_jax",
     }
     counts = {title: collections.Counter() for title in keys}
     long_sides, megapixels, words, answer_chars, sample = [], [], [], [], []
@@ -158,7 +162,8 @@ def _inspect(args) -> int:
                 long_sides.append(max(w, h))
                 megapixels.append(w * h / 1e6)
             words.append(len(e.instruction.split()))
-            answer_chars.append(len(e.target_json()))
+            verbatim = e.meta.get("verbatim")
+            answer_chars.append(len(e.meta.get("answer") or "") if verbatim else len(e.target_json()))
             if len(sample) < args.token_sample:
                 sample.append(e)
     except (FileNotFoundError, RecordError) as e:
@@ -200,7 +205,9 @@ def register(subparsers) -> None:
                    help="grpo-json: ms-swift GRPO prompt rows (SpatialReward-Train rl/data.json), prompt-only")
     p.add_argument("--src", required=True)
     p.add_argument("--out", required=True, help="output .array_record file")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record (the output is not written)")
+    p.add_argument("--require-parsed", action="store_true",
+                   help="skip rows whose answer does not parse as JSON (by default they train verbatim)")
     p.add_argument("--split", help="synthdir only: import just this split")
     p.add_argument("--image-root", help="grpo-json: folder that relative image paths start from (default: the file's)")
     p.add_argument("--instruction-regex", action="append",

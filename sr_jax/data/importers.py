@@ -1,21 +1,31 @@
 """Importers: outside data -> SpatialExample, bad records counted per reason and skipped.
 
 Formats
-  jsonl     LLaMA-Factory / ShareGPT lines as SpatialReward-Train uses them:
-            {"messages": [{"role": "user", "content": "<image><image>...prompt..."},
-                          {"role": "assistant", "content": "{json answer}"}],
-             "images": ["rel/path1.png", ...]}
-            ("conversations" with "from"/"value" and human/gpt roles is read too; an optional
-            system turn is ignored.) Image paths are relative to the JSONL file's folder.
-  parquet   the same rows as a Parquet table (how Hugging Face `datasets` stores them): column
-            `messages` (list of {role, content}) and `images`, a list whose items are
-            {"bytes": ..., "path": ...} structs (bytes win; a path is relative to the file).
+  jsonl     LLaMA-Factory ShareGPT-style lines, as SpatialReward-Train's `sft/data.jsonl`:
+            {"image": ["rel/a.png", ...],
+             "messages": [{"role": "user", "content": "<image><image>...prompt..."},
+                          {"role": "assistant", "content": "...answer..."}]}
+            Accepted like LLaMA-Factory accepts them: `image` or `images` (one path or a list),
+            `messages` or `conversations`, `role`/`from` and `content`/`value`, roles user/human,
+            assistant/gpt and a leading system turn (or a row-level "system" text); exchanges
+            alternate user/assistant and end with an assistant turn. Image paths are relative to
+            the JSONL file's folder.
+  parquet   the same rows as a Parquet table (how Hugging Face `datasets` stores them); images
+            may also be {"bytes": ..., "path": ...} structs (bytes win).
   synthdir  a folder written by `sr-jax data synth` (manifest.json + *.array_record).
-The assistant answer is parsed as JSON (a ```json fence is allowed): with `edit_region` it is an
-SC record, otherwise PQ. The user text is kept verbatim as meta["prompt"]; the instruction is
-extracted best-effort with `instruction_patterns` (regexes with a group named "instruction",
-first match wins). When none matches, an SC record's instruction is the user text without its
-<image> tags and meta["instruction_extracted"] is False.
+
+Imported rows become verbatim records (records.py): the user text with its `<image>` tags, the
+answer text and any system turn are kept exactly and are what training sees. The last answer is
+also parsed (think blocks dropped, a ```json fence allowed) into regions/reasoning/score for
+evaluation and statistics; a row whose answer does not parse still trains (counted per reason,
+meta["answer_parsed"] False) unless `require_parsed` is set. The instruction is extracted
+best-effort with `instruction_patterns` (regexes with a group named "instruction", first match
+wins), else the user text without its <image> tags (meta["instruction_extracted"] False).
+
+Every row is isolated: undecodable UTF-8, bad JSON (including nesting too deep and integers too
+long to convert), numbers that overflow a float and unreadable images skip that row with a
+reason; `strict` raises a RecordError naming it instead. Output is written to a temporary file
+next to `out` and renamed into place only when complete.
 Image bytes are copied verbatim after a full decode check (corrupt images are rejected here).
 """
 
@@ -25,23 +35,31 @@ import collections
 import dataclasses
 import io
 import json
+import math
 import re
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
 from PIL import Image
 
-from sr_jax.data.records import RecordError, Region, SpatialExample
-from sr_jax.data.storage import ArrayRecordSource, write_array_record
+from sr_jax.data.records import IMAGE_TAG, SCORE_RANGE, RecordError, Region, SpatialExample
+from sr_jax.data.storage import ArrayRecordSource, example_to_bytes, write_records
 
+# Quotes that may wrap a whole instruction: straight, curly double and curly single.
+_QUOTE_PAIRS = {'"': '"', "“": "”", "'": "'", "‘": "’", "„": "“", "«": "»"}
 DEFAULT_INSTRUCTION_PATTERNS = (
-    # "Instruction: make it blue", "editing instruction is: \"...\"" (up to the end of the line)
-    r"(?i)\binstruction\s*(?:is|was)?\s*[:：]\s*[\"“']?(?P<instruction>[^\n\"”]+?)[\"”']?\s*(?:\n|$)",
-    # 'the instruction is "make it blue"'
-    r"(?i)\binstruction\s+(?:is|was)\s*[\"“](?P<instruction>[^\"”]+)[\"”]",
+    # "Instruction: make it blue", "editing instruction is: “...”": the rest of the line, quotes
+    # inside it kept (Change the text "OPEN" to "CLOSED"); one wrapping pair is removed later.
+    r"(?i)\binstruction\s*(?:is|was)?\s*[:：]\s*(?P<instruction>[^\n]+?)\s*(?:\n|$)",
+    # 'the instruction is "make it blue". ...': up to the last matching quote on the line.
+    r'(?i)\binstruction\s+(?:is|was)\s*"(?P<instruction>[^\n]+)"',
+    r"(?i)\binstruction\s+(?:is|was)\s*“(?P<instruction>[^\n]+)”",
 )
-IMAGE_TAG = "<image>"
 FORMATS = ("jsonl", "parquet", "synthdir")
+USER_ROLES, ASSISTANT_ROLES, SYSTEM_ROLE = ("user", "human"), ("assistant", "gpt"), "system"
+# Reasons a parsed answer's fields can be refused for; such a row still trains verbatim.
+_FIELD_REASONS = ("bad_json", "bad_score", "bad_box", "bad_text", "score_range", "box_range", "box_order",
+                  "pq_regions")
 
 
 @dataclasses.dataclass
@@ -49,10 +67,18 @@ class ImportStats:
     read: int = 0
     written: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    parsed: int = 0  # kept rows whose answer parsed into regions/score
+    unparsed: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # kept anyway
 
     def summary(self) -> str:
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"read {self.read}, kept {self.written}, skipped {sum(self.skipped.values())} ({reasons})"
+        def fmt(counter):
+            return ", ".join(f"{k}={v}" for k, v in sorted(counter.items())) or "none"
+
+        text = f"read {self.read}, kept {self.written}, skipped {sum(self.skipped.values())} ({fmt(self.skipped)})"
+        if self.parsed or self.unparsed:
+            text += (f"; answers parsed {self.parsed}, kept verbatim without parsing "
+                     f"{sum(self.unparsed.values())} ({fmt(self.unparsed)})")
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +86,7 @@ class ImportOptions:
     strict: bool = False  # raise on the first bad record instead of skipping it
     instruction_patterns: tuple[str, ...] = DEFAULT_INSTRUCTION_PATTERNS
     check_images: bool = True  # fully decode every image once
+    require_parsed: bool = False  # skip rows whose answer does not parse (they train verbatim otherwise)
 
 
 def _fail(reason: str, message: str, rid: str) -> NoReturn:
@@ -76,13 +103,15 @@ def _load_image(entry, base: Path, index: int, rid: str, check: bool) -> bytes:
     else:
         _fail("bad_image", f"image {index}: expected a path, bytes or {{bytes, path}}, got {type(entry).__name__}", rid)
     if not data:
-        if not path:
+        if not path or not isinstance(path, str):
             _fail("missing_image", f"image {index} has neither bytes nor a path", rid)
         file = Path(path) if Path(path).is_absolute() else base / path
         try:
             data = file.read_bytes()
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL byte in the path
             _fail("missing_image", f"image {index} not found: {file}", rid)
+    if not isinstance(data, (bytes, bytearray)):
+        _fail("bad_image", f"image {index}: bytes must be binary, got {type(data).__name__}", rid)
     data = bytes(data)
     if check:
         try:
@@ -93,49 +122,75 @@ def _load_image(entry, base: Path, index: int, rid: str, check: bool) -> bytes:
     return data
 
 
-def _turns(row: dict, rid: str) -> tuple[str, str]:
-    """(user text, assistant text) of a one-exchange conversation."""
-    messages = row.get("messages", row.get("conversations"))
+def _images(row: dict, rid: str) -> list:
+    """`images` or `image`: one entry or a list (LLaMA-Factory wraps a lone entry in a list)."""
+    given = [k for k in ("images", "image") if row.get(k) is not None]
+    if len(given) == 2 and row["images"] != row["image"]:
+        _fail("bad_image", "both 'images' and 'image' are given and differ", rid)
+    value = row[given[0]] if given else []
+    if isinstance(value, (str, bytes, bytearray, dict)):
+        return [value]
+    if not isinstance(value, list):
+        _fail("bad_image", f"'{given[0]}' must be a path or a list, got {type(value).__name__}", rid)
+    return value
+
+
+def _turns(row: dict, rid: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(system text or None, [(user, assistant), ...]) of a ShareGPT-style conversation."""
+    messages = row.get("messages") if row.get("messages") is not None else row.get("conversations")
     if not isinstance(messages, list):
         _fail("bad_messages", "no 'messages' (or 'conversations') list", rid)
-    user, answer = [], []
-    for m in messages:
+    texts = []
+    for k, m in enumerate(messages):
         if not isinstance(m, dict):
-            _fail("bad_messages", "a message is not an object", rid)
-        role = m.get("role", m.get("from"))
-        content = m.get("content", m.get("value"))
+            _fail("bad_messages", f"message {k} is not an object", rid)
+        role = m["role"] if "role" in m else m.get("from")
+        content = m["content"] if "content" in m else m.get("value")
         if not isinstance(content, str):
-            _fail("bad_messages", f"message content of role {role!r} is not text", rid)
-        if role in ("user", "human"):
-            user.append(content)
-        elif role in ("assistant", "gpt"):
-            answer.append(content)
-        elif role != "system":
-            _fail("bad_messages", f"unknown role {role!r}", rid)
-    if len(user) != 1 or len(answer) != 1:
-        _fail("bad_messages", f"need one user and one assistant turn, got {len(user)} and {len(answer)}", rid)
-    return user[0], answer[0]
+            _fail("bad_messages", f"message {k} (role {role!r}): content is not text", rid)
+        texts.append((role, content))
+    system = row.get("system")
+    if texts and texts[0][0] == SYSTEM_ROLE:
+        system = texts.pop(0)[1]
+    if system is not None and not isinstance(system, str):
+        _fail("bad_messages", "'system' is not text", rid)
+    for k, (role, _) in enumerate(texts):
+        want = USER_ROLES if k % 2 == 0 else ASSISTANT_ROLES
+        if role not in want:
+            _fail("bad_messages", f"turn {k}: expected role {'/'.join(want)}, got {role!r}", rid)
+    if not texts or len(texts) % 2:
+        _fail("bad_messages", f"need user/assistant exchanges ending with an answer, got {len(texts)} turns", rid)
+    return system, [(texts[i][1], texts[i + 1][1]) for i in range(0, len(texts), 2)]
 
 
 def _parse_answer(text: str, rid: str) -> dict:
-    body = text.strip()
+    body = re.sub(r"<think>.*?</think>", "", text, flags=re.S).strip()
     fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.S)
     if fence:
         body = fence.group(1)
     try:
         answer = json.loads(body)
-    except json.JSONDecodeError as e:
-        _fail("bad_json", f"assistant answer is not JSON ({e})", rid)
+    except (ValueError, RecursionError) as e:  # ValueError: also integers past the digit limit
+        _fail("bad_json", f"assistant answer is not JSON ({type(e).__name__}: {e})", rid)
     if not isinstance(answer, dict):
         _fail("bad_json", "assistant answer is not a JSON object", rid)
     return answer
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _score(value, rid: str) -> tuple[float, float]:
-    ok = isinstance(value, list) and len(value) == 2
-    if not ok or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        _fail("bad_score", f"score must be two numbers, got {value!r}", rid)
-    return float(value[0]), float(value[1])
+    if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)):
+        _fail("bad_score", f"score must be two numbers, got {str(value)[:80]}", rid)
+    try:
+        out = float(value[0]), float(value[1])
+    except OverflowError:
+        _fail("score_range", "score too large for a float", rid)
+    if not all(math.isfinite(v) for v in out):
+        _fail("score_range", f"score {list(out)} is not finite", rid)
+    return out
 
 
 def _regions(value, rid: str) -> list[Region]:
@@ -145,78 +200,125 @@ def _regions(value, rid: str) -> list[Region]:
     for k, item in enumerate(value):
         box = item.get("bbox_2d") if isinstance(item, dict) else None
         if not isinstance(box, list) or len(box) != 4:
-            _fail("bad_box", f"region {k}: bbox_2d must be 4 numbers, got {box!r}", rid)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in box):
-            _fail("bad_box", f"region {k}: bbox_2d must hold integers, got {box!r}", rid)
+            _fail("bad_box", f"region {k}: bbox_2d must be 4 numbers, got {str(box)[:80]}", rid)
+        # Integers compare exactly (no float(), which overflows past 1e308); floats must be whole.
+        if not all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+                   for v in box):
+            _fail("bad_box", f"region {k}: bbox_2d must hold integers, got {str(box)[:80]}", rid)
         label = item.get("label", "")
         if not isinstance(label, str):
             _fail("bad_box", f"region {k}: label must be text", rid)
         rid_k = item.get("id", k)
-        out.append(Region(int(rid_k) if isinstance(rid_k, int) else k, label, tuple(int(v) for v in box)))
+        region_id = rid_k if isinstance(rid_k, int) and not isinstance(rid_k, bool) and abs(rid_k) < 2**31 else k
+        out.append(Region(region_id, label, tuple(int(v) for v in box)))
     return out
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and _QUOTE_PAIRS.get(text[0]) == text[-1]:
+        inner = text[1:-1].strip()
+        # Only a pair that wraps the whole text: '"A" to "B"' keeps its quotes.
+        if inner and text[0] not in inner and text[-1] not in inner:
+            return inner
+    return text
 
 
 def extract_instruction(user_text: str, patterns) -> str | None:
     for pattern in patterns:
         m = re.search(pattern, user_text)
         if m and m.group("instruction").strip():
-            return m.group("instruction").strip()
+            return _unquote(m.group("instruction"))
     return None
 
 
-def parse_conversation_row(row: dict, base: Path, rid: str, opts: ImportOptions) -> SpatialExample:
-    """One ShareGPT-style row -> a validated SpatialExample (RecordError when unusable)."""
-    if not isinstance(row, dict):
-        _fail("bad_json", "row is not a JSON object", rid)
-    user, answer_text = _turns(row, rid)
+def _structured(answer_text: str, rid: str, n_images: int) -> dict:
+    """Regions/reasoning/score of a parsed answer (RecordError when it does not parse)."""
     answer = _parse_answer(answer_text, rid)
-    images = row.get("images") or []
-    if not isinstance(images, list):
-        _fail("bad_image", "'images' must be a list", rid)
-    if user.count(IMAGE_TAG) != len(images):
-        _fail("image_count", f"{user.count(IMAGE_TAG)} {IMAGE_TAG} tags but {len(images)} images", rid)
-    loaded = [_load_image(entry, base, i, rid, opts.check_images) for i, entry in enumerate(images)]
-    task = "sc" if "edit_region" in answer else "pq"
     reasoning = answer.get("reasoning", "")
     if not isinstance(reasoning, str):
         _fail("bad_text", "reasoning must be text", rid)
-    meta = {"source": "import", "prompt": user}
+    task = "sc" if "edit_region" in answer else "pq"
+    fields = dict(task=task, reasoning=reasoning, score=_score(answer.get("score"), rid),
+                  edit_region=_regions(answer["edit_region"], rid) if task == "sc" else [])
+    SpatialExample(id=rid, images=[b""] * n_images, instruction="-", **fields)._validate_fields(SCORE_RANGE)
+    return fields
+
+
+def parse_conversation_row(row: dict, base: Path, rid: str, opts: ImportOptions) -> SpatialExample:
+    """One ShareGPT-style row -> a validated verbatim SpatialExample (RecordError when unusable)."""
+    if not isinstance(row, dict):
+        _fail("bad_json", "row is not a JSON object", rid)
+    system, turns = _turns(row, rid)
+    images = _images(row, rid)
+    (*history, (prompt, answer_text)) = turns
+    n_tags = sum(u.count(IMAGE_TAG) for u, _ in turns)
+    if n_tags != len(images):
+        _fail("image_count", f"{n_tags} {IMAGE_TAG} tags but {len(images)} images", rid)
+    if any(IMAGE_TAG in a for _, a in turns):
+        _fail("image_count", f"an assistant turn holds an {IMAGE_TAG} tag", rid)
+    for text in [system or ""] + [t for turn in turns for t in turn]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate from a JSON \ud800 escape
+            _fail("bad_utf8", f"text is not valid Unicode ({e.reason} at {e.start})", rid)
+    loaded = [_load_image(entry, base, i, rid, opts.check_images) for i, entry in enumerate(images)]
+    meta = {"source": "import", "verbatim": True, "prompt": prompt, "answer": answer_text}
+    if system:
+        meta["system"] = system
+    if history:
+        meta["history"] = [[u, a] for u, a in history]
+    try:
+        fields = _structured(answer_text, rid, len(loaded))
+        meta["answer_parsed"] = True
+    except RecordError as e:
+        if opts.require_parsed or e.reason not in _FIELD_REASONS:
+            raise
+        fields = dict(task="sc" if len(loaded) >= 2 else "pq")
+        meta["answer_parsed"] = False
+        meta["parse_error"] = e.reason
     instruction = ""
-    if task == "sc":
-        instruction = extract_instruction(user, opts.instruction_patterns)
+    if fields["task"] == "sc":
+        users = [prompt] + [u for u, _ in history]
+        instruction = next(filter(None, (extract_instruction(u, opts.instruction_patterns) for u in users)), None)
         meta["instruction_extracted"] = instruction is not None
         if instruction is None:
-            instruction = user.replace(IMAGE_TAG, "").strip()
-    example = SpatialExample(
-        id=rid,
-        task=task,
-        images=loaded,
-        instruction=instruction,
-        edit_region=_regions(answer["edit_region"], rid) if task == "sc" else [],
-        reasoning=reasoning,
-        score=_score(answer.get("score"), rid),
-        meta=meta,
-    )
-    return example.validate()
+            instruction = prompt.replace(IMAGE_TAG, "").strip()
+    return SpatialExample(id=rid, images=loaded, instruction=instruction, meta=meta, **fields).validate()
+
+
+_DATA_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError)
 
 
 def _guarded(rows: Iterator[tuple[str, Callable[[], SpatialExample]]], stats: ImportStats, strict: bool):
-    """Runs each row's parser; counts and skips RecordErrors unless strict."""
+    """Runs each row's parser; counts and skips bad rows (any data error) unless strict."""
     for where, parse in rows:
         stats.read += 1
         try:
             example = parse()
         except RecordError as e:
             if strict:
-                raise RecordError(e.reason, f"{e} [{where}]", e.record_id) from None
+                raise e.at(where) from None
             stats.skipped[e.reason] += 1
             continue
+        except _DATA_ERRORS as e:  # a failure no check foresaw still costs only this row
+            if strict:
+                raise RecordError("bad_row", f"{type(e).__name__}: {e}", where) from None
+            stats.skipped["bad_row"] += 1
+            continue
+        if example.meta.get("verbatim"):
+            if example.meta.get("answer_parsed"):
+                stats.parsed += 1
+            else:
+                stats.unparsed[example.meta.get("parse_error", "?")] += 1
         yield example
 
 
 def _row_id(row, fallback: str) -> str:
     rid = row.get("id") if isinstance(row, dict) else None
-    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else fallback
+    if isinstance(rid, str) or isinstance(rid, int) and not isinstance(rid, bool) and abs(rid) < 10**18:
+        return str(rid)
+    return fallback
 
 
 def read_jsonl(path: str | Path, stats: ImportStats | None = None, opts: ImportOptions = ImportOptions()):
@@ -224,18 +326,26 @@ def read_jsonl(path: str | Path, stats: ImportStats | None = None, opts: ImportO
     stats = stats if stats is not None else ImportStats()
 
     def rows():
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        # Bytes per line, decoded one line at a time: a bad byte costs only its own line.
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 where = f"{path}:{lineno}"
 
-                def parse(line=line, where=where, lineno=lineno):
+                def parse(raw=raw, lineno=lineno):
+                    fallback = f"{path.name}:{lineno}"
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        _fail("bad_utf8", f"line is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})", fallback)
+                    if lineno == 1:
+                        line = line.removeprefix("\ufeff")
                     try:
                         row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        _fail("bad_json", f"line is not JSON ({e})", where)
-                    return parse_conversation_row(row, path.parent, _row_id(row, f"{path.name}:{lineno}"), opts)
+                    except (ValueError, RecursionError) as e:  # too deep, too many digits, not JSON
+                        _fail("bad_json", f"line is not JSON ({type(e).__name__}: {str(e)[:120]})", fallback)
+                    return parse_conversation_row(row, path.parent, _row_id(row, fallback), opts)
 
                 yield where, parse
 
@@ -285,7 +395,7 @@ def read_synthdir(
 def import_records(
     fmt: str, src: str | Path, out: str | Path, opts: ImportOptions = ImportOptions(), split: str | None = None
 ) -> ImportStats:
-    """Streams `src` into one ArrayRecord file `out`; returns the counts."""
+    """Streams `src` into one ArrayRecord file `out` (replaced only when complete); returns the counts."""
     stats = ImportStats()
     if fmt == "jsonl":
         examples = read_jsonl(src, stats, opts)
@@ -295,5 +405,17 @@ def import_records(
         examples = read_synthdir(src, split, stats, opts)
     else:
         raise ValueError(f"unknown import format {fmt!r}; expected one of {FORMATS}")
-    stats.written = write_array_record(out, examples, validate=False)  # rows validate when parsed
+
+    def payloads():
+        for example in examples:  # rows validate when parsed
+            try:
+                data = example_to_bytes(example)
+            except RecordError as e:
+                if opts.strict:
+                    raise
+                stats.skipped[e.reason] += 1
+                continue
+            yield data
+
+    stats.written = write_records(out, payloads())
     return stats

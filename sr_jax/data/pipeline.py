@@ -197,6 +197,10 @@ class Sources:
 
 def _check_text(example: SpatialExample) -> None:
     texts = [example.instruction, example.reasoning] + [r.label for r in example.edit_region]
+    if example.verbatim:  # the texts training actually sees
+        meta = example.meta
+        texts += [meta.get("prompt"), meta.get("answer"), meta.get("system")]
+        texts += [t for turn in meta.get("history") or [] for t in turn]
     for text in texts:
         if isinstance(text, str):
             try:

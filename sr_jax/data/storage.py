@@ -15,6 +15,8 @@ satisfies Grain's RandomAccessDataSource protocol (len, getitem, repr; picklable
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -91,23 +93,46 @@ def example_from_bytes(data: bytes, where: str = "?") -> SpatialExample:
         raise RecordError("bad_record", f"malformed record field ({type(e).__name__}: {e})", f"{rid} ({where})") from None
 
 
-def write_array_record(path: str | Path, examples: Iterable[SpatialExample], *, validate: bool = True) -> int:
-    """Writes examples to one ArrayRecord file; returns how many were written."""
+def write_records(path: str | Path, payloads: Iterable[bytes]) -> int:
+    """Writes serialised records to one ArrayRecord file, atomically; returns how many.
+
+    The file is built under a temporary name in the same folder and renamed over `path` only
+    after the last record: an error midway leaves an existing `path` as it was.
+    """
     from array_record.python.array_record_module import ArrayRecordWriter
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = ArrayRecordWriter(str(path), ARRAY_RECORD_OPTIONS)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     count = 0
     try:
+        writer = ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
+        try:
+            for data in payloads:
+                writer.write(data)
+                count += 1
+        finally:
+            writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def write_array_record(path: str | Path, examples: Iterable[SpatialExample], *, validate: bool = True) -> int:
+    """Writes examples to one ArrayRecord file (atomically, see write_records); returns how many."""
+
+    def payloads():
         for example in examples:
             if validate:
                 example.validate()
-            writer.write(example_to_bytes(example))
-            count += 1
-    finally:
-        writer.close()
-    return count
+            yield example_to_bytes(example)
+
+    return write_records(path, payloads())
 
 
 def resolve_paths(paths: str | Path | Sequence[str | Path]) -> list[str]:
@@ -175,7 +200,7 @@ class ArrayRecordSource:
             example = example_from_bytes(data, f"record {index}")
             return example.validate() if self.validate else example
         except RecordError as e:
-            raise RecordError(e.reason, f"{e} [{self._where(index)}]", e.record_id) from None
+            raise e.at(self._where(index)) from None
 
     def __getitem__(self, index: int) -> SpatialExample:
         n = len(self)

@@ -1,16 +1,22 @@
 """Prompt templates for the SC and PQ tasks.
 
-A template is a text file with an `{instruction}` field (SC only; filled by plain replacement,
-so JSON braces in the text need no escaping). Images go before the text in the user turn,
-unless the template places them itself with `<image>` markers (then their count must equal
-the number of images). The default files live in configs/prompts/; users of the official
-checkpoint point the config at the official wording instead.
+A template is a text file read as a Python `str.format` string, whitespace kept exactly (a final
+newline is part of the prompt). Literal braces are written doubled (`{{"score": [...]}}`,
+`<|bbox_{{id}}|>`); the placeholders are
+    {instruction}       the edit instruction (SC templates must hold it; PQ templates must not)
+    {score_range}       the top of the score scale (25; written without ".0" when whole)
+    {num_input_images}  the number of original images (SC: all images but the last)
+Anything else in braces is an error naming the file and the key. Images go before the text in
+the user turn, unless the template places them itself with `<image>` markers (then their count
+must equal the number of images). The default files live in configs/prompts/; the official
+checkpoint's prompt strings can be saved as such files as they are (README).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import string
 from pathlib import Path
 
 from sr_jax.data.records import RecordError, SpatialExample
@@ -18,6 +24,9 @@ from sr_jax.data.records import RecordError, SpatialExample
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPT_DIR = REPO_ROOT / "configs" / "prompts"
 INSTRUCTION_FIELD = "{instruction}"
+PLACEHOLDERS = {"sc": ("instruction", "score_range", "num_input_images"),
+                "sc_multi": ("instruction", "score_range", "num_input_images"),
+                "pq": ("score_range",)}
 IMAGE_MARKER = "<image>"
 VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -42,8 +51,27 @@ def _read_template(path: str) -> str:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TemplateError(f"prompt template not found: {path}") from None
-    # Editors add a final newline; it is not part of the prompt.
-    return text.rstrip("\n")
+    except UnicodeDecodeError as e:
+        raise TemplateError(f"prompt template {path} is not UTF-8 ({e})") from None
+    return text  # exactly: a final newline belongs to the prompt
+
+
+def _fields(text: str, path: str) -> set[str]:
+    """The placeholder names of a format string (TemplateError when it is malformed)."""
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise TemplateError(f"prompt template {path}: not a valid format string ({e}); "
+                            "write literal braces doubled, {{ and }}") from None
+    names = set()
+    for _, name, spec, _ in parsed:
+        if name is None:
+            continue
+        if "{" in (spec or ""):
+            raise TemplateError(f"prompt template {path}: nested placeholder in {{{name}:{spec}}}; "
+                                "write literal braces doubled, {{ and }}")
+        names.add(name)
+    return names
 
 
 def _resolve(path: str) -> str:
@@ -60,20 +88,29 @@ class PromptTemplates:
     sc: str | None = None  # one original + the edited image
     sc_multi: str | None = None  # several originals + the edited image
     pq: str | None = None  # the edited image alone
+    score_range: float = 25.0  # the value of {score_range}; the scorer sets its own
 
     def path(self, kind: str) -> str:
-        if kind not in ("sc", "sc_multi", "pq"):
+        if kind not in PLACEHOLDERS:
             raise TemplateError(f"unknown template kind {kind!r}")
         given = getattr(self, kind)
         return _resolve(given) if given else str(DEFAULT_PROMPT_DIR / f"{kind}.txt")
 
     def text(self, kind: str) -> str:
+        """The template as written (braces still escaped), checked for its placeholders."""
         path = self.path(kind)
         text = _read_template(path)
-        has_field = INSTRUCTION_FIELD in text
-        if kind == "pq" and has_field:
+        names = _fields(text, path)
+        known = PLACEHOLDERS[kind]
+        if kind == "pq" and "instruction" in names:
             raise TemplateError(f"{path}: a PQ template has no instruction, remove {INSTRUCTION_FIELD}")
-        if kind != "pq" and not has_field:
+        for name in sorted(names):
+            if name not in known:
+                what = "a positional {}" if name == "" else f"{{{name}}}"
+                raise TemplateError(f"prompt template {path} ({kind}): unknown placeholder {what}; "
+                                    f"this kind takes {', '.join('{' + k + '}' for k in known)} "
+                                    "(literal braces are written {{ and }})")
+        if kind != "pq" and "instruction" not in names:
             raise TemplateError(f"{path}: an SC template needs the {INSTRUCTION_FIELD} field")
         return text
 
@@ -82,16 +119,23 @@ class PromptTemplates:
             return "pq"
         return "sc" if len(example.images) == 2 else "sc_multi"
 
+    def values(self, example: SpatialExample) -> dict:
+        top = self.score_range
+        values = {"score_range": int(top) if float(top).is_integer() else top}
+        if example.task != "pq":
+            values.update(instruction=example.instruction, num_input_images=len(example.images) - 1)
+        return values
+
     def render(self, example: SpatialExample) -> list[str | Image]:
         """The user turn as text pieces and IMAGE markers, in order."""
         kind = self.kind_for(example)
         text = self.text(kind)
-        if kind != "pq":
-            text = text.replace(INSTRUCTION_FIELD, example.instruction)
+        values = self.values(example)
+        # Markers are split off first so that an instruction holding "<image>" stays text.
+        pieces = [piece.format_map(values) for piece in text.split(IMAGE_MARKER)]
         n_images = len(example.images)
-        if IMAGE_MARKER not in text:
-            return [IMAGE] * n_images + [text]
-        pieces = text.split(IMAGE_MARKER)
+        if len(pieces) == 1:
+            return [IMAGE] * n_images + pieces
         if len(pieces) - 1 != n_images:
             raise RecordError(
                 "image_count",

@@ -392,10 +392,14 @@ class SyntheticBench(Benchmark):
         super().__init__()
         self.examples = examples
         self.reward_options = {k: v for k, v in (reward_options or {}).items() if k in REWARD_OPTION_KEYS}
+        self.skipped_unparsed = 0
         seen: dict = {}
         count = len(examples) if limit is None else min(limit, len(examples))
         for index in range(count):
             ex = examples[index]
+            if ex.meta.get("verbatim") and not ex.meta.get("answer_parsed"):
+                self.skipped_unparsed += 1  # an imported row whose answer gave no ground truth
+                continue
             self._check_unique(ex.id, f"example {index}", seen)
             group = ex.meta.get("outcome") if ex.task == "sc" else ex.meta.get("artifact")
             self.records.append({
