@@ -103,13 +103,29 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         value = yaml.safe_load(raw) if raw != "" else ""
         node = data
         parts = key.strip().split(".")
-        for p in parts[:-1]:
-            child = node.get(p)
-            child = dict(child) if isinstance(child, dict) else {}
-            node[p] = child
+        for p, after in zip(parts[:-1], parts[1:]):
+            # a list element by its index (`rewards.0.options.url=...`)
+            child = node[_list_index(node, p, key)] if isinstance(node, list) else node.get(p)
+            if isinstance(child, list) and after.isdigit():
+                child = list(child)
+            else:
+                child = dict(child) if isinstance(child, dict) else {}
+            if isinstance(node, list):
+                node[_list_index(node, p, key)] = child
+            else:
+                node[p] = child
             node = child
-        node[parts[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, parts[-1], key)] = value
+        else:
+            node[parts[-1]] = value
     return data
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {key!r}: {part!r} is not an index of a list of {len(node)} items")
+    return int(part)
 
 
 def load_yaml(path: str | Path) -> dict:

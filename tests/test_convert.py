@@ -179,6 +179,13 @@ def _bad_state(kind, state):
         state["model.language_model.layers.7.mlp.up_proj.weight"] = np.zeros((96, 64), np.float32)
     elif kind == "shape":
         state["model.visual.blocks.0.attn.qkv.weight"] = np.zeros((96, 31), np.float32)
+    elif kind == "int_and_bool":
+        key = "model.language_model.layers.1.mlp.up_proj.weight"
+        state[key] = state[key].astype(np.int32)
+        state["model.visual.blocks.0.norm1.weight"] = state["model.visual.blocks.0.norm1.weight"] > 0
+    elif kind == "nonfinite":
+        state["model.language_model.layers.0.self_attn.o_proj.weight"][0, :3] = [np.nan, np.inf, -np.inf]
+        state["model.visual.merger.norm.bias"][1] = np.nan
     return state
 
 
@@ -192,6 +199,14 @@ BAD = {
     "truncated": r"model.safetensors: cannot read safetensors file, it is truncated or corrupt",
     "truncated_bin": r"pytorch_model.bin: cannot read PyTorch weights file, it is truncated or corrupt",
     "missing_shard": r"model.safetensors.index.json lists shard files that do not exist: \['model-00002.safetensors'\]",
+    "int_and_bool": r"2 weights stored as non-float tensors(.|\n)*"
+                    r"model.language_model.layers.1.mlp.up_proj.weight: int32 \(model.safetensors\)(.|\n)*"
+                    r"model.visual.blocks.0.norm1.weight: bool",
+    "nonfinite": r"NaN/Inf weights, refused \(pass --allow-nonfinite(.|\n)*2 tensors with NaN/Inf:\n"
+                 r"    model.language_model.layers.0.self_attn.o_proj.weight: 3 non-finite values \(in the checkpoint\)"
+                 r"\n    model.visual.merger.norm.bias: 1 non-finite values",
+    "bad_config_json": r"hf/config.json: not valid JSON",
+    "config_missing_key": r"hf/config.json: missing key 'hidden_size'",
 }
 
 
@@ -211,12 +226,44 @@ def test_bad_checkpoint_is_named_error_and_leaves_no_output(kind, oracle, tmp_pa
         weight_map = {k: "model.safetensors" for k in hf.state_dict()}
         weight_map["lm_head.weight"] = "model-00002.safetensors"
         (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    elif kind == "bad_config_json":
+        text = (directory / "config.json").read_text()
+        (directory / "config.json").write_text(text[: len(text) // 2])
+    elif kind == "config_missing_key":
+        config = json.loads((directory / "config.json").read_text())
+        del config["text_config"]["hidden_size"]
+        (directory / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match=BAD[kind]):
         convert_hf_to_jax(directory, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     assert cli_main(["convert", "hf-to-jax", "--hf", str(directory), "--out", str(out)]) == 1
     assert not out.exists()
+
+
+def test_nonfinite_weights_convert_when_allowed(oracle, tmp_path, caplog):
+    hf = oracle[0]
+    directory = _write_checkpoint(tmp_path / "hf", hf, _bad_state("nonfinite", _numpy_state(hf)))
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="sr_jax.convert.hf_import"):
+        assert cli_main(["convert", "hf-to-jax", "--hf", str(directory), "--out", str(out), "--allow-nonfinite"]) == 0
+    assert "kept because non-finite values are allowed" in caplog.text
+    assert "model.visual.merger.norm.bias: 1 non-finite values" in caplog.text
+    kernel = np.asarray(sr_jax.load_model(out).model.language_model.layers[0].self_attn.o_proj.kernel[...])
+    assert np.isnan(kernel[0, 0]) and np.isposinf(kernel[1, 0]) and np.isneginf(kernel[2, 0])
+    # bfloat16 output: overflow-free values stay finite, the NaN/Inf ones are found on the 16-bit words too
+    with pytest.raises(CheckpointError, match="3 non-finite values"):
+        convert_hf_to_jax(directory, tmp_path / "bf16", dtype="bfloat16")
+
+
+def test_float16_overflow_is_named_as_such(oracle, tmp_path):
+    hf = oracle[0]
+    state = _numpy_state(hf)
+    state["model.language_model.layers.1.mlp.down_proj.weight"][0, 0] = 1e6  # finite in float32, not in float16
+    directory = _write_checkpoint(tmp_path / "hf", hf, state)
+    with pytest.raises(CheckpointError, match=r"layers.1.mlp.down_proj.weight: 1 non-finite values \(overflow "
+                                              r"converting float32 to float16\)"):
+        convert_hf_to_jax(directory, tmp_path / "out", dtype="float16")
 
 
 def test_safetensors_reader_matches_library(tmp_path):

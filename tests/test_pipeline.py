@@ -472,6 +472,18 @@ def test_imported_verbatim_rows_train_through_the_pipeline(proc, tmp_path):
     assert pipe.processor.chat_template == "qwen3_vl_nothink"
     with pytest.raises(ValueError, match="chat_template"):
         dataclasses.replace(cfg, chat_template="chatml").validate()
+    # auto: LLaMA-Factory's image path, so 64x64 and 80x64 rise to the checkpoint's 65536-pixel
+    # minimum (256x256 and 288x256), where the direct resize keeps them at 64x64 and 64x64.
+    assert encoded[0]["image_grid_thw"].tolist() == [[1, 16, 16], [1, 16, 18]]
+    settings = dict(image_resize="sr_jax", image_max_pixels=4096, image_min_pixels=64, processor_min_pixels=1024,
+                    processor_max_pixels=8192)
+    pipe = DataPipeline(dataclasses.replace(cfg, **settings), process_index=0, process_count=1)
+    assert pipe.processor.image_resize == "sr_jax" and pipe.processor.llamafactory_pixels == (4096, 64, 1024, 8192)
+    assert pipe.processor.encode(records[0])["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
+    with pytest.raises(ValueError, match="image_resize"):
+        dataclasses.replace(cfg, image_resize="pil").validate()
+    with pytest.raises(ValueError, match="image_min_pixels 9 exceeds"):
+        dataclasses.replace(cfg, image_min_pixels=9, image_max_pixels=8).validate()
 
 
 def test_batch_layout_names_the_vision_tables_in_model_order():

@@ -7,6 +7,7 @@ placeholder expansion, chat layout and position ids are all compared with HF's o
 from __future__ import annotations
 
 import io
+import math
 import unicodedata
 
 import numpy as np
@@ -55,6 +56,21 @@ def hf(tok_dir):
     images = Qwen2VLImageProcessorPil(
         min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=16, temporal_patch_size=2, merge_size=2,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    return _ImageOnlyQwen3VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+# The Qwen3-VL checkpoints' processor size (preprocessor_config.json), used after LLaMA-Factory's step.
+CKPT_MIN_PIXELS, CKPT_MAX_PIXELS = 65536, 16777216
+
+
+@pytest.fixture(scope="module")
+def hf_lf(tok_dir):
+    """HF's processor with the checkpoint's own min/max pixels: LLaMA-Factory's second step."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    images = Qwen2VLImageProcessorPil(
+        min_pixels=CKPT_MIN_PIXELS, max_pixels=CKPT_MAX_PIXELS, patch_size=16, temporal_patch_size=2,
+        merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     )
     return _ImageOnlyQwen3VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
@@ -391,9 +407,11 @@ def _verbatim(images, prompt, answer, system=None, history=None, rid="lf-1") -> 
     return SpatialExample(id=rid, task="sc" if len(images) > 1 else "pq", images=images, meta=meta)
 
 
-def _expected(ours, hf, images, pieces):
-    """pieces: (text with <image> tags, supervised) -> ids and labels by the template rules."""
-    grids = hf.image_processor([Image.open(io.BytesIO(b)) for b in images], return_tensors="np")["image_grid_thw"]
+def _expected(ours, hf_lf, images, pieces):
+    """pieces: (text with <image> tags, supervised) -> ids and labels by the template rules, with
+    the image token counts of LLaMA-Factory's image path (verbatim rows resize as it does)."""
+    regularized = [_lf_step(Image.open(io.BytesIO(b))) for b in images]
+    grids = hf_lf.image_processor(regularized, return_tensors="np")["image_grid_thw"]
     counts = iter(int(np.prod(g)) // 4 for g in grids)
     ids, labels = [], []
     for text, supervised in pieces:
@@ -411,7 +429,7 @@ def _user(text):
 
 
 @pytest.mark.parametrize("template", ["auto", "qwen3_vl", "qwen3_vl_nothink"])
-def test_verbatim_rows_follow_the_llamafactory_layout(ours, hf, template):
+def test_verbatim_rows_follow_the_llamafactory_layout(ours, hf_lf, template):
     processor = Processor(ours.tokenizer, MIN_PIXELS, MAX_PIXELS, chat_template=template)
     think = template != "qwen3_vl_nothink"
     two = [_png(_image(120, 90, seed=11)), _png(_image(64, 96, seed=12))]
@@ -429,24 +447,25 @@ def test_verbatim_rows_follow_the_llamafactory_layout(ours, hf, template):
     ]
     for example, pieces in cases:
         got = processor.encode(example)
-        want_ids, want_labels = _expected(ours, hf, example.images, pieces)
+        want_ids, want_labels = _expected(ours, hf_lf, example.images, pieces)
         np.testing.assert_array_equal(got["input_ids"], want_ids)
         np.testing.assert_array_equal(got["labels"], want_labels)
         assert got["input_ids"][0, -1] == ours.tokenizer.encode("\n")[0]  # the turn's newline is trained too
         # Inference: the prompt pieces only, ending with the generation prompt.
         prompt_pieces = pieces[: max(i for i, (_, sup) in enumerate(pieces) if not sup) + 1]
         np.testing.assert_array_equal(processor.encode(example, with_target=False)["input_ids"],
-                                      _expected(ours, hf, example.images, prompt_pieces)[0])
+                                      _expected(ours, hf_lf, example.images, prompt_pieces)[0])
 
 
-def test_verbatim_prompt_matches_hf_processor_expansion(ours, hf, hf_rope):
-    """Images stay where their tags stand; HF's Qwen3VLProcessor expands the same text identically."""
-    images = [_png(_image(120, 90, seed=21)), _png(_image(64, 96, seed=22)), _png(_image(200, 40, seed=23))]
+def test_verbatim_prompt_matches_hf_processor_expansion(ours, hf_lf, hf_rope):
+    """Images stay where their tags stand; HF's Qwen3VLProcessor, given the images after
+    LLaMA-Factory's PIL step, expands the same text identically (ids, grids, pixels, positions)."""
+    images = [_png(_image(1024, 768, seed=21)), _png(_image(64, 96, "RGBA", seed=22)), _png(_image(200, 40, seed=23))]
     example = _verbatim(images, THREE, None, system=SYSTEM)
     text = ours.prompt_text(example)
     assert text == f"<|im_start|>system\n{SYSTEM}<|im_end|>\n" + _user(THREE.replace("<image>", PLACEHOLDER))
     got = ours.encode(example, with_target=False)
-    want = hf(text=[text], images=[Image.open(io.BytesIO(b)) for b in images], return_tensors="np")
+    want = hf_lf(text=[text], images=[_lf_step(Image.open(io.BytesIO(b))) for b in images], return_tensors="np")
     _assert_same_as_hf(got, want, hf_rope)
     with pytest.raises(RecordError) as err:  # a prompt-only record cannot be trained on
         ours.encode(example)
@@ -470,3 +489,111 @@ def test_verbatim_tag_count_must_match_images(ours):
     with pytest.raises(RecordError) as err:
         ours.encode(_verbatim([good, good], "only <image> one", ANSWER, rid="lf-9"))
     assert err.value.reason == "image_count" and err.value.record_id == "lf-9"
+
+
+# ---- LLaMA-Factory's image path for verbatim rows --------------------------------------------
+# Written from LLaMA-Factory's rules for Qwen2/3-VL images: scale down to at most image_max_pixels,
+# then up to at least image_min_pixels (sides truncated to int, PIL's default filter, before any
+# RGB conversion), convert("RGB") if needed, sides of at least 28, aspect ratio above 200 squeezed
+# to 180; then HF's image processor with the checkpoint's own min/max pixels.
+
+
+def _lf_step(img: Image.Image, max_px: int = 262144, min_px: int = 1024) -> Image.Image:
+    for limit, too_far in ((max_px, lambda a: a > max_px), (min_px, lambda a: a < min_px)):
+        w, h = img.size
+        if too_far(w * h):
+            f = math.sqrt(limit / (w * h))
+            img = img.resize((int(w * f), int(h * f)))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    w, h = img.size
+    if w < 28 or h < 28:
+        img = img.resize((max(w, 28), max(h, 28)))
+    w, h = img.size
+    if w / h > 200:
+        img = img.resize((h * 180, h))
+    w, h = img.size
+    if h / w > 200:
+        img = img.resize((w, w * 180))
+    return img
+
+
+LF_CASES = [
+    ((9, 7), "RGB"),  # tiny: scaled up to image_min_pixels, sides to 28, then to the checkpoint's min
+    ((5000, 10), "RGB"),  # very wide: ratio 500; the 28-px side brings it to 178
+    ((10, 4000), "L"),  # very tall, the same way
+    ((7000, 30), "RGB"),  # ratio 233 with sides >= 28: squeezed to 180
+    ((30, 6500), "RGB"),
+    ((1024, 768), "RGB"),  # the reported case: grid 28x36 here, 26x36 by the direct resize
+    ((1600, 1200), "RGBA"),  # above image_max_pixels; alpha dropped by convert, not composited
+    ((900, 700), "P"),  # above image_max_pixels; PIL's default for P is nearest
+    ((512, 512), "RGB"),  # exactly image_max_pixels: no pre-resize
+    ((32, 32), "RGB"),  # exactly image_min_pixels
+    ((256, 256), "RGB"),  # exactly the checkpoint's min_pixels
+    ((300, 200), "P_transparent"),
+]
+
+
+@pytest.mark.parametrize("size, mode", LF_CASES)
+def test_llamafactory_image_path_matches_pil_then_hf(ours, hf_lf, size, mode):
+    img = _image(*size, mode=mode, seed=size[0])
+    lf = Processor(ours.tokenizer, MIN_PIXELS, MAX_PIXELS, image_resize="llamafactory")
+    got, grid = preprocess_image(img, lf.images_config(lf.resize_mode()))
+    want = hf_lf.image_processor([_lf_step(img)], return_tensors="np")
+    assert grid == tuple(want["image_grid_thw"][0])
+    np.testing.assert_array_equal(got, want["pixel_values"])
+    # Through __call__ too, token count included.
+    out = lf(text=_prompt(1), images=[img])
+    assert (out["input_ids"] == ours.tokenizer.image_pad_id).sum() == np.prod(grid) // 4
+
+
+def test_llamafactory_grid_differs_from_the_direct_resize(ours):
+    img = _image(1024, 768)
+    lf = Processor(ours.tokenizer, MIN_PIXELS, MAX_PIXELS, image_resize="llamafactory")
+    assert preprocess_image(img, lf.images_config("llamafactory"))[1] == (1, 28, 36)  # 591x443 -> 576x448
+    assert preprocess_image(img, ours.images_config("sr_jax"))[1] == (1, 26, 36)  # 1024x768 -> 576x416
+
+
+def test_llamafactory_limits_are_settings(ours, tok_dir):
+    """image_max/min_pixels drive the PIL step, processor_min/max_pixels the HF step."""
+    lf = Processor(ours.tokenizer, image_resize="llamafactory", image_max_pixels=100000, image_min_pixels=5000,
+                   processor_min_pixels=3136, processor_max_pixels=50000)
+    hf_images = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=50000, patch_size=16, temporal_patch_size=2,
+                                         merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    for size in ((640, 480), (40, 60)):
+        img = _image(*size, seed=5)
+        got, grid = preprocess_image(img, lf.images_config("llamafactory"))
+        want = hf_images([_lf_step(img, 100000, 5000)], return_tensors="np")
+        assert grid == tuple(want["image_grid_thw"][0])
+        np.testing.assert_array_equal(got, want["pixel_values"])
+    for bad, match in ((dict(image_resize="pil"), "image_resize"),
+                       (dict(image_min_pixels=10, image_max_pixels=5), "image_min_pixels 10 exceeds"),
+                       (dict(processor_min_pixels=0), "processor_min_pixels must be a positive"),
+                       (dict(processor_min_pixels=9, processor_max_pixels=8), "processor_min_pixels 9 exceeds")):
+        with pytest.raises(ValueError, match=match):
+            Processor(ours.tokenizer, **bad)
+
+
+def test_verbatim_rows_take_the_llamafactory_images_under_auto(ours, hf, hf_lf):
+    """auto: verbatim rows get LLaMA-Factory's grids (and token counts), our own records keep
+    the direct resize; image_resize=sr_jax gives verbatim rows the direct resize."""
+    images = [_png(_image(1024, 768, seed=31)), _png(_image(120, 90, seed=32))]
+    example = _verbatim(images, "Before <image> after <image>.", ANSWER)
+    pad = ours.tokenizer.image_pad_id
+
+    def counts(out):
+        ids = out["input_ids"][0]
+        starts = np.flatnonzero(ids == ours.tokenizer.vision_start_id)
+        return [int((ids[s + 1:] == pad).argmin()) for s in starts]  # pads after each vision_start
+
+    got = ours.encode(example)
+    lf_grids = hf_lf.image_processor([_lf_step(Image.open(io.BytesIO(b))) for b in images],
+                                     return_tensors="np")["image_grid_thw"]
+    np.testing.assert_array_equal(got["image_grid_thw"], lf_grids)
+    assert counts(got) == [int(np.prod(g)) // 4 for g in lf_grids] == [252, 70]
+    direct = Processor(ours.tokenizer, MIN_PIXELS, MAX_PIXELS, image_resize="sr_jax").encode(example)
+    hf_grids = hf.image_processor([Image.open(io.BytesIO(b)) for b in images], return_tensors="np")["image_grid_thw"]
+    np.testing.assert_array_equal(direct["image_grid_thw"], hf_grids)
+    assert counts(direct) == [int(np.prod(g)) // 4 for g in hf_grids] == [234, 12]
+    own = ours.encode(_sc_example(images))
+    np.testing.assert_array_equal(own["image_grid_thw"], hf_grids)

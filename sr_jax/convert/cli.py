@@ -18,6 +18,8 @@ def register(subparsers) -> None:
     to_jax.add_argument("--dtype", choices=DTYPES + ("float16",), default=None,
                         help="stored parameter dtype (default: the dtype in config.json, else float32)")
     to_jax.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    to_jax.add_argument("--allow-nonfinite", action="store_true",
+                        help="convert weights holding NaN/Inf (listed as a warning) instead of refusing them")
     to_jax.set_defaults(func=run_convert)
 
     to_hf = kinds.add_parser("jax-to-hf", help="sr_jax model or training checkpoint -> Hugging Face directory")
@@ -47,7 +49,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        out = convert_hf_to_jax(args.hf, args.out, args.dtype, overwrite=args.overwrite)
+        out = convert_hf_to_jax(args.hf, args.out, args.dtype, overwrite=args.overwrite,
+                                allow_nonfinite=args.allow_nonfinite)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,12 +6,17 @@ sharded `*.safetensors` (+ `model.safetensors.index.json`), `pytorch_model.bin`,
 headers alone (missing / unexpected / mis-shaped keys, unreadable files) before any tensor data is
 read, so a bad checkpoint fails fast and with the full list. Tensors are then read one at a time
 and converted (layout + dtype) on their own, so memory holds the target parameters plus one tensor.
+
+Every parameter must be stored as a float tensor (an int or bool tensor in its place is refused from
+the header, by name), and every converted value must be finite: NaN/Inf weights are listed by
+tensor with their count and refused unless `allow_nonfinite` (`--allow-nonfinite`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import struct
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,6 +31,9 @@ SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 LM_HEAD, EMBED = "lm_head.weight", "model.language_model.embed_tokens.weight"
 MAX_LISTED = 20
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+log = logging.getLogger(__name__)
 
 # Dtype names in safetensors headers.
 _SAFE_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -42,6 +50,7 @@ class TensorEntry:
     key: str          # the name as stored in the file
     file: Path
     shape: tuple
+    dtype: str = "float32"  # numpy-style name: float32, bfloat16, int32, bool, ...
 
 
 def _listing(kind: str, items: list[str]) -> str:
@@ -98,6 +107,7 @@ class SafetensorsFile:
         unknown = sorted({v["dtype"] for v in self.header.values()} - set(_SAFE_DTYPES))
         if unknown:
             raise CheckpointError(f"{path}: unsupported tensor dtypes {unknown}")
+        self.dtypes = {k: np.dtype(_SAFE_DTYPES[v["dtype"]]).name for k, v in self.header.items()}
 
     def read(self, key: str) -> np.ndarray:
         entry = self.header[key]
@@ -131,6 +141,7 @@ class _TorchBinFile:
         if not isinstance(self.tensors, dict):
             raise CheckpointError(f"{path}: expected a state dict, found {type(self.tensors).__name__}")
         self.shapes = {k: tuple(v.shape) for k, v in self.tensors.items()}
+        self.dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in self.tensors.items()}
 
     def read(self, key: str) -> np.ndarray:
         import torch
@@ -148,7 +159,10 @@ class HFCheckpoint:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: not a directory")
-        self.config = ModelConfig.from_hf_dir(self.directory)
+        try:
+            self.config = ModelConfig.from_hf_dir(self.directory)
+        except ValueError as e:  # from_hf_dir names config.json in its message
+            raise CheckpointError(str(e)) from None
         self.kind, files = weight_files(self.directory)
         opener = SafetensorsFile if self.kind == "safetensors" else _TorchBinFile
         self.files = {f: opener(f) for f in files}
@@ -159,7 +173,7 @@ class HFCheckpoint:
                 name = normalize_hf_key(key)
                 if name in self.entries:
                     duplicates.append(f"{name} ({self.entries[name].file.name} and {path.name})")
-                self.entries[name] = TensorEntry(key, path, shape)
+                self.entries[name] = TensorEntry(key, path, shape, handle.dtypes[key])
         if duplicates:
             raise CheckpointError(f"{self.directory}: tensors stored more than once\n"
                                   + _listing("duplicated keys", duplicates))
@@ -185,6 +199,8 @@ def check_keys(ckpt: HFCheckpoint, cfg: ModelConfig, abstract_flat) -> None:
                                   f"embedding is {available[EMBED].shape}")
     missing = sorted(set(expected) - set(available))
     unexpected = sorted(set(available) - set(expected))
+    not_float = [f"{name}: {available[name].dtype} ({available[name].file.name})"
+                 for name in sorted(set(expected) & set(available)) if available[name].dtype not in FLOAT_DTYPES]
     mismatched = []
     for name in sorted(set(expected) & set(available)):
         path, shape = expected[name]
@@ -193,7 +209,7 @@ def check_keys(ckpt: HFCheckpoint, cfg: ModelConfig, abstract_flat) -> None:
         if tuple(got) != tuple(want):
             mismatched.append(f"{name}: checkpoint {list(got)}, model expects {list(want)} "
                               f"({available[name].file.name})")
-    if not (missing or unexpected or mismatched):
+    if not (missing or unexpected or mismatched or not_float):
         return
     parts = [f"{ckpt.directory}: checkpoint does not match the model in config.json"]
     if missing:
@@ -204,6 +220,8 @@ def check_keys(ckpt: HFCheckpoint, cfg: ModelConfig, abstract_flat) -> None:
         parts.append(_listing("unexpected keys", unexpected))
     if mismatched:
         parts.append(_listing("shape mismatches", mismatched))
+    if not_float:
+        parts.append(_listing("weights stored as non-float tensors (the model's parameters are floats)", not_float))
     raise CheckpointError("\n".join(parts))
 
 
@@ -234,22 +252,55 @@ def contiguous(array: np.ndarray, dtype, block: int = 256) -> np.ndarray:
     return out
 
 
-def converted_tensors(ckpt: HFCheckpoint, cfg: ModelConfig, abstract_flat, dtype) -> Iterator[tuple[tuple, np.ndarray]]:
-    """(our path, contiguous array in our layout and `dtype`) for every parameter, one at a time."""
+_EXPONENT_MASKS = {"float16": 0x7C00, "bfloat16": 0x7F80}
+
+
+def nonfinite_count(array: np.ndarray) -> int:
+    """How many NaN/Inf values `array` holds. 16-bit floats are tested on their exponent bits (all
+    ones), which is several times faster than `isfinite` on ml_dtypes' bfloat16."""
+    mask = _EXPONENT_MASKS.get(array.dtype.name)
+    if mask is not None:
+        bits = np.ascontiguousarray(array).reshape(-1).view(np.uint16)
+        return int(np.count_nonzero((bits & mask) == mask))
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def converted_tensors(ckpt: HFCheckpoint, cfg: ModelConfig, abstract_flat, dtype,
+                      nonfinite: dict | None = None) -> Iterator[tuple[tuple, np.ndarray]]:
+    """(our path, contiguous array in our layout and `dtype`) for every parameter, one at a time.
+    With `nonfinite` (a dict), each tensor holding NaN/Inf after conversion is recorded in it as
+    name -> (count, whether the checkpoint itself had them or the conversion to `dtype` overflowed)."""
     for name, (path, shape) in param_specs(abstract_flat).items():
-        tensor = from_hf(path, ckpt.read(name))
+        raw = ckpt.read(name)
+        tensor = from_hf(path, raw)
         array = contiguous(tensor, dtype)  # one copy: layout and dtype together
         del tensor
         if array.shape != shape:  # names.from_hf and the header check disagree: a bug, not bad input
             raise AssertionError(f"{name}: converted to {array.shape}, parameter is {shape}")
+        if nonfinite is not None:
+            bad = nonfinite_count(array)
+            if bad:
+                nonfinite[name] = (bad, "in the checkpoint" if nonfinite_count(raw) else
+                                   f"overflow converting {raw.dtype.name} to {array.dtype.name}")
+        del raw
         yield path, array
 
 
-def import_params(directory: str | Path, dtype: str | None, place: Callable[[tuple, np.ndarray], object]):
+def _nonfinite_report(directory, found: dict, allowed: bool) -> str:
+    rows = [f"{name}: {count} non-finite values ({where})" for name, (count, where) in sorted(found.items())]
+    verdict = "kept because non-finite values are allowed" if allowed else \
+        "refused (pass --allow-nonfinite / allow_nonfinite=True to convert anyway)"
+    return f"{directory}: NaN/Inf weights, {verdict}\n" + _listing("tensors with NaN/Inf", rows)
+
+
+def import_params(directory: str | Path, dtype: str | None, place: Callable[[tuple, np.ndarray], object],
+                  allow_nonfinite: bool = False):
     """Reads a HF checkpoint into the abstract model's parameters.
 
     Returns (ModelConfig with dtype applied, graphdef, filled nnx.State). `place(path, array)`
     turns each converted numpy array into the stored leaf (a device array, or the array itself).
+    NaN/Inf weights raise CheckpointError listing every such tensor (after all are read, so the
+    list is complete) unless `allow_nonfinite`, which logs the same list as a warning.
     """
     from flax import nnx
 
@@ -265,20 +316,35 @@ def import_params(directory: str | Path, dtype: str | None, place: Callable[[tup
     check_tied_head(ckpt, cfg)
     variables = dict(flat)
     target = resolve_dtype(cfg.param_dtype)
-    for path, array in converted_tensors(ckpt, cfg, flat, target):
+    nonfinite: dict = {}
+    for path, array in converted_tensors(ckpt, cfg, flat, target, nonfinite):
         variables[path].set_value(place(path, array))
+    if nonfinite:
+        report = _nonfinite_report(ckpt.directory, nonfinite, allow_nonfinite)
+        if not allow_nonfinite:
+            raise CheckpointError(report)
+        log.warning("%s", report)
     return cfg, graph, nnx.from_flat_state(variables)
 
 
 def source_dtype(directory: str | Path) -> str:
     """The dtype config.json declares (`dtype`, or `torch_dtype` before transformers 5), else float32."""
-    cfg = json.loads((Path(directory) / "config.json").read_text())
-    text = cfg.get("text_config") or {}
+    file = Path(directory) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, found {type(cfg).__name__}")
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     declared = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
     return declared if declared in ("float32", "bfloat16", "float16") else "float32"
 
 
-def convert_hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+def convert_hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False,
+                      allow_nonfinite: bool = False) -> Path:
     """HF checkpoint directory -> our converted directory (see `sr_jax.convert.orbax_io`)."""
     from flax import nnx
 
@@ -286,6 +352,7 @@ def convert_hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = N
 
     check_output_dir(out, overwrite)  # before reading gigabytes, not after
     dtype = dtype or source_dtype(hf_dir)
-    cfg, _, params = import_params(hf_dir, dtype, lambda _, array: array)  # host numpy: no device copy
+    cfg, _, params = import_params(hf_dir, dtype, lambda _, array: array,  # host numpy: no device copy
+                                   allow_nonfinite=allow_nonfinite)
     return write_model_dir(out, cfg, nnx.to_pure_dict(params), hf_dir=hf_dir, overwrite=overwrite,
                            source=str(Path(hf_dir).absolute()))

@@ -82,6 +82,10 @@ def _synth(args) -> int:
 
 
 def _import(args) -> int:
+    if args.format == "grpo-json":  # GRPO prompt rows: their own module
+        from sr_jax.data.grpo_import import import_command
+
+        return import_command(args)
     from sr_jax.data.importers import DEFAULT_INSTRUCTION_PATTERNS, ImportOptions, import_records
 
     patterns = tuple(args.instruction_regex or ()) + DEFAULT_INSTRUCTION_PATTERNS
@@ -122,10 +126,16 @@ def _token_lengths(examples, limit: int) -> tuple[list[int], str]:
         return [], f"token lengths unavailable ({type(e).__name__}: {e})"
     totals, answers = [], []
     for e in examples[:limit]:
-        enc = processor.encode(e)
+        try:
+            enc = processor.encode(e)
+        except RecordError as err:
+            if err.reason != "no_answer":
+                raise
+            enc = processor.encode(e, with_target=False)  # prompt-only (GRPO) records: the prompt alone
         totals.append(int(enc["input_ids"].shape[1]))
-        answers.append(int((enc["labels"] != IGNORE_INDEX).sum()))
-    note = f"(first {len(totals)} examples; processor max_pixels {processor.image_config.max_pixels})"
+        answers.append(int((enc["labels"] != IGNORE_INDEX).sum()) if "labels" in enc else 0)
+    note = (f"(first {len(totals)} examples; max_pixels {processor.image_config.max_pixels}, imported rows "
+            f"LLaMA-Factory's image_max_pixels {processor.llamafactory_pixels[0]})")
     return totals, note + "\n  answer tokens: " + _histogram(answers, [64, 128, 256, 512, 1024])
 
 
@@ -192,13 +202,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("import", help="convert jsonl / parquet / synthdir data to ArrayRecord")
-    p.add_argument("--format", required=True, choices=("jsonl", "parquet", "synthdir"))
+    p.add_argument("--format", required=True, choices=("jsonl", "parquet", "synthdir", "grpo-json"),
+                   help="grpo-json: ms-swift GRPO prompt rows (SpatialReward-Train rl/data.json), prompt-only")
     p.add_argument("--src", required=True)
     p.add_argument("--out", required=True, help="output .array_record file")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record (the output is not written)")
     p.add_argument("--require-parsed", action="store_true",
                    help="skip rows whose answer does not parse as JSON (by default they train verbatim)")
     p.add_argument("--split", help="synthdir only: import just this split")
+    p.add_argument("--image-root", help="grpo-json: folder that relative image paths start from (default: the file's)")
     p.add_argument("--instruction-regex", action="append",
                    help="regex with a group named 'instruction', tried before the defaults")  # fmt: skip
     p.set_defaults(func=_import)

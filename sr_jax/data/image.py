@@ -9,6 +9,13 @@ Matches HF's PIL image processor for Qwen2/3-VL step by step:
 - patches are ordered by 2x2 merge window (row-major over windows, then row-major inside a
   window), each flattened as (channel, time, patch_row, patch_col) with the single frame
   repeated over the 2 time steps.
+
+`ImageConfig.pre_resize` adds LLaMA-Factory's own PIL step in front (its multimodal plugin for
+Qwen2/3-VL, as the official SFT run trained): the image is first scaled to at most `max` and at
+least `min` pixels (each side truncated to an int, PIL's default filter for the image's mode,
+before any RGB conversion), converted with PIL's plain `convert("RGB")` (alpha dropped, not
+composited), given sides of at least 28 px and an aspect ratio of at most 200 (wider is squeezed
+to 180); THEN the processor step above runs with its own min/max pixels on that RGB image.
 """
 
 from __future__ import annotations
@@ -23,6 +30,15 @@ import numpy as np
 from PIL import Image
 
 MAX_ASPECT_RATIO = 200
+# LLaMA-Factory's step: the official SFT yaml's image_max_pixels and LLaMA-Factory's default
+# image_min_pixels; then Qwen3-VL checkpoints' own processor size (preprocessor_config.json
+# size.shortest_edge / size.longest_edge), which is what its HF processor applies after it.
+LLAMAFACTORY_MAX_PIXELS = 262144
+LLAMAFACTORY_MIN_PIXELS = 32 * 32
+QWEN3_VL_MIN_PIXELS = 65536
+QWEN3_VL_MAX_PIXELS = 16777216
+LLAMAFACTORY_MIN_SIDE = 28
+LLAMAFACTORY_SQUEEZED_RATIO = 180
 
 
 class ImageError(ValueError):
@@ -38,6 +54,7 @@ class ImageConfig:
     merge_size: int = 2
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pre_resize: tuple[int, int] | None = None  # (max_pixels, min_pixels) of LLaMA-Factory's step
 
     @property
     def factor(self) -> int:
@@ -100,6 +117,32 @@ def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndar
     return np.ascontiguousarray(table.T)
 
 
+def _resize_to(img: Image.Image, width: int, height: int) -> Image.Image:
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image {img.width}x{img.height} would be resized to an empty {width}x{height}")
+    # No filter named: LLaMA-Factory takes PIL's default (bicubic; nearest for modes 1 and P).
+    return img.resize((width, height))
+
+
+def llamafactory_regularize(img: Image.Image, max_pixels: int, min_pixels: int) -> Image.Image:
+    """LLaMA-Factory's PIL step for Qwen2/3-VL images -> an RGB image (see the module docstring)."""
+    if img.width * img.height > max_pixels:
+        scale = math.sqrt(max_pixels / (img.width * img.height))
+        img = _resize_to(img, int(img.width * scale), int(img.height * scale))
+    if img.width * img.height < min_pixels:
+        scale = math.sqrt(min_pixels / (img.width * img.height))
+        img = _resize_to(img, int(img.width * scale), int(img.height * scale))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if min(img.width, img.height) < LLAMAFACTORY_MIN_SIDE:
+        img = _resize_to(img, max(img.width, LLAMAFACTORY_MIN_SIDE), max(img.height, LLAMAFACTORY_MIN_SIDE))
+    if img.width / img.height > MAX_ASPECT_RATIO:
+        img = _resize_to(img, img.height * LLAMAFACTORY_SQUEEZED_RATIO, img.height)
+    if img.height / img.width > MAX_ASPECT_RATIO:
+        img = _resize_to(img, img.width, img.width * LLAMAFACTORY_SQUEEZED_RATIO)
+    return img
+
+
 def resize_rgb(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
     """RGB image -> uint8 (H, W, 3) at the smart-resized size."""
     width, height = img.size
@@ -138,7 +181,12 @@ def patchify(pixels: np.ndarray, cfg: ImageConfig) -> tuple[np.ndarray, tuple[in
 
 def preprocess_image(source, cfg: ImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
     """bytes / path / PIL image -> (patches float32 (N, patch_dim), grid_thw)."""
-    img = to_rgb(open_image(source))
+    img = open_image(source)
+    if cfg.pre_resize is not None:
+        img = llamafactory_regularize(img, *cfg.pre_resize)
+    # Then the processor's own RGB step: on the pre-resized image it still composites an RGB
+    # image's `transparency` colour (a converted palette image keeps one) onto white, as HF does.
+    img = to_rgb(img)
     return patchify(resize_rgb(img, cfg), cfg)
 
 

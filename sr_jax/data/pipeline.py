@@ -33,7 +33,13 @@ from typing import Literal
 
 import numpy as np
 
-from sr_jax.data.processor import IGNORE_INDEX, Processor
+from sr_jax.data.image import (
+    LLAMAFACTORY_MAX_PIXELS,
+    LLAMAFACTORY_MIN_PIXELS,
+    QWEN3_VL_MAX_PIXELS,
+    QWEN3_VL_MIN_PIXELS,
+)
+from sr_jax.data.processor import IGNORE_INDEX, Processor, check_image_resize
 from sr_jax.data.records import RecordError, SpatialExample
 from sr_jax.data.templates import PromptTemplates
 
@@ -65,6 +71,13 @@ class DataConfig:
     # auto: imported official rows (verbatim) in LLaMA-Factory's qwen3_vl layout, our own records
     # in sr_jax's; or one of qwen3_vl | qwen3_vl_nothink | sr_jax for all (processor.py).
     chat_template: str = "auto"
+    # Images, chosen the same way: auto = LLaMA-Factory's two-step resize for verbatim rows (the
+    # official run's grids and pixels) and min/max_pixels above for our own; or sr_jax | llamafactory.
+    image_resize: str = "auto"
+    image_max_pixels: int = LLAMAFACTORY_MAX_PIXELS  # LLaMA-Factory's pre-resize (official SFT yaml)
+    image_min_pixels: int = LLAMAFACTORY_MIN_PIXELS  # LLaMA-Factory's default
+    processor_min_pixels: int = QWEN3_VL_MIN_PIXELS  # then the checkpoint processor's own size
+    processor_max_pixels: int = QWEN3_VL_MAX_PIXELS
 
     def buckets(self):
         from sr_jax.data.packing import MERGE_UNIT, Bucket
@@ -94,6 +107,8 @@ class DataConfig:
 
         if self.chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"chat_template must be one of {CHAT_TEMPLATES}, got {self.chat_template!r}")
+        check_image_resize(self.image_resize, self.image_max_pixels, self.image_min_pixels,
+                           self.processor_min_pixels, self.processor_max_pixels)
         if min(self.workers, self.read_threads) < 0 or min(self.worker_buffer, self.read_buffer) <= 0:
             raise ValueError("workers/read_threads must be >= 0 and buffers > 0")
         self.buckets()
@@ -311,8 +326,11 @@ class DataPipeline:
         from sr_jax.model.config import VisionConfig
 
         self.config = config.validate()
-        self.processor = processor or Processor(config.tokenizer, config.min_pixels, config.max_pixels,
-                                                templates=config.templates, chat_template=config.chat_template)
+        self.processor = processor or Processor(
+            config.tokenizer, config.min_pixels, config.max_pixels, templates=config.templates,
+            chat_template=config.chat_template, image_resize=config.image_resize,
+            image_max_pixels=config.image_max_pixels, image_min_pixels=config.image_min_pixels,
+            processor_min_pixels=config.processor_min_pixels, processor_max_pixels=config.processor_max_pixels)
         self.vision = vision or VisionConfig()
         if process_index is None or process_count is None:
             import jax

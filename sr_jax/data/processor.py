@@ -23,21 +23,39 @@ text as given. `chat_template` picks the layout, token for token as LLaMA-Factor
     auto (default)    qwen3_vl for verbatim records, sr_jax for the others.
 Each piece (system turn, user turn, think block, answer) is tokenised on its own, as
 LLaMA-Factory does, so no token can straddle the prompt/answer boundary.
+
+`image_resize` picks the image path the same way:
+    sr_jax            one smart resize with `min_pixels`/`max_pixels` (HF's processor alone).
+    llamafactory      LLaMA-Factory's PIL pre-resize to `image_min_pixels`..`image_max_pixels`,
+                      then the checkpoint processor's smart resize with `processor_min_pixels`/
+                      `processor_max_pixels` (image.py), so grids and pixels are the official run's.
+    auto (default)    llamafactory for verbatim records, sr_jax for the others and for __call__.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from sr_jax.data.image import ImageConfig, ImageError, open_image, preprocess_images
+from sr_jax.data.image import (
+    LLAMAFACTORY_MAX_PIXELS,
+    LLAMAFACTORY_MIN_PIXELS,
+    QWEN3_VL_MAX_PIXELS,
+    QWEN3_VL_MIN_PIXELS,
+    ImageConfig,
+    ImageError,
+    open_image,
+    preprocess_images,
+)
 from sr_jax.data.records import IMAGE_TAG, RecordError, SpatialExample
 from sr_jax.data.templates import VISION_PLACEHOLDER, PromptTemplates, chat_messages, user_text
 from sr_jax.data.tokenizer import QwenTokenizer, load_tokenizer
 
 from sr_jax.batch import IGNORE_INDEX  # kept importable from here (sr_jax.data.IGNORE_INDEX)
 CHAT_TEMPLATES = ("auto", "sr_jax", "qwen3_vl", "qwen3_vl_nothink")
+IMAGE_RESIZES = ("auto", "sr_jax", "llamafactory")
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 THINK_TAGS = ("<think>", "</think>")
 
@@ -52,10 +70,19 @@ class Processor:
         templates: PromptTemplates | None = None,
         max_length: int | None = None,
         chat_template: str = "auto",
+        image_resize: str = "auto",
+        image_max_pixels: int = LLAMAFACTORY_MAX_PIXELS,
+        image_min_pixels: int = LLAMAFACTORY_MIN_PIXELS,
+        processor_min_pixels: int = QWEN3_VL_MIN_PIXELS,
+        processor_max_pixels: int = QWEN3_VL_MAX_PIXELS,
     ):
         if chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"chat_template must be one of {CHAT_TEMPLATES}, got {chat_template!r}")
+        check_image_resize(image_resize, image_max_pixels, image_min_pixels, processor_min_pixels,
+                           processor_max_pixels)
         self.chat_template = chat_template
+        self.image_resize = image_resize
+        self.llamafactory_pixels = (image_max_pixels, image_min_pixels, processor_min_pixels, processor_max_pixels)
         self.tokenizer = tokenizer if isinstance(tokenizer, QwenTokenizer) else load_tokenizer(tokenizer)
         self.image_config = ImageConfig(min_pixels=min_pixels, max_pixels=max_pixels)
         self.templates = templates or PromptTemplates()
@@ -65,18 +92,33 @@ class Processor:
     def tokens_per_image_unit(self) -> int:
         return self.image_config.merge_size**2
 
+    def resize_mode(self, example: SpatialExample | None = None) -> str:
+        """The image path for `example` (None: a plain __call__)."""
+        if self.image_resize == "auto":
+            return "llamafactory" if example is not None and example.verbatim else "sr_jax"
+        return self.image_resize
+
+    def images_config(self, mode: str) -> ImageConfig:
+        """The ImageConfig of an image path; patch and merge sizes always follow `image_config`."""
+        if mode == "sr_jax":
+            return self.image_config
+        pre_max, pre_min, proc_min, proc_max = self.llamafactory_pixels
+        return dataclasses.replace(self.image_config, min_pixels=proc_min, max_pixels=proc_max,
+                                   pre_resize=(pre_max, pre_min))
+
     def __call__(self, text: str, images: list | None = None) -> dict[str, np.ndarray]:
         """One sample: `text` holds one `<|image_pad|>` per image (in order)."""
         ids = self.tokenizer.encode(text)
-        return self._assemble(ids, list(images or []))
+        return self._assemble(ids, list(images or []), image_config=self.images_config(self.resize_mode()))
 
-    def _assemble(self, ids: list[int], images: list, labels: list[int] | None = None) -> dict[str, np.ndarray]:
+    def _assemble(self, ids: list[int], images: list, labels: list[int] | None = None,
+                  image_config: ImageConfig | None = None) -> dict[str, np.ndarray]:
         tok = self.tokenizer
         ids_arr = np.asarray(ids, dtype=np.int64)
         slots = np.flatnonzero(ids_arr == tok.image_pad_id)
         if len(slots) != len(images):
             raise ValueError(f"text has {len(slots)} <|image_pad|> tokens but {len(images)} images were given")
-        pixel_values, grids = preprocess_images(images, self.image_config)
+        pixel_values, grids = preprocess_images(images, image_config or self.image_config)
         # Expand each placeholder to one token per merged patch group (grid_t*grid_h*grid_w/merge^2).
         repeats = np.ones(len(ids_arr), dtype=np.int64)
         repeats[slots] = grids.prod(axis=1) // self.tokens_per_image_unit
@@ -207,7 +249,7 @@ class Processor:
                 raise RecordError("bad_image", f"image {i} cannot be decoded: {e}", example.id) from None
         ids, labels = self.token_ids(example, with_target)
         try:
-            out = self._assemble(ids, images, labels)
+            out = self._assemble(ids, images, labels, self.images_config(self.resize_mode(example)))
         except ImageError as e:
             raise RecordError("bad_image", str(e), example.id) from None
         except ValueError as e:
@@ -216,3 +258,20 @@ class Processor:
         if self.max_length is not None and length > self.max_length:
             raise RecordError("too_long", f"{length} tokens exceed max_length {self.max_length}", example.id)
         return out
+
+
+def check_image_resize(mode: str, image_max_pixels: int, image_min_pixels: int, processor_min_pixels: int,
+                       processor_max_pixels: int) -> None:
+    """ValueError naming the setting when an image_resize setting is unusable."""
+    if mode not in IMAGE_RESIZES:
+        raise ValueError(f"image_resize must be one of {IMAGE_RESIZES}, got {mode!r}")
+    for name, value in (("image_max_pixels", image_max_pixels), ("image_min_pixels", image_min_pixels),
+                        ("processor_min_pixels", processor_min_pixels),
+                        ("processor_max_pixels", processor_max_pixels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if image_min_pixels > image_max_pixels:
+        raise ValueError(f"image_min_pixels {image_min_pixels} exceeds image_max_pixels {image_max_pixels}")
+    if processor_min_pixels > processor_max_pixels:
+        raise ValueError(f"processor_min_pixels {processor_min_pixels} exceeds processor_max_pixels "
+                         f"{processor_max_pixels}")

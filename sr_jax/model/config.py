@@ -185,7 +185,18 @@ class ModelConfig:
         cfg = Path(path) / "config.json"
         if not cfg.is_file():
             raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-        return cls.from_hf_dict(json.loads(cfg.read_text()))
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{cfg}: expected a JSON object, found {type(data).__name__}")
+        try:
+            return cls.from_hf_dict(data)
+        except KeyError as e:
+            raise ValueError(f"{cfg}: missing key {e} in the Qwen3-VL config") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{cfg}: {e}") from None
 
     # ---- our YAML presets ----
     @classmethod

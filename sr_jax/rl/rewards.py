@@ -7,7 +7,8 @@ group's advantages untouched since every completion of a prompt gets the same No
 left out of that function's mean in the metrics.
 
 Built-in functions (configure by name in YAML, `options` go to the factory):
-  format       1 if the answer is strict JSON in the task's schema, else 0
+  format       1 if the answer is strict JSON in the task's schema, else 0 (`allow_think: true`
+               accepts a leading <think>...</think> block, as Qwen3-VL's thinking layout emits)
   iou          mean IoU of predicted vs true boxes after Hungarian matching (SC with ground truth;
                unmatched boxes count 0, both lists empty = 1)
   score_error  1 - mean |predicted - true| / score_range over the two scores
@@ -17,7 +18,9 @@ Built-in functions (configure by name in YAML, `options` go to the factory):
   judge        an external evaluator over HTTP (`JudgeReward`), with a timeout and a fallback
 
 A record counts as having ground truth unless `record.meta["ground_truth"]` is False (prompts
-imported without answers).
+imported without answers, `sr-jax data import --format grpo-json`) or it is a verbatim record whose
+answer was not parsed. The rewards in GROUND_TRUTH_REWARDS need it: `check_rewards_against_data`
+refuses a config that uses them on prompt sources without any (before the model is built).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +48,9 @@ RewardFn = Callable[[SpatialExample, str, dict], "float | None"]
 
 
 def has_ground_truth(record: SpatialExample) -> bool:
-    return record.meta.get("ground_truth", True) is not False
+    if record.meta.get("ground_truth", True) is False:
+        return False
+    return not (record.meta.get("verbatim") and not record.meta.get("answer_parsed"))
 
 
 # ---- format ---------------------------------------------------------------------------------
@@ -62,8 +68,16 @@ def _valid_region(r) -> bool:
             and box[0] < box[2] and box[1] < box[3])
 
 
-def format_reward(record: SpatialExample, completion: str, parsed: dict, score_range: float = SCORE_RANGE) -> float:
-    """Strict schema: the whole completion is one JSON object with exactly the task's keys."""
+_LEADING_THINK = re.compile(r"\s*<think>.*?</think>", re.S)
+
+
+def format_reward(record: SpatialExample, completion: str, parsed: dict, score_range: float = SCORE_RANGE,
+                  allow_think: bool = False) -> float:
+    """Strict schema: the whole completion is one JSON object with exactly the task's keys (after
+    one leading think block, with `allow_think`)."""
+    if allow_think:
+        m = _LEADING_THINK.match(completion)
+        completion = completion[m.end():] if m else completion
     try:
         answer = json.loads(completion.strip())
     except ValueError:
@@ -202,6 +216,57 @@ REWARD_FUNCTIONS: dict[str, Callable[..., RewardFn]] = {
     "grounding": GroundingReward,
     "judge": JudgeReward,
 }
+
+
+class RewardDataError(ValueError):
+    """The configured rewards cannot score the configured prompt data."""
+
+
+# Rewards that compare the completion with the record's true answer (None on records without one).
+GROUND_TRUTH_REWARDS = ("iou", "score_error", "empty_list")
+
+
+def sample_ground_truth(names, sources, per_source: int = 8) -> list[tuple[str, int, int]]:
+    """(source spec, records sampled, how many have ground truth) for each prompt source, from up to
+    `per_source` records spread over it (prompt files are uniform: imported all one way)."""
+    import numpy as np
+
+    from sr_jax.data.records import RecordError
+
+    out = []
+    for spec, part in zip(names, sources.parts):
+        n = len(part)
+        picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, per_source))}) if n else []
+        seen = with_truth = 0
+        for index in picks:
+            try:
+                record = part.fetch(index)
+            except RecordError:
+                continue  # counted and skipped when the stream reaches it
+            seen += 1
+            with_truth += has_ground_truth(record)
+        out.append((spec, seen, with_truth))
+    return out
+
+
+def check_rewards_against_data(specs, names, sources) -> None:
+    """Refuses (RewardDataError naming the reward) a reward that needs ground truth when no prompt
+    source has any: it would score nothing, silently. Warns when only some sources lack it.
+    `specs`: the RewardSpecs; `names`: the source specs in the order of `sources.parts`."""
+    needing = [s.name for s in specs if s.name in GROUND_TRUTH_REWARDS and float(s.weight) != 0.0]
+    if not needing:
+        return
+    sampled = sample_ground_truth(names, sources)
+    without = [spec for spec, seen, with_truth in sampled if seen and not with_truth]
+    if without and len(without) == len([1 for _, seen, _ in sampled if seen]):
+        listed = ", ".join(repr(n) for n in needing)
+        raise RewardDataError(
+            f"reward {listed} needs ground-truth answers, but the prompt data has none ({', '.join(without)} "
+            f"hold prompt-only records, e.g. imported with --format grpo-json). Remove it from `rewards` and "
+            f"reward with the judge (and format) instead.")
+    if without:
+        log.warning("rewards %s need ground truth, which prompt source(s) %s lack: they score only the "
+                    "other sources' prompts", needing, without)
 
 
 def build_reward(name: str, options: dict | None = None) -> RewardFn:

@@ -51,8 +51,9 @@ def make_processor(cfg: RLConfig):
     tokenizer = cfg.data.tokenizer
     if tokenizer is None and cfg.model.init_from and (Path(cfg.model.init_from) / "tokenizer.json").is_file():
         tokenizer = cfg.model.init_from
+    # The official RL run used ms-swift, not LLaMA-Factory: its images keep sr_jax's one resize.
     return Processor(tokenizer, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                     templates=cfg.data.templates)
+                     templates=cfg.data.templates, image_resize="sr_jax")
 
 
 class RLTrainer:
@@ -145,10 +146,20 @@ def rollout_metrics(result, group_size: int, stop_ids) -> dict:
 
 def train(cfg: RLConfig, *, devices=None, stop_after: int | None = None) -> dict:
     """Runs (or resumes) the config; returns a summary. `stop_after` ends after that many steps of
-    this call (tests use it to simulate an interruption)."""
+    this call (tests use it to simulate an interruption). The run directory is locked for the whole
+    run (`sr_jax.train.runlock`): a second trainer on it raises RunDirLocked."""
+    from sr_jax.sharding import maybe_initialize_distributed
+    from sr_jax.train.runlock import RunLock
+
+    maybe_initialize_distributed()
+    with RunLock(cfg.run.out_dir, jax.process_index()):
+        return _train_locked(cfg, devices=devices, stop_after=stop_after)
+
+
+def _train_locked(cfg: RLConfig, *, devices=None, stop_after: int | None = None) -> dict:
     from tqdm import tqdm
 
-    from sr_jax.rl.rewards import RewardSet
+    from sr_jax.rl.rewards import RewardSet, check_rewards_against_data
     from sr_jax.rl.rollout import PromptStream
     from sr_jax.sharding import maybe_initialize_distributed
     from sr_jax.train.checkpoint import RUN_CONFIG, TrainCheckpointer
@@ -164,6 +175,7 @@ def train(cfg: RLConfig, *, devices=None, stop_after: int | None = None) -> dict
     processor = make_processor(cfg)
     stream = PromptStream(cfg.data.sources, processor, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                           num_epochs=cfg.data.num_epochs, max_prompt_tokens=cfg.data.max_prompt_tokens)
+    check_rewards_against_data(cfg.rewards, list(cfg.data.sources), stream.sources)
     rewards = RewardSet.from_config(cfg.rewards)
     rows = cfg.data.prompts_per_step * cfg.grpo.group_size
     if rows % cfg.train.grad_accum_steps:
@@ -249,9 +261,20 @@ def register(sub) -> None:
 
 def _rl_command(args) -> int:
     import json
+    import sys
+
+    from sr_jax.rl.rewards import RewardDataError
+    from sr_jax.train.runlock import RunDirLocked
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(RLConfig, args.config, args.overrides)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except RunDirLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except RewardDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2, default=str))
     return 0

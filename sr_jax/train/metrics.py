@@ -15,10 +15,13 @@ Padding tokens and padding patches are not counted. MFU = FLOPs / (step time x d
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor data sheets).
 PEAK_FLOPS = {
@@ -119,9 +122,10 @@ class MetricsWriter:
         """On resume, drops rows past the restored step so the file has one row per step."""
         if not self.enabled or not self.path.is_file():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if json.loads(r)["step"] <= step]
-        self.path.write_text("".join(r + "\n" for r in kept))
+        kept = [row for row in read_metrics(self.path) if row["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        tmp.replace(self.path)  # a kill during the rewrite leaves the old file, never half of it
 
     def close(self) -> None:
         if self._tb is not None:
@@ -129,7 +133,24 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics file. A last line that is not JSON (torn by a kill during its write) is
+    dropped with a warning; a bad line before the last one is corruption and raises, naming it."""
+    path = Path(path)
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    rows = []
+    for k, (lineno, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row with an integer 'step'")
+        except ValueError as e:
+            if k == len(lines) - 1:
+                log.warning("%s:%d: dropping a torn last line (%d characters; the run was killed while "
+                            "writing it)", path, lineno, len(line))
+                break
+            raise ValueError(f"{path}:{lineno}: corrupt metrics line ({e})") from None
+        rows.append(row)
+    return rows
 
 
 def plot_metrics(path: str | Path, png: str | Path, keys=("loss", "token_accuracy")) -> Path:

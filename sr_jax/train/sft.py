@@ -179,7 +179,17 @@ def _save_tokenizer(cfg: SFTConfig, processor, out: Path) -> None:
 
 def train(cfg: SFTConfig, *, devices=None, stop_after: int | None = None) -> dict:
     """Runs (or resumes) the config; returns a summary. `stop_after` ends the loop after that many
-    steps of this call (tests use it to simulate an interruption)."""
+    steps of this call (tests use it to simulate an interruption). The run directory is locked for
+    the whole run (`sr_jax.train.runlock`): a second trainer on it raises RunDirLocked."""
+    from sr_jax.sharding import maybe_initialize_distributed
+    from sr_jax.train.runlock import RunLock
+
+    maybe_initialize_distributed()
+    with RunLock(cfg.run.out_dir, jax.process_index()):
+        return _train_locked(cfg, devices=devices, stop_after=stop_after)
+
+
+def _train_locked(cfg: SFTConfig, *, devices=None, stop_after: int | None = None) -> dict:
     from tqdm import tqdm
 
     from sr_jax.data.packing import model_inputs
@@ -293,9 +303,16 @@ def register(sub) -> None:
 
 def _train_command(args) -> int:
     import json
+    import sys
+
+    from sr_jax.train.runlock import RunDirLocked
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(SFTConfig, args.config, args.overrides)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except RunDirLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print(json.dumps(summary, indent=2, default=str))
     return 0
