@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sr_jax.data.image import open_image, smart_resize
+from sr_jax.data.image import EVAL_MAX_PIXELS, MIN_PIXELS, open_image, smart_resize
 from sr_jax.data.processor import Processor
 from sr_jax.data.records import SpatialExample
 from sr_jax.data.templates import PromptTemplates
@@ -48,8 +48,8 @@ class ScorerOptions:
     score_range: float = _REWARD.score_range
     grounding: bool = True          # compute the changed-pixel check
     grounding_weight: float = 0.0   # > 0 folds the grounding score into the reward
-    min_pixels: int = 3136
-    max_pixels: int = 589824        # SpatialReward's evaluation budget
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = EVAL_MAX_PIXELS  # SpatialReward's evaluation budget
     dtype: str = "float32"
     templates: PromptTemplates = dataclasses.field(default_factory=PromptTemplates)
 
