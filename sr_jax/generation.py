@@ -22,9 +22,8 @@ from flax import nnx
 from sr_jax.model.rope_index import get_rope_index
 from sr_jax.model.vision import attention_slots, pad_patches
 from sr_jax.sharding import constrain
+from sr_jax.special_tokens import DEFAULT_STOP_IDS, PAD_ID  # noqa: F401  (also imported from here)
 
-PAD_ID = 151643
-DEFAULT_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 TRACE_COUNT: collections.Counter = collections.Counter()  # incremented when a program is (re)traced
 
 
@@ -185,7 +184,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
              temperature=0.0, top_p=1.0, top_k=0, seed=0, stop_ids=None, repetition_penalty=1.0,
              min_prompt_bucket: int = 64, should_stop: Callable[[], bool] | None = None,
              segment: int = 64) -> np.ndarray:
-    """New token ids (batch, max_new_tokens); after a stop token the row holds the pad id 151643.
+    """New token ids (batch, max_new_tokens); after a stop token the row holds PAD_ID.
 
     Inputs are laid out as for the model call (left or right padding both work).
     `temperature == 0` is greedy decoding. With `should_stop`, decoding runs in segments of

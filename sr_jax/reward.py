@@ -10,7 +10,9 @@ Two more reading rules reproduce the official SpatialReward scripts on the same 
 released reward server). They are for reproducing published numbers; the strict reading above stays
 the default for scoring and RL.
 
-`aggregate` / `aggregate_batch` combine the two score pairs into the scalar reward.
+`aggregate` / `aggregate_batch` combine the two score pairs into the scalar reward; the settings
+they read (mode, w1..w4, a, score range, clamp) are one `RewardWeights`, which the scorer, the
+server (through the scorer's options) and evaluation build instead of passing the numbers around.
 
 One rule for numbers too large for a float, in every mode: a value that does not fit a finite
 64-bit float (a 401-digit integer, `1e400`, `Infinity`, `NaN`) is unreadable. As a score it counts
@@ -20,17 +22,18 @@ coordinate it drops its region. The rest of the answer is kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import string
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-SCORE_RANGE = 25.0
-BOX_GRID = 1000
+SCORE_RANGE = 25.0  # answers score on 0..SCORE_RANGE (records, parser, aggregation, RL rewards)
+BOX_GRID = 1000  # box coordinates live on 0..BOX_GRID
 _MAX_DEPTH = 64  # deeper nesting is never a real answer; stopping there keeps recursion bounded
 
 _NOTHING = object()  # "no value could be read here" (distinct from a JSON null)
@@ -537,6 +540,76 @@ def _official_result(answer: dict | None, items: list | None, errors: list[str],
 AGGREGATION_MODES = ("weighted", "min_geometric", "mean")
 
 
+@dataclasses.dataclass(frozen=True)
+class RewardWeights:
+    """Everything `aggregate` needs besides the scores and grounding; the defaults are the
+    official ones. `clamp=False` is the official evaluation's arithmetic (no cap at 10), which
+    goes with the `official_eval` reading (`for_parse_mode`).
+
+    The scorer's options, the server's request options and `sr-jax score/eval --set` keep these
+    fields flat under the same names (`OPTION_KEYS`); `clamp` is not an option of its own there,
+    it follows the parse mode."""
+
+    mode: str = "weighted"
+    w1: float = 0.6
+    w2: float = 0.4
+    w3: float = 0.5
+    w4: float = 0.5
+    a: float = 0.8
+    score_range: float = SCORE_RANGE
+    clamp: bool = True
+
+    @classmethod
+    def of(cls, weights: "RewardWeights | str | None" = None, **settings: Any) -> "RewardWeights":
+        """`weights` (a mode name stands for RewardWeights(mode=...)) with `settings` replacing
+        fields; an unknown setting is a TypeError, as an unknown keyword would be."""
+        if isinstance(weights, str):
+            weights = cls(mode=weights)
+        elif weights is None:
+            weights = cls()
+        elif not isinstance(weights, cls):
+            raise TypeError(f"weights: expected RewardWeights, a mode name or None, got {type(weights).__name__}")
+        unknown = sorted(set(settings) - set(_WEIGHT_FIELDS))
+        if unknown:
+            raise TypeError(f"unknown reward setting(s) {unknown}; known: {list(_WEIGHT_FIELDS)}")
+        return dataclasses.replace(weights, **settings) if settings else weights
+
+    @classmethod
+    def from_options(cls, options: Any, clamp: bool | None = None) -> "RewardWeights":
+        """From any object or mapping holding some of `OPTION_KEYS` (scorer options, an eval
+        config); missing ones keep their defaults. `clamp=None` derives it from a `parse_mode`
+        there (`for_parse_mode`), else keeps the default."""
+        get = options.get if isinstance(options, Mapping) else lambda k, d=None: getattr(options, k, d)
+        found = {k: get(k) for k in OPTION_KEYS if get(k) is not None}
+        if clamp is None and get("parse_mode") is not None:
+            clamp = clamp_for_parse_mode(get("parse_mode"))
+        return cls(**found, **({} if clamp is None else {"clamp": clamp}))
+
+    def options(self) -> dict:
+        """The option-named fields (without clamp), e.g. for `sr-jax eval` benchmarks."""
+        return {k: getattr(self, k) for k in OPTION_KEYS}
+
+    def option_errors(self) -> list[str]:
+        """Bounds for request/CLI options, so a bad one is the caller's error (HTTP 400), not a
+        model failure. Comparisons are False for NaN, so NaN fails each of them."""
+        checks = [
+            (self.mode in AGGREGATION_MODES, f"mode must be one of {AGGREGATION_MODES}"),
+            (0 <= self.a <= 1, "a must be in [0, 1]"),
+            (0 < self.score_range <= 1e6, "score_range must be in (0, 1e6]"),
+        ] + [(-1e6 <= getattr(self, w) <= 1e6, f"{w} must be a finite number in [-1e6, 1e6]")
+             for w in ("w1", "w2", "w3", "w4")]
+        return [msg for ok, msg in checks if not ok]
+
+
+_WEIGHT_FIELDS = tuple(f.name for f in dataclasses.fields(RewardWeights))
+OPTION_KEYS = tuple(k for k in _WEIGHT_FIELDS if k != "clamp")  # as scorer options / eval settings name them
+
+
+def clamp_for_parse_mode(parse_mode: str) -> bool:
+    """The official evaluation scripts cap nothing; every other reading caps SC, PQ at 10."""
+    return parse_mode != "official_eval"
+
+
 def _pairs(values: Any, name: str) -> np.ndarray:
     try:
         arr = np.asarray(values, dtype=np.float64)
@@ -555,19 +628,16 @@ def _pairs(values: Any, name: str) -> np.ndarray:
 def aggregate_batch(
     sc_scores: Any,
     pq_scores: Any,
-    mode: str = "weighted",
-    w1: float = 0.6,
-    w2: float = 0.4,
-    w3: float = 0.5,
-    w4: float = 0.5,
-    a: float = 0.8,
-    score_range: float = SCORE_RANGE,
+    weights: RewardWeights | str | None = None,
+    *,
     grounding: Any = None,
     grounding_weight: float = 0.0,
-    clamp: bool = True,
+    **settings: Any,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vectorised `aggregate` for N answers: sc_scores and pq_scores are [N, 2]; returns three
-    float64 arrays of shape [N] (reward, SC, PQ). See `aggregate` for the formula."""
+    float64 arrays of shape [N] (reward, SC, PQ). See `aggregate` for the formula and arguments."""
+    w = RewardWeights.of(weights, **settings)
+    mode, a, score_range = w.mode, w.a, w.score_range
     if mode not in AGGREGATION_MODES:
         raise ValueError(f"mode must be one of {AGGREGATION_MODES}, got {mode!r}")
     if not score_range > 0:
@@ -580,10 +650,10 @@ def aggregate_batch(
     if sc.shape != pq.shape:
         raise ValueError(f"sc_scores has {sc.shape[0]} rows but pq_scores has {pq.shape[0]}")
     unit = score_range / 10.0  # both components live on 0..10
-    top = 10.0 if clamp else np.inf
+    top = 10.0 if w.clamp else np.inf
     if mode == "weighted":
-        sc_10 = np.clip((w1 * sc[:, 0] + w2 * sc[:, 1]) / unit, 0.0, top)
-        pq_10 = np.clip((w3 * pq[:, 0] + w4 * pq[:, 1]) / unit, 0.0, top)
+        sc_10 = np.clip((w.w1 * sc[:, 0] + w.w2 * sc[:, 1]) / unit, 0.0, top)
+        pq_10 = np.clip((w.w3 * pq[:, 0] + w.w4 * pq[:, 1]) / unit, 0.0, top)
         # Bases are >= 0 after clipping, so the powers are real; numpy gives 0**x = 0 (x > 0), 0**0 = 1.
         reward = sc_10**a * pq_10 ** (1.0 - a) / 10.0
     else:
@@ -604,20 +674,18 @@ def aggregate_batch(
 def aggregate(
     sc_scores: Sequence[float],
     pq_scores: Sequence[float],
-    mode: str = "weighted",
-    w1: float = 0.6,
-    w2: float = 0.4,
-    w3: float = 0.5,
-    w4: float = 0.5,
-    a: float = 0.8,
-    score_range: float = SCORE_RANGE,
+    weights: RewardWeights | str | None = None,
+    *,
     grounding: float | None = None,
     grounding_weight: float = 0.0,
-    clamp: bool = True,
+    **settings: Any,
 ) -> tuple[float, float, float]:
     """Scalar reward in [0, 1] from SC scores (success, overediting) and PQ scores
     (naturalness, artifacts), each on 0..score_range. Returns (reward, SC, PQ), SC and PQ on 0..10.
-    With u = score_range / 10:
+
+    The settings are a `RewardWeights` (`weights=`; a mode name in its place means that mode with
+    the default weights) and/or its fields as keywords (mode, w1..w4, a, score_range, clamp),
+    which override it; unset ones keep the `RewardWeights` defaults. With u = score_range / 10:
 
     mode "weighted" (the official weighted geometric mean; the evaluation's "weighted_power"):
         SC = (w1*s1 + w2*s2) / u,  PQ = (w3*n + w4*art) / u,  each clamped to [0, 10];
@@ -638,7 +706,7 @@ def aggregate(
     Non-finite scores, a bad mode or out-of-range weights raise ValueError.
     """
     reward, sc, pq = aggregate_batch(
-        [sc_scores], [pq_scores], mode, w1, w2, w3, w4, a, score_range,
-        None if grounding is None else [grounding], grounding_weight, clamp,
+        [sc_scores], [pq_scores], weights, grounding=None if grounding is None else [grounding],
+        grounding_weight=grounding_weight, **settings,
     )
     return float(reward[0]), float(sc[0]), float(pq[0])

@@ -14,13 +14,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sr_jax.data.image import open_image, smart_resize
+from sr_jax.data.image import EVAL_MAX_PIXELS, MIN_PIXELS, open_image, smart_resize
 from sr_jax.data.processor import Processor
 from sr_jax.data.records import SpatialExample
 from sr_jax.data.templates import PromptTemplates
 from sr_jax.generation import DEFAULT_STOP_IDS, PAD_ID, generate
 from sr_jax.grounding import grounding_check
-from sr_jax.reward import AGGREGATION_MODES, PARSE_MODES, aggregate, parse_output
+from sr_jax.reward import AGGREGATION_MODES, PARSE_MODES, RewardWeights, aggregate, parse_output
+
+_REWARD = RewardWeights()  # the reward options' defaults live in RewardWeights only
 
 
 @dataclasses.dataclass
@@ -31,21 +33,23 @@ class ScorerOptions:
     top_k: int = 0
     seed: int = 0
     batch_size: int = 8            # prompts per generate call (SC and PQ prompts count separately)
-    mode: str = "weighted"         # or "min_geometric", "mean" (sr_jax.reward.AGGREGATION_MODES)
+    mode: str = _REWARD.mode       # or "min_geometric", "mean" (sr_jax.reward.AGGREGATION_MODES)
     # How answers are read (sr_jax.reward.PARSE_MODES): "strict" (sr_jax's own, clamped to the
     # score range), "official_eval" (the official evaluation scripts' reading, and their
     # arithmetic: no cap at 10), "official_server" (the released reward server's reading).
     parse_mode: str = "strict"
-    w1: float = 0.6
-    w2: float = 0.4
-    w3: float = 0.5
-    w4: float = 0.5
-    a: float = 0.8
-    score_range: float = 25.0
+    # The reward settings, flat so that requests and `--set` name them as before; `weights`
+    # gathers them into the RewardWeights that `aggregate` reads.
+    w1: float = _REWARD.w1
+    w2: float = _REWARD.w2
+    w3: float = _REWARD.w3
+    w4: float = _REWARD.w4
+    a: float = _REWARD.a
+    score_range: float = _REWARD.score_range
     grounding: bool = True          # compute the changed-pixel check
     grounding_weight: float = 0.0   # > 0 folds the grounding score into the reward
-    min_pixels: int = 3136
-    max_pixels: int = 589824        # SpatialReward's evaluation budget
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = EVAL_MAX_PIXELS  # SpatialReward's evaluation budget
     dtype: str = "float32"
     templates: PromptTemplates = dataclasses.field(default_factory=PromptTemplates)
 
@@ -59,13 +63,15 @@ class ScorerOptions:
             overrides["templates"] = from_dict(PromptTemplates, overrides["templates"], "templates")
         return dataclasses.replace(self, **overrides).validate()
 
+    @property
+    def weights(self) -> RewardWeights:
+        """The reward settings of these options; the `official_eval` reading drops the caps at 10."""
+        return RewardWeights.from_options(self)
+
     def validate(self) -> "ScorerOptions":
         """Value checks, so a bad option is the caller's error (HTTP 400), not a model failure.
         Every number is bounded (comparisons are False for NaN, so NaN fails each of them)."""
-        from sr_jax.reward import AGGREGATION_MODES, PARSE_MODES
-
         checks = [
-            (self.mode in AGGREGATION_MODES, f"mode must be one of {AGGREGATION_MODES}"),
             (self.parse_mode in PARSE_MODES, f"parse_mode must be one of {PARSE_MODES}"),
             (1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
              f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}]"),
@@ -74,13 +80,10 @@ class ScorerOptions:
             (0 <= self.top_k <= 1 << 20, "top_k must be in [0, 2**20]"),
             (0 <= self.seed < 1 << 32, "seed must be in [0, 2**32)"),  # JAX keys keep 32 bits of it
             (1 <= self.batch_size <= 4096, "batch_size must be in [1, 4096]"),
-            (0 <= self.a <= 1, "a must be in [0, 1]"),
             (0 <= self.grounding_weight <= 1, "grounding_weight must be in [0, 1]"),
-            (0 < self.score_range <= 1e6, "score_range must be in (0, 1e6]"),
             (0 < self.min_pixels <= self.max_pixels, "need 0 < min_pixels <= max_pixels"),
-        ] + [(-1e6 <= getattr(self, w) <= 1e6, f"{w} must be a finite number in [-1e6, 1e6]")
-             for w in ("w1", "w2", "w3", "w4")]
-        errors = [msg for ok, msg in checks if not ok]
+        ]
+        errors = self.weights.option_errors() + [msg for ok, msg in checks if not ok]
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -222,8 +225,7 @@ class Scorer:
         if opts.grounding:
             grounding = grounding_check(open_image(_as_list(original)[0]), open_image(edited), sc["edit_region"])
         reward, sc_value, pq_value = aggregate(
-            sc["score"], pq["score"], mode=opts.mode, w1=opts.w1, w2=opts.w2, w3=opts.w3, w4=opts.w4, a=opts.a,
-            score_range=opts.score_range, clamp=opts.parse_mode != "official_eval",
+            sc["score"], pq["score"], opts.weights,
             grounding=None if grounding is None else grounding["grounding_score"],
             grounding_weight=opts.grounding_weight if grounding is not None else 0.0)
         return {
@@ -250,7 +252,7 @@ def register(sub) -> None:
     p.add_argument("--instruction", required=True)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--mode", default="weighted", choices=list(AGGREGATION_MODES))
+    p.add_argument("--mode", default=_REWARD.mode, choices=list(AGGREGATION_MODES))
     p.add_argument("--parse-mode", default="strict", choices=list(PARSE_MODES),
                    help="answer reading: sr_jax's strict one, or the official evaluation's / server's")
     p.add_argument("--grounding-weight", type=float, default=0.0)

@@ -25,6 +25,7 @@ from sr_jax.rl.config import RLConfig
 from sr_jax.rl.grpo import group_advantages, grpo_token_sums, kl_k3
 from sr_jax.rl.rewards import (GroundingReward, JudgeReward, RewardSet, empty_list_reward, format_reward,
                                iou_reward, score_error_reward)
+from sr_jax.special_tokens import IM_END_ID, PAD_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "rl" / "demo_cpu.yaml"
@@ -99,9 +100,9 @@ def _rollout(cfg, trainer, processor, record, texts, rewards):
     from sr_jax.rl.rollout import Rollout, completion_mask, microbatches
 
     n = cfg.grpo.max_completion_tokens
-    tokens = np.full((len(texts), n), 151643, np.int64)
+    tokens = np.full((len(texts), n), PAD_ID, np.int64)
     for i, t in enumerate(texts):
-        ids = processor.tokenizer.encode(t)[: n - 1] + [151645]
+        ids = processor.tokenizer.encode(t)[: n - 1] + [IM_END_ID]
         tokens[i, : len(ids)] = ids
     prompt = processor.encode(record, with_target=False)
     g = len(texts)
@@ -301,7 +302,7 @@ def test_teacher_forced_completion_matches_greedy_generation(tiny):
     assert prompts[0]["input_ids"].shape != prompts[1]["input_ids"].shape  # one row is left-padded
     ids, mask = left_pad(prompts)
     tokens = generate(trainer.model, ids, mask, *_pixels(prompts), max_new_tokens=6, temperature=0.0)
-    r = Rollout(records, prompts, tokens, completion_mask(tokens, [151645]), [], [], np.zeros(2), {}, np.zeros(2))
+    r = Rollout(records, prompts, tokens, completion_mask(tokens, [IM_END_ID]), [], [], np.zeros(2), {}, np.zeros(2))
     (mb,) = microbatches(r, 1, trainer.model)
     state = trainer.fresh_state()
     logp = np.asarray(trainer.step.logprobs(state.params, state.frozen, mb))

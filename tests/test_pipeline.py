@@ -17,6 +17,7 @@ from sr_jax.data.processor import IGNORE_INDEX
 from sr_jax.data.storage import ARRAY_RECORD_OPTIONS, example_to_bytes, write_array_record
 from sr_jax.data.synthetic import generate_examples
 from sr_jax.model.config import VisionConfig
+from sr_jax.special_tokens import IMAGE_PAD_ID
 
 N_GOOD = 24
 SMALL = "min_side=64,max_side=96"
@@ -94,7 +95,7 @@ def check_batch_against_encodes(batch, encoded, vision_cfg):
     assert not batch["pixel_values"][p:].any()
     grid = np.concatenate(grids)
     np.testing.assert_array_equal(batch["image_grid_thw"], grid)
-    assert int((batch["input_ids"] == 151655).sum()) * 4 == p == int(grid.prod(1).sum())
+    assert int((batch["input_ids"] == IMAGE_PAD_ID).sum()) * 4 == p == int(grid.prod(1).sum())
     # Vision tables: those of the images in order, padding patches in one extra segment.
     from sr_jax.model.vision import vision_inputs
 
@@ -483,3 +484,19 @@ def test_imported_verbatim_rows_train_through_the_pipeline(proc, tmp_path):
         dataclasses.replace(cfg, image_resize="pil").validate()
     with pytest.raises(ValueError, match="image_min_pixels 9 exceeds"):
         dataclasses.replace(cfg, image_min_pixels=9, image_max_pixels=8).validate()
+
+
+def test_batch_layout_names_the_vision_tables_in_model_order():
+    """`sr_jax.batch` is the one list of batch keys: the vision keys follow VisionInputs' fields
+    (the model's `vision=` tuple), and every stage reads that same list."""
+    import dataclasses
+
+    from sr_jax import batch
+    from sr_jax.data import packing
+    from sr_jax.model.vision import VisionInputs
+    from sr_jax.rl import grpo
+    from sr_jax.train import step
+
+    assert batch.VISION_KEYS == tuple(f"vision_{f.name}" for f in dataclasses.fields(VisionInputs))
+    assert packing.VISION_KEYS is step.VISION_KEYS is grpo.VISION_KEYS is batch.VISION_KEYS
+    assert set(batch.POLICY_KEYS) == set(batch.SFT_KEYS) - {"labels", "segment_ids"}

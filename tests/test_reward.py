@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sr_jax.data.records import Region, SpatialExample
-from sr_jax.reward import aggregate, aggregate_batch, parse_output
+from sr_jax.reward import RewardWeights, aggregate, aggregate_batch, parse_output
 
 GOOD_SC = (
     '{"edit_region": [{"id": 0, "label": "red hat", "bbox_2d": [120, 40, 480, 300]}], '
@@ -339,6 +339,33 @@ def test_batch_matches_scalar():
             assert (reward[i], sc10[i], pq10[i]) == pytest.approx(expected)
     with pytest.raises(ValueError, match="rows"):
         aggregate_batch(sc, pq[:3])
+
+
+def test_reward_weights_one_home():
+    """aggregate takes the settings as a RewardWeights, a mode name or keywords, all alike;
+    keywords override the dataclass; the scorer's options build the same weights, with the
+    official_eval reading dropping the cap at 10 (clamp follows the parse mode)."""
+    from sr_jax.scorer import ScorerOptions
+
+    w = RewardWeights(w1=0.3, w2=0.7, w3=0.9, w4=0.1, a=0.6, score_range=10.0)
+    kw = dict(w1=0.3, w2=0.7, w3=0.9, w4=0.1, a=0.6, score_range=10.0)
+    assert aggregate([7, 3], [9, 4], w) == aggregate([7, 3], [9, 4], **kw) == aggregate([7, 3], [9, 4], weights=w)
+    assert aggregate([7, 3], [9, 4], w)[1] == pytest.approx((0.3 * 7 + 0.7 * 3))
+    assert aggregate([7, 3], [9, 4], w, mode="mean") == aggregate([7, 3], [9, 4], mode="mean", **kw)
+    assert aggregate([20, 10], [25, 15], "min_geometric") == aggregate([20, 10], [25, 15], mode="min_geometric")
+    assert aggregate([30, 30], [25, 25], RewardWeights(clamp=False))[0] > 1.0
+    with pytest.raises(TypeError, match="w5"):
+        aggregate([1, 2], [3, 4], w5=1.0)
+    with pytest.raises(ValueError, match="a must lie"):
+        aggregate([1, 2], [3, 4], RewardWeights(a=2.0))
+
+    opts = ScorerOptions(w1=0.3, w2=0.7, w3=0.9, w4=0.1, a=0.6, score_range=10.0, mode="mean")
+    assert opts.weights == RewardWeights(mode="mean", **kw)
+    assert ScorerOptions(parse_mode="official_eval").weights == RewardWeights(clamp=False)
+    assert ScorerOptions(parse_mode="official_server").weights == RewardWeights()
+    assert {f: getattr(ScorerOptions(), f) for f in RewardWeights().options()} == RewardWeights().options()
+    with pytest.raises(ValueError, match="w2 must be a finite number"):
+        ScorerOptions().replace(w2=float("nan"))
 
 
 def test_parse_then_aggregate():

@@ -10,7 +10,7 @@ from PIL import Image
 
 from hf_oracle import random_hf_model, tiny_hf_config
 from sr_jax.data.image import open_image
-from sr_jax.generation import PAD_ID, generate
+from sr_jax.generation import DEFAULT_STOP_IDS, PAD_ID, generate
 from sr_jax.reward import aggregate, parse_output
 from sr_jax.scorer import Scorer
 
@@ -52,7 +52,7 @@ def test_batched_scoring_equals_single_prompts(scorer):
         kind, item = ("sc", i) if i < 3 else ("pq", i - 3)
         assert results[item]["raw"][kind] == text
         # cut off at max_new_tokens = no stop token (<|im_end|>, <|endoftext|>) among the new tokens
-        assert results[item]["truncated"][kind] == (not ({151645, 151643} & set(new.tolist())))
+        assert results[item]["truncated"][kind] == (not (set(DEFAULT_STOP_IDS) & set(new.tolist())))
     for r in results:
         sc, pq = parse_output(r["raw"]["sc"]), parse_output(r["raw"]["pq"], with_region=False)
         assert r["sc_scores"] == sc["score"] and r["pq_scores"] == pq["score"]

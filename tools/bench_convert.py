@@ -29,11 +29,13 @@ GiB = 1024**3
 
 def bench_config(layers: int) -> dict:
     """A 2B-wide text decoder (real vocabulary, untied head) with a small vision tower."""
+    from sr_jax.special_tokens import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
+
     rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20], "mrope_interleaved": True}
     return {
         "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "dtype": "bfloat16",
-        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-        "vision_end_token_id": 151653, "tie_word_embeddings": False,
+        "image_token_id": IMAGE_PAD_ID, "video_token_id": VIDEO_PAD_ID, "vision_start_token_id": VISION_START_ID,
+        "vision_end_token_id": VISION_END_ID, "tie_word_embeddings": False,
         "text_config": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
                         "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 8,
                         "head_dim": 128, "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False,

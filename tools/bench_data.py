@@ -109,13 +109,15 @@ def pipeline_rate(args, path: Path, workers: int, processor) -> dict:
 
 
 def main(argv=None) -> int:
+    from sr_jax.data.image import MAX_PIXELS, MIN_PIXELS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=256, help="records written (and timed per epoch)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs timed per pipeline run")
     ap.add_argument("--min-side", type=int, default=256)
     ap.add_argument("--max-side", type=int, default=640)
-    ap.add_argument("--min-pixels", type=int, default=3136)
-    ap.add_argument("--max-pixels", type=int, default=262144)
+    ap.add_argument("--min-pixels", type=int, default=MIN_PIXELS)
+    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
     ap.add_argument("--mode", choices=["pad", "pack"], default="pack")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=2048)

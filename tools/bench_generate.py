@@ -30,7 +30,7 @@ def bench_config():
 
 def prompts(batch: int, rng):
     """Two 448x448-ish images (196 + 168 visual tokens) and ~240 text tokens per row."""
-    from sr_jax.model.rope_index import IMAGE_TOKEN_ID
+    from sr_jax.special_tokens import IMAGE_PAD_ID, VISION_END_ID, VISION_START_ID
 
     grids = []
     rows = []
@@ -38,7 +38,8 @@ def prompts(batch: int, rng):
         g = [(1, 28, 28), (1, 24, 28)]
         ids = list(rng.integers(0, 150000, 100))
         for t, h, w in g:
-            ids += [151652] + [IMAGE_TOKEN_ID] * (t * h * w // 4) + [151653] + list(rng.integers(0, 150000, 70))
+            ids += [VISION_START_ID] + [IMAGE_PAD_ID] * (t * h * w // 4) + [VISION_END_ID]
+            ids += list(rng.integers(0, 150000, 70))
         rows.append(ids)
         grids += g
     ids = np.array(rows, np.int64)
@@ -95,6 +96,7 @@ def main() -> None:
 
     from sr_jax import load_model
     from sr_jax.generation import generate
+    from sr_jax.special_tokens import IMAGE_PAD_ID
 
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
@@ -124,7 +126,7 @@ def main() -> None:
         assert out.shape == (batch, args.new)
         kw = dict(input_ids=torch.as_tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
                   pixel_values=torch.as_tensor(pixels), image_grid_thw=torch.as_tensor(grids),
-                  mm_token_type_ids=torch.as_tensor(ids == 151655).int())
+                  mm_token_type_ids=torch.as_tensor(ids == IMAGE_PAD_ID).int())
         hf_s = []
         with torch.no_grad():
             hf.generate(**kw, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up

@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-IMAGE, VSTART, VEND = 151655, 151652, 151653
+from sr_jax.batch import IGNORE_INDEX
+from sr_jax.special_tokens import IMAGE_PAD_ID as IMAGE, VISION_END_ID as VEND, VISION_START_ID as VSTART
 
 
 def hf_config():
@@ -36,7 +37,7 @@ def hf_config():
 def make_batch(rng, rows=2, seq=1024, answer=128, grid=(1, 16, 16)):
     n_img = grid[0] * grid[1] * grid[2] // 4
     ids = np.empty((rows, seq), np.int64)
-    labels = np.full((rows, seq), -100, np.int64)
+    labels = np.full((rows, seq), IGNORE_INDEX, np.int64)
     for r in range(rows):
         text = rng.integers(0, 150000, seq - n_img - 2)
         ids[r] = np.concatenate([[text[0], VSTART], [IMAGE] * n_img, [VEND], text[1:]])
@@ -85,11 +86,11 @@ def main() -> None:
         ours = load_model(d)
     n_params = sum(p.numel() for p in hf.parameters())
     print(f"model: {n_params / 1e6:.0f}M params, float32; batch {ids.shape[0]} x {ids.shape[1]} tokens, "
-          f"{len(grids)} images of 256x256, {int((labels != -100).sum())} label tokens")
+          f"{len(grids)} images of 256x256, {int((labels != IGNORE_INDEX).sum())} label tokens")
 
     # ---- sr_jax ----
     cfg = TrainConfig(mesh=MeshConfig(fsdp=1), optim=OptimConfig(learning_rate=1e-5, warmup_ratio=0.0),
-                      loss=LossConfig(max_label_tokens=int((labels != -100).sum())))
+                      loss=LossConfig(max_label_tokens=int((labels != IGNORE_INDEX).sum())))
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     optimizer = make_optimizer(cfg.optim, 100)
     step_fn = make_train_step(ours, optimizer, mesh, cfg)
@@ -126,7 +127,7 @@ def main() -> None:
         compiled = torch.compile(hf)
         results["HF torch.compile"] = time_steps(torch_step(compiled), args.steps)
 
-    flops = train_flops(ours.config, [ids.shape[1]] * ids.shape[0], int((labels != -100).sum()), grids)
+    flops = train_flops(ours.config, [ids.shape[1]] * ids.shape[0], int((labels != IGNORE_INDEX).sum()), grids)
     peak = measured_matmul_peak()
     print(f"useful FLOPs per step {flops / 1e12:.2f} TFLOP; measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s\n")
     print(f"{'implementation':<20} {'step s':>8} {'tokens/s':>10} {'utilisation':>12} {'sr_jax speed-up':>16}")

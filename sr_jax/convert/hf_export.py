@@ -20,10 +20,11 @@ import numpy as np
 
 from sr_jax.convert.names import hf_key, hf_shape_of, to_hf
 from sr_jax.convert.orbax_io import atomic_directory, sidecar_files
+from sr_jax.special_tokens import DEFAULT_STOP_IDS, ENDOFTEXT_ID, PAD_ID
 
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
               "int32": "I32"}
-GENERATION_CONFIG = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+GENERATION_CONFIG = {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": list(DEFAULT_STOP_IDS), "pad_token_id": PAD_ID,
                      "do_sample": False}
 
 

@@ -30,10 +30,15 @@ import numpy as np
 from PIL import Image
 
 MAX_ASPECT_RATIO = 200
+# Pixel budgets (height * width after the resize), each default defined here once:
+MIN_PIXELS = 3136  # 56 * 56, HF's Qwen2-VL processor default; our floor in every stage
+MAX_PIXELS = 262144  # 512 * 512, the official SFT budget: data pipeline and Processor default
+EVAL_MAX_PIXELS = 589824  # SpatialReward's evaluation budget: the scorer's (and server's) default
+RL_MAX_PIXELS = 401408  # SpatialReward's RL budget (MAX_PIXELS): GRPO prompts' default
 # LLaMA-Factory's step: the official SFT yaml's image_max_pixels and LLaMA-Factory's default
 # image_min_pixels; then Qwen3-VL checkpoints' own processor size (preprocessor_config.json
 # size.shortest_edge / size.longest_edge), which is what its HF processor applies after it.
-LLAMAFACTORY_MAX_PIXELS = 262144
+LLAMAFACTORY_MAX_PIXELS = MAX_PIXELS
 LLAMAFACTORY_MIN_PIXELS = 32 * 32
 QWEN3_VL_MIN_PIXELS = 65536
 QWEN3_VL_MAX_PIXELS = 16777216
@@ -47,8 +52,8 @@ class ImageError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ImageConfig:
-    min_pixels: int = 3136
-    max_pixels: int = 262144
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
     patch_size: int = 16
     temporal_patch_size: int = 2
     merge_size: int = 2

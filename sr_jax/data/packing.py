@@ -9,7 +9,7 @@ Batch layout (B rows, T tokens, P patches, S segment slots per row; T and P come
 chosen bucket, so a train step compiles once per bucket):
     input_ids (B, T) int32        padding = the pad token
     attention_mask (B, T) int32   1 on real tokens
-    labels (B, T) int32           -100 = no loss
+    labels (B, T) int32           IGNORE_INDEX = no loss (`sr_jax.batch` names the keys)
     position_ids (3, B, T) int32  each example's own M-RoPE positions (0 on padding)
     segment_ids (B, T) int32      0 = padding, 1..S = the examples of the row, left to right
     pixel_values (P, 1536) float32
@@ -29,8 +29,8 @@ Rules that make a packed row equal to its examples run one by one:
 - positions restart per segment (each example keeps the positions of its own encode);
 - the model's attention only joins tokens with equal segment ids (and real keys);
 - labels never cross a segment: the loss predicts labels[t + 1] from token t, so the label
-  at each segment's first token is set to -100. Then the last token of a segment is never
-  trained to predict the next segment's first token, and padding (-100) predicts nothing.
+  at each segment's first token is set to IGNORE_INDEX. Then the last token of a segment is never
+  trained to predict the next segment's first token, and padding (ignored too) predicts nothing.
   (The first token is `<|im_start|>`, a prompt token, so this only makes the rule explicit.)
 Packing is first-fit over the rows of the batch being filled; an example that fits no row,
 no free segment slot, or not the batch's remaining patch budget closes the batch and opens the
@@ -48,12 +48,11 @@ from typing import Any, Callable, Literal
 import grain
 import numpy as np
 
-from sr_jax.data.processor import IGNORE_INDEX
+from sr_jax.batch import IGNORE_INDEX, SFT_KEYS, VISION_KEYS
 from sr_jax.data.records import RecordError
 
 SKIP_KEY = "skip"
 MERGE_UNIT = 4  # patches per merged visual token (spatial_merge_size 2, squared)
-VISION_KEYS = ("vision_interp_index", "vision_interp_weight", "vision_rope_hw", "vision_segment")
 
 logger = logging.getLogger(__name__)
 
@@ -207,13 +206,10 @@ def vision_tuple(batch: dict) -> tuple:
     return tuple(batch[k] for k in VISION_KEYS)
 
 
-MODEL_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids", "pixel_values") + VISION_KEYS
-
-
 def model_inputs(batch: dict) -> dict[str, np.ndarray]:
     """The arrays a train step takes (`sr_jax.train.step` layout, before stacking microbatches);
     the rest (image_grid_thw, record_index, counters) is for the host."""
-    return {k: batch[k] for k in MODEL_KEYS}
+    return {k: batch[k] for k in SFT_KEYS}
 
 
 # ---- the Grain stages ------------------------------------------------------------------------

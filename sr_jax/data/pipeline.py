@@ -36,6 +36,8 @@ import numpy as np
 from sr_jax.data.image import (
     LLAMAFACTORY_MAX_PIXELS,
     LLAMAFACTORY_MIN_PIXELS,
+    MAX_PIXELS,
+    MIN_PIXELS,
     QWEN3_VL_MAX_PIXELS,
     QWEN3_VL_MIN_PIXELS,
 )
@@ -65,8 +67,8 @@ class DataConfig:
     read_threads: int = 1  # threads per process running the map; 0 = inline
     read_buffer: int = 8
     tokenizer: str | None = None  # checkpoint dir with tokenizer.json; None = offline Qwen tokenizer
-    min_pixels: int = 3136
-    max_pixels: int = 262144
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
     templates: PromptTemplates = dataclasses.field(default_factory=PromptTemplates)
     # auto: imported official rows (verbatim) in LLaMA-Factory's qwen3_vl layout, our own records
     # in sr_jax's; or one of qwen3_vl | qwen3_vl_nothink | sr_jax for all (processor.py).

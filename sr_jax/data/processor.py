@@ -39,9 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
+from sr_jax.batch import IGNORE_INDEX  # also importable from here (sr_jax.data.IGNORE_INDEX)
 from sr_jax.data.image import (
     LLAMAFACTORY_MAX_PIXELS,
     LLAMAFACTORY_MIN_PIXELS,
+    MAX_PIXELS,
+    MIN_PIXELS,
     QWEN3_VL_MAX_PIXELS,
     QWEN3_VL_MIN_PIXELS,
     ImageConfig,
@@ -53,7 +56,6 @@ from sr_jax.data.records import IMAGE_TAG, RecordError, SpatialExample
 from sr_jax.data.templates import VISION_PLACEHOLDER, PromptTemplates, chat_messages, user_text
 from sr_jax.data.tokenizer import QwenTokenizer, load_tokenizer
 
-IGNORE_INDEX = -100
 CHAT_TEMPLATES = ("auto", "sr_jax", "qwen3_vl", "qwen3_vl_nothink")
 IMAGE_RESIZES = ("auto", "sr_jax", "llamafactory")
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -64,8 +66,8 @@ class Processor:
     def __init__(
         self,
         tokenizer: str | Path | QwenTokenizer | None = None,
-        min_pixels: int = 3136,
-        max_pixels: int = 262144,
+        min_pixels: int = MIN_PIXELS,
+        max_pixels: int = MAX_PIXELS,
         *,
         templates: PromptTemplates | None = None,
         max_length: int | None = None,

@@ -19,7 +19,7 @@ import functools
 import string
 from pathlib import Path
 
-from sr_jax.data.records import RecordError, SpatialExample
+from sr_jax.data.records import SCORE_RANGE, RecordError, SpatialExample
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPT_DIR = REPO_ROOT / "configs" / "prompts"
@@ -88,7 +88,7 @@ class PromptTemplates:
     sc: str | None = None  # one original + the edited image
     sc_multi: str | None = None  # several originals + the edited image
     pq: str | None = None  # the edited image alone
-    score_range: float = 25.0  # the value of {score_range}; the scorer sets its own
+    score_range: float = SCORE_RANGE  # the value of {score_range}; the scorer sets its own
 
     def path(self, kind: str) -> str:
         if kind not in PLACEHOLDERS:

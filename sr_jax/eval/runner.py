@@ -26,6 +26,7 @@ import numpy as np
 
 from sr_jax.eval.benchmarks import Benchmark, Job, SyntheticBench
 from sr_jax.eval.tables import BenchmarkError
+from sr_jax.reward import RewardWeights
 
 CACHE_DIR = "cache"
 
@@ -66,9 +67,7 @@ def score_pq_only(scorer, edited: Sequence[Any]) -> list[dict]:
     for text, cut in zip(*scorer.generate_answers(prompts, opts)):
         pq = parse_output(text, with_region=False, score_range=opts.score_range, mode=opts.parse_mode)
         top = [opts.score_range] * 2  # SC does not enter the PQ component
-        _, _, pq_value = aggregate(top, pq["score"], mode=opts.mode, w1=opts.w1, w2=opts.w2, w3=opts.w3,
-                                   w4=opts.w4, a=opts.a, score_range=opts.score_range,
-                                   clamp=opts.parse_mode != "official_eval")
+        _, _, pq_value = aggregate(top, pq["score"], opts.weights)
         out.append({"reward": None, "sc": None, "pq": pq_value, "sc_scores": None, "pq_scores": list(pq["score"]),
                     "edit_region": None, "reasoning": {"pq": pq["reasoning"]}, "grounding": None,
                     "parsed": {"pq": pq["parsed"]}, "truncated": {"pq": cut}, "raw": {"pq": text}})
@@ -117,7 +116,7 @@ def reward_options_of(scorer) -> dict:
     options = getattr(scorer, "options", None)
     if options is None or not dataclasses.is_dataclass(options):
         return {}
-    return {k: getattr(options, k) for k in ("mode", "w1", "w2", "w3", "w4", "a", "score_range")}
+    return RewardWeights.from_options(options).options()
 
 
 def evaluate_synthetic(scorer, examples: Iterable, batch_size: int = 8) -> dict:

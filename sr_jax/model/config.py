@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sr_jax.config import from_dict, load_yaml, apply_overrides, to_dict
+from sr_jax.special_tokens import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
@@ -70,10 +71,10 @@ class ModelConfig:
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     tie_word_embeddings: bool = False
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
+    image_token_id: int = IMAGE_PAD_ID
+    video_token_id: int = VIDEO_PAD_ID
+    vision_start_token_id: int = VISION_START_ID
+    vision_end_token_id: int = VISION_END_ID
     # Runtime numerics, not architecture: compute dtype and stored-parameter dtype.
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -124,10 +125,10 @@ class ModelConfig:
             text=text,
             vision=vision,
             tie_word_embeddings=bool(tie),
-            image_token_id=d.get("image_token_id", 151655),
-            video_token_id=d.get("video_token_id", 151656),
-            vision_start_token_id=d.get("vision_start_token_id", 151652),
-            vision_end_token_id=d.get("vision_end_token_id", 151653),
+            image_token_id=d.get("image_token_id", IMAGE_PAD_ID),
+            video_token_id=d.get("video_token_id", VIDEO_PAD_ID),
+            vision_start_token_id=d.get("vision_start_token_id", VISION_START_ID),
+            vision_end_token_id=d.get("vision_end_token_id", VISION_END_ID),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IMAGE_TOKEN_ID = 151655
-VISION_START_TOKEN_ID = 151652
+from sr_jax.special_tokens import IMAGE_PAD_ID as IMAGE_TOKEN_ID, VISION_START_ID as VISION_START_TOKEN_ID
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int, bool]]:

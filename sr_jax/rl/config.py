@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from sr_jax.data.image import MIN_PIXELS, RL_MAX_PIXELS
 from sr_jax.data.templates import PromptTemplates
+from sr_jax.special_tokens import DEFAULT_STOP_IDS
 from sr_jax.train.config import TrainConfig
 from sr_jax.train.sft import ModelSection, RunSection
 
@@ -24,8 +26,8 @@ class PromptDataConfig:
     num_epochs: int = 1
     prompts_per_step: int = 4          # distinct prompts per rollout; rows = prompts_per_step * group_size
     tokenizer: str | None = None       # None: the model dir's tokenizer when it has one, else the offline Qwen one
-    min_pixels: int = 3136
-    max_pixels: int = 401408           # SpatialReward's RL budget (MAX_PIXELS)
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = RL_MAX_PIXELS    # SpatialReward's RL budget (MAX_PIXELS)
     max_prompt_tokens: int | None = None  # longer prompts are skipped (counted)
     templates: PromptTemplates = dataclasses.field(default_factory=PromptTemplates)
 
@@ -45,7 +47,7 @@ class GRPOConfig:
     top_k: int = 50
     repetition_penalty: float = 1.05
     generation_batch_size: int = 0     # rows per generate call; 0 = the whole rollout at once
-    stop_ids: list[int] = dataclasses.field(default_factory=lambda: [151645, 151643])
+    stop_ids: list[int] = dataclasses.field(default_factory=lambda: list(DEFAULT_STOP_IDS))
 
     def validate(self) -> "GRPOConfig":
         checks = [

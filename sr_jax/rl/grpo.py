@@ -33,9 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sr_jax.lora import set_lora_dropout
 from sr_jax.sharding import batch_shardings, constrain, global_from_full, logical_sharding
-from sr_jax.train.step import VISION_KEYS, TrainState, TrainStep, _rekey, trainable_filter
-
-MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values") + VISION_KEYS
+from sr_jax.batch import POLICY_KEYS as MODEL_KEYS, VISION_KEYS
+from sr_jax.train.step import TrainState, TrainStep, _rekey, trainable_filter
 RL_AXES = {
     "completion_ids": (None, "batch", None),
     "completion_mask": (None, "batch", None),

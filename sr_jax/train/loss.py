@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sr_jax.batch import IGNORE_INDEX as IGNORE
 from sr_jax.sharding import constrain
-
-IGNORE = -100
 
 
 class LossStats(NamedTuple):

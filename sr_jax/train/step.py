@@ -33,14 +33,12 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sr_jax.batch import SFT_REQUIRED_KEYS as REQUIRED_KEYS, VISION_KEYS
 from sr_jax.lora import LoRAParam, set_lora_dropout
 from sr_jax.sharding import BATCH_AXES, batch_shardings, tree_shardings
 from sr_jax.train.config import LossConfig, TrainConfig
 from sr_jax.train.loss import LossStats, count_label_tokens, label_loss
 from sr_jax.train.optim import Optimizer
-
-VISION_KEYS = ("vision_interp_index", "vision_interp_weight", "vision_rope_hw", "vision_segment")
-REQUIRED_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
 class TrainState(struct.PyTreeNode):
