@@ -20,9 +20,18 @@ devices, and reports per device:
 and FLOPs per step from XLA's `cost_analysis()` (per-device program x devices) next to the
 analytic count of `sr_jax.train.metrics.train_flops` (the one MFU uses).
 
-Caveats: XLA compiles for the CPU here, so fusion and layout (and so temp memory) differ from a
-TPU/GPU build; treat temp as an estimate. XLA's cost analysis counts a while loop's body once,
-so with gradient accumulation (a scan over microbatches) or a chunked loss its FLOPs are low.
+With `--topology` (`v5p-64`, `v6e-16`, `v5p:4x4x2`, ...) and libtpu installed (`pip install -e
+".[tpu]"`), the step is compiled for that TPU slice by the real TPU compiler on this CPU host
+(`sr_jax.tpu`): the memory figures are then the TPU's own HBM plan per chip, checked against the
+chip's HBM, and a roofline estimate of step time and MFU follows from the compiled FLOPs and
+bytes and the generation's published peak FLOP/s and HBM bandwidth (`sr_jax.tpu.CHIPS`).
+Without libtpu it falls back to fake CPU devices, and says so.
+
+Caveats: on fake CPU devices XLA compiles for the CPU, so fusion and layout (and so temp memory)
+differ from a TPU/GPU build; treat temp as an estimate. XLA's cost analysis counts a while
+loop's body once, so with gradient accumulation (a scan over microbatches) or a chunked loss its
+FLOPs are low. The roofline ignores communication and assumes compute and memory traffic overlap
+perfectly: a lower bound on step time, an upper bound on MFU.
 """
 
 from __future__ import annotations
@@ -189,6 +198,8 @@ class PlanSpec:
     param_dtype: str = "float32"        # stored parameters (and so optimizer moments)
     freeze_vision: bool = False
     model_overrides: list = dataclasses.field(default_factory=list)
+    topology: str | None = None         # TPU slice to compile for (sr_jax.tpu.parse_topology); None: CPU
+    attention_backend: str | None = None  # None: the model's (auto: splash on TPU)
 
     def mesh_size(self) -> int:
         self.mesh_config()  # validates
@@ -235,7 +246,7 @@ def sft_config(spec: PlanSpec):
                         lora=LoRAConfig(enabled=spec.lora, rank=spec.lora_rank), grad_accum_steps=spec.batch.grad_accum,
                         remat=spec.remat, freeze_vision=spec.freeze_vision)
     model = ModelSection(preset=spec.model, dtype=spec.dtype, param_dtype=spec.param_dtype,
-                         overrides=list(spec.model_overrides))
+                         overrides=list(spec.model_overrides), attention_backend=spec.attention_backend)
     return SFTConfig(model=model, train=train)
 
 
@@ -264,6 +275,20 @@ def plan_devices(n: int):
     return devices[:n]
 
 
+def target_devices(spec: PlanSpec):
+    """The devices the plan compiles for: the TPU topology's when one is given and libtpu is
+    installed, else fake CPU devices."""
+    from sr_jax import tpu
+
+    if spec.topology and tpu.libtpu_available():
+        devices = tpu.topology_devices(tpu.parse_topology(spec.topology))
+        if len(devices) != spec.mesh_size():
+            raise ValueError(f"mesh {spec.mesh} has {spec.mesh_size()} devices but topology {spec.topology} has "
+                             f"{len(devices)}")
+        return devices
+    return plan_devices(spec.mesh_size())
+
+
 def build_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = None):
     """(trainer, abstract state, abstract batch) for the spec: nothing is allocated."""
     from sr_jax.train.sft import Trainer, model_config
@@ -273,7 +298,7 @@ def build_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = 
     n = spec.mesh_size()
     sizes = dict(zip(MESH_KEYS, spec._sizes()))
     spec.batch.validate(sizes["data"] * sizes["fsdp"], mcfg.vision)
-    devices = plan_devices(n) if devices is None else list(devices)[:n]
+    devices = target_devices(spec) if devices is None else list(devices)[:n]
     if len(devices) < n:
         raise RuntimeError(f"the mesh {spec.mesh} needs {n} devices, {len(devices)} given")
     trainer = Trainer(cfg, devices=devices, abstract=True, total_steps=1000)
@@ -295,13 +320,76 @@ def memory_fields(stats) -> dict[str, int]:
     return fields
 
 
-def cost_flops(compiled) -> float | None:
+def _costs(compiled) -> dict:
     costs = compiled.cost_analysis()
     if isinstance(costs, (list, tuple)):  # older JAX: one dict per program
         costs = costs[0] if costs else None
-    if not costs or "flops" not in costs:
-        return None
-    return float(costs["flops"])
+    return costs or {}
+
+
+def cost_flops(compiled) -> float | None:
+    costs = _costs(compiled)
+    return float(costs["flops"]) if "flops" in costs else None
+
+
+def cost_bytes(compiled) -> float | None:
+    costs = _costs(compiled)
+    return float(costs["bytes accessed"]) if "bytes accessed" in costs else None
+
+
+def roofline(report: dict, chip) -> dict:
+    """Step time and MFU estimated from the compiled program and the chip's published peaks: the
+    step takes at least its FLOPs at peak FLOP/s and its HBM traffic at peak bandwidth (whichever
+    is longer), with no communication cost. Per device = per chip, scaled where the topology
+    exposes several devices per chip. With gradient accumulation XLA counts the scanned
+    microbatch once: FLOPs are then the larger of XLA's and the analytic count, bytes x k."""
+    f = report["flops_per_step"]
+    n, chips = report["devices"], report["target"]["chips"]
+    per_chip = n / chips  # devices per chip
+    k = report["batch"]["grad_accum"]
+    flops = max((f["xla_per_device"] or 0.0) * per_chip, f["analytic"] / chips)
+    bytes_ = (report["bytes_per_step"]["xla_per_device"] or 0.0) * per_chip * k
+    compute_s, memory_s = flops / chip.peak_bf16_flops, bytes_ / chip.hbm_bandwidth
+    step_s = max(compute_s, memory_s)
+    return {
+        "peak_flops_per_chip": chip.peak_bf16_flops, "hbm_bandwidth_per_chip": chip.hbm_bandwidth,
+        "compute_seconds": compute_s, "memory_seconds": memory_s, "step_seconds": step_s,
+        "bound": "compute" if compute_s >= memory_s else "HBM bandwidth",
+        "mfu": f["analytic"] / (chips * chip.peak_bf16_flops * step_s) if step_s else None,
+        "tokens_per_second_per_chip": report["tokens_per_step"] / step_s / chips if step_s else None,
+    }
+
+
+def fits(report: dict) -> tuple[bool, str | None]:
+    """(fits, one-line verdict) against the target chip's HBM; (True, None) without a chip."""
+    hbm = report["target"].get("hbm_bytes_per_device")
+    if not hbm:
+        return True, None
+    need = report["memory_per_device"]["xla"]["total"]
+    per = "chip" if report["target"]["devices_per_chip"] == 1 else "device"
+    line = f"needs {need / 2**30:.1f} GiB of {hbm / 2**30:.0f} GiB HBM per {per}"
+    return need <= hbm, line
+
+
+def remedies(spec: PlanSpec) -> list[str]:
+    """Options that lower the per-device memory of this spec."""
+    out = []
+    sizes = dict(zip(MESH_KEYS, spec._sizes()))
+    if sizes["data"] > 1 or sizes["tensor"] > 1:
+        out.append("more fsdp: --mesh fsdp=N (shards parameters, gradients and optimizer state over every device)")
+    if spec.remat != "full":
+        out.append("--remat full (keeps only each layer's input for the backward pass)")
+    rows = spec.batch.micro_rows // (sizes["data"] * sizes["fsdp"])
+    if rows > 1:
+        out.append(f"a smaller microbatch: --grad-accum {spec.batch.grad_accum * 2} ({rows} rows per device now)")
+    else:
+        out.append("shorter rows (--seq) or fewer/smaller images per row")
+    if not spec.lora:
+        out.append("--lora (adapters only: no optimizer state or gradients for the base weights)")
+    if spec.param_dtype == "float32":
+        out.append("--param-dtype bfloat16 (halves parameters and optimizer moments)")
+    out.append("a larger slice (--topology) or one with more HBM per chip")
+    return out
 
 
 def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = None) -> dict:
@@ -316,6 +404,7 @@ def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = No
     t0 = time.perf_counter()
     compiled = lowered.compile()
     t_compile = time.perf_counter() - t0
+    target = target_info(spec, trainer.mesh)
 
     n = trainer.mesh.size
     cfg = trainer.cfg.train
@@ -330,8 +419,10 @@ def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = No
     }
     import jax
 
-    return {
+    report = {
         "model": spec.model,
+        "target": target,
+        "attention_backend": resolve_attention(trainer),
         "mesh": dict(zip(MESH_KEYS, spec._sizes())),
         "devices": n,
         "batch": dataclasses.asdict(spec.batch),
@@ -346,9 +437,44 @@ def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = No
             "xla": None if xla_flops is None else xla_flops * n,
             "xla_per_device": xla_flops,
         },
+        "bytes_per_step": {"xla_per_device": cost_bytes(compiled)},
         "seconds": {"build": t_build, "lower": t_lower, "compile": t_compile},
         "_compiled": compiled,
     }
+    if target["platform"] == "tpu":
+        from sr_jax.tpu import parse_topology
+
+        report["roofline"] = roofline(report, parse_topology(spec.topology).chip)
+    report["fits"], report["fit_line"] = fits(report)
+    return report
+
+
+def target_info(spec: PlanSpec, mesh) -> dict:
+    """What the plan compiled for: platform, device kind, and the chip's HBM when known."""
+    from sr_jax.tpu import parse_topology
+
+    device = mesh.devices.flat[0]
+    info = {"platform": device.platform, "device_kind": device.device_kind, "devices": mesh.size,
+            "topology": None, "chips": mesh.size, "devices_per_chip": 1, "hbm_bytes_per_device": None}
+    if spec.topology:
+        topo = parse_topology(spec.topology)
+        per_chip = mesh.size / topo.chips
+        info.update(topology=topo.name, chips=topo.chips, devices_per_chip=per_chip,
+                    hbm_bytes_per_device=int(topo.chip.hbm_bytes / per_chip))
+    return info
+
+
+def resolve_attention(trainer) -> str:
+    from sr_jax.model.attention import resolve_backend
+
+    with jax_mesh(trainer.mesh):
+        return resolve_backend(trainer.model_cfg.attention_backend)
+
+
+def jax_mesh(mesh):
+    import jax
+
+    return jax.set_mesh(mesh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +492,16 @@ def format_report(r: dict) -> str:
     m, x, f = r["memory_per_device"], r["memory_per_device"]["xla"], r["flops_per_step"]
     b = r["batch"]
     images = f", {b['images_per_example']} image(s) {b['image_size']}px per row" if b["images_per_example"] else ""
+    t = r["target"]
+    if t["platform"] == "tpu":
+        target = (f"compiled for: TPU topology {t['topology']} ({t['chips']} chips, {t['devices']} devices of kind "
+                  f"{t['device_kind']!r}) by the TPU compiler; attention {r['attention_backend']}")
+    else:
+        target = (f"compiled for: {t['devices']} fake {t['platform'].upper()} devices: these are XLA:"
+                  f"{t['platform'].upper()}'s figures (fusion, layout and temp memory differ on a TPU); "
+                  f"attention {r['attention_backend']}")
     lines = [
+        target,
         f"plan: model {r['model']}, mesh {r['mesh']} ({r['devices']} devices), global batch {b['rows']} x "
         f"{b['seq']} tokens{images}, grad_accum {b['grad_accum']}, {r['rows_per_device']} row(s) per device "
         f"per microbatch",
@@ -391,6 +526,28 @@ def format_report(r: dict) -> str:
         f"compile: {r['seconds']['compile']:.1f} s (lower {r['seconds']['lower']:.1f} s, build "
         f"{r['seconds']['build']:.1f} s)",
     ]
+    if t["hbm_bytes_per_device"]:
+        lines.insert(lines.index("FLOPs per step:"),
+                     f"  HBM per device           {_gib(t['hbm_bytes_per_device'])}   (published; "
+                     f"{100 * x['total'] / t['hbm_bytes_per_device']:.0f}% used)")
+    if r["bytes_per_step"]["xla_per_device"] is not None:
+        lines.insert(lines.index("FLOPs per step:") + 3,
+                     f"  HBM bytes accessed       {r['bytes_per_step']['xla_per_device']:.4e} per device (XLA cost "
+                     f"analysis)")
+    if "roofline" in r:
+        e = r["roofline"]
+        lines += [
+            "roofline ESTIMATE (compiled FLOPs and bytes at the chip's published peaks; no communication, "
+            "perfect overlap):",
+            f"  peak per chip            {e['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16, "
+            f"{e['hbm_bandwidth_per_chip'] / 1e9:.0f} GB/s HBM",
+            f"  step time                {e['step_seconds'] * 1e3:.1f} ms ({e['bound']}-bound; compute "
+            f"{e['compute_seconds'] * 1e3:.1f} ms, HBM {e['memory_seconds'] * 1e3:.1f} ms)",
+            f"  MFU                      {100 * e['mfu']:.1f}%   (analytic FLOPs / (chips x peak x step time))",
+            f"  tokens/s per chip        {e['tokens_per_second_per_chip']:.0f}",
+        ]
+    if r["fit_line"]:
+        lines.append(("fits: " if r["fits"] else "DOES NOT FIT: ") + r["fit_line"])
     return "\n".join(lines)
 
 
@@ -403,10 +560,17 @@ def public(report: dict) -> dict:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("plan", help="memory and FLOPs of a training step, compiled ahead of time on fake devices")
+    p = sub.add_parser("plan", help="memory and FLOPs of a training step, compiled ahead of time for a TPU "
+                                    "topology (with libtpu) or on fake CPU devices")
     p.add_argument("--model", default="8b", help="preset (tiny, 2b, 4b, 8b, 32b) or model YAML path")
-    p.add_argument("--mesh", default="fsdp=1", help="e.g. fsdp=64 or data=2,fsdp=16,tensor=2 (unnamed axes are 1)")
-    p.add_argument("--batch", type=int, default=1, help="global batch (rows per optimizer step)")
+    p.add_argument("--topology", default=None,
+                   help="TPU slice to compile for: v5p-64, v6e-16, v5e-8, v4-32 (Cloud TPU accelerator types) or "
+                        "v5p:4x4x2, v6e:2x2 (chips per axis); needs libtpu (pip install -e '.[tpu]'), else "
+                        "fake CPU devices")
+    p.add_argument("--mesh", default=None, help="e.g. fsdp=64 or data=2,fsdp=16,tensor=2 (unnamed axes are 1); "
+                                                "default: fsdp over every device")
+    p.add_argument("--batch", type=int, default=None,
+                   help="global batch (rows per optimizer step); default: one row per data x fsdp device")
     p.add_argument("--seq", type=int, default=1024, help="tokens per row")
     p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step (the batch is split)")
     p.add_argument("--images-per-example", type=int, default=0)
@@ -420,17 +584,34 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
     p.add_argument("--param-dtype", default="float32", help="stored parameter dtype")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    p.add_argument("--attention-backend", default=None, choices=["auto", "cpu", "splash", "cudnn"],
+                   help="attention kernel (default: the model's; auto = splash on TPU)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_plan_command)
 
 
 def spec_from_args(args) -> PlanSpec:
-    batch = BatchShape(rows=args.batch, seq=args.seq, grad_accum=args.grad_accum,
+    topology = getattr(args, "topology", None)
+    if getattr(args, "mesh", None):
+        mesh = parse_mesh(args.mesh)
+    elif topology:
+        from sr_jax.tpu import parse_topology
+
+        topo = parse_topology(topology)
+        devices = topo.chips * (2 if topo.chip.name == "v4" else 1)  # v4 topologies list each TensorCore
+        mesh = {"fsdp": devices}
+    else:
+        mesh = {"fsdp": 1}
+    rows = getattr(args, "batch", None)
+    if rows is None:
+        rows = int(mesh.get("data", 1)) * int(mesh.get("fsdp", 1)) * args.grad_accum
+    batch = BatchShape(rows=rows, seq=args.seq, grad_accum=args.grad_accum,
                        images_per_example=args.images_per_example, image_size=args.image_size,
                        label_tokens=args.label_tokens)
-    return PlanSpec(model=args.model, mesh=parse_mesh(args.mesh), batch=batch, lora=args.lora,
+    return PlanSpec(model=args.model, mesh=mesh, batch=batch, lora=args.lora,
                     lora_rank=args.lora_rank, remat=args.remat, dtype=args.dtype, param_dtype=args.param_dtype,
-                    freeze_vision=args.freeze_vision, model_overrides=list(args.override))
+                    freeze_vision=args.freeze_vision, model_overrides=list(args.override), topology=topology,
+                    attention_backend=getattr(args, "attention_backend", None))
 
 
 def _jax_started() -> bool:
@@ -445,13 +626,21 @@ def _with_device_count(flags: str, n: int) -> str:
 
 
 def _plan_command(args) -> int:
+    from sr_jax import tpu
+
     try:
         spec = spec_from_args(args)
         n = spec.mesh_size()
     except ValueError as e:
         print(f"sr-jax plan: {e}", file=sys.stderr)
         return 2
-    if not _jax_started():
+    on_tpu = bool(spec.topology) and tpu.libtpu_available()
+    if spec.topology and not on_tpu and not os.environ.get(_CHILD_ENV):
+        print(f"sr-jax plan: libtpu is not installed (pip install -e '.[tpu]'): compiling for {n} fake CPU "
+              f"devices instead of {spec.topology}; the memory and FLOP figures are XLA:CPU's", file=sys.stderr)
+    if on_tpu:
+        pass  # the TPU devices come from libtpu's topology description: no fake CPU devices needed
+    elif not _jax_started():
         # JAX reads the fake device count when its CPU backend starts: set it now, in-process.
         os.environ["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""), n)
     else:
@@ -465,10 +654,21 @@ def _plan_command(args) -> int:
                                   env=env).returncode
     try:
         report = run_plan(spec)
-    except (ValueError, RuntimeError) as e:
-        print(f"sr-jax plan: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - the TPU compiler's out-of-memory is an XlaRuntimeError
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
+            first = next((ln.strip() for ln in text.splitlines() if "memory" in ln.lower()), text.splitlines()[0])
+            print(f"DOES NOT FIT: the TPU compiler ran out of HBM: {first}", file=sys.stderr)
+            print("options that would help:\n" + "\n".join(f"  - {o}" for o in remedies(spec)), file=sys.stderr)
+            return 1
+        if isinstance(e, (ValueError, RuntimeError)):
+            print(f"sr-jax plan: {e}", file=sys.stderr)
+            return 2
+        raise
     print(json.dumps(public(report), indent=2) if args.json else format_report(report))
+    if not report["fits"]:
+        print("options that would help:\n" + "\n".join(f"  - {o}" for o in remedies(spec)))
+        return 1
     return 0
 
 

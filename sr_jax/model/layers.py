@@ -136,12 +136,22 @@ def activation(name: str):
 NEG_FILL = float(jnp.finfo(jnp.float32).min)  # masked scores: large but finite, so fully masked rows stay finite
 
 
+def compile_platform() -> str:
+    """The platform the program being traced is compiled for: the devices of the mesh in context
+    (`jax.set_mesh`; a TPU topology's devices when compiling ahead of time on a CPU host), else
+    JAX's default backend. "tpu", "gpu" or "cpu"."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = device.platform if device is not None else jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 def _swap_last(x: jax.Array) -> jax.Array:
     """x with its last two axes swapped. On CPU the copy is forced (an optimisation barrier keeps
     XLA from folding it into the next dot): XLA:CPU runs a dot that contracts over its left
     operand's rows at about a third of its usual speed, and the copy costs less than the loss."""
     x = jnp.swapaxes(x, -1, -2)
-    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+    return jax.lax.optimization_barrier(x) if compile_platform() == "cpu" else x
 
 
 def _scores(q, k, allowed, scale):
