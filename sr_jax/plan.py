@@ -392,12 +392,23 @@ def remedies(spec: PlanSpec) -> list[str]:
     return out
 
 
+class DoesNotFit(Exception):
+    """The state alone exceeds the target's HBM: nothing is compiled (a one-line verdict)."""
+
+
 def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = None) -> dict:
     """Compiles the step ahead of time and returns the report (see module doc); all byte counts
-    are per device."""
+    are per device. Raises `DoesNotFit` before compiling when the parameters, optimizer state and
+    batch alone exceed a TPU target's HBM."""
     t0 = time.perf_counter()
     trainer, state, batch = build_plan(spec, devices=devices, compiler_options=compiler_options)
     t_build = time.perf_counter() - t0
+    target = target_info(spec, trainer.mesh)
+    hbm, per = target["hbm_bytes_per_device"], "chip" if target["devices_per_chip"] == 1 else "device"
+    resident = shard_bytes(state) + shard_bytes(batch)
+    if hbm and resident > hbm:
+        raise DoesNotFit(f"needs {resident / 2**30:.1f} GiB of {hbm / 2**30:.0f} GiB HBM per {per} for the "
+                         f"parameters, optimizer state and batch alone, before any activation")
     t0 = time.perf_counter()
     lowered = trainer.step.lower(state, batch)
     t_lower = time.perf_counter() - t0
@@ -654,6 +665,10 @@ def _plan_command(args) -> int:
                                   env=env).returncode
     try:
         report = run_plan(spec)
+    except DoesNotFit as e:
+        print(f"DOES NOT FIT: {e}")
+        print("options that would help:\n" + "\n".join(f"  - {o}" for o in remedies(spec)))
+        return 1
     except Exception as e:  # noqa: BLE001 - the TPU compiler's out-of-memory is an XlaRuntimeError
         text = str(e)
         if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
