@@ -199,6 +199,9 @@ class PlanSpec:
     freeze_vision: bool = False
     model_overrides: list = dataclasses.field(default_factory=list)
     topology: str | None = None         # TPU slice to compile for (sr_jax.tpu.parse_topology); None: CPU
+    stage: str = "sft"                  # sft: the SFT step; rl: the GRPO update; generate: prefill + decode step
+    completion_tokens: int = 256        # rl / generate: the last tokens of each row are the completion
+    train: Any = None                   # a TrainConfig (from a training YAML) to start from: LoRA targets, loss...
     attention_backend: str | None = None  # None: the model's (auto: splash on TPU)
 
     def mesh_size(self) -> int:
@@ -242,11 +245,22 @@ def sft_config(spec: PlanSpec):
     from sr_jax.train.config import LossConfig, TrainConfig
     from sr_jax.train.sft import ModelSection, SFTConfig
 
-    train = TrainConfig(mesh=spec.mesh_config(), loss=LossConfig(max_label_tokens=spec.batch.max_label_tokens),
-                        lora=LoRAConfig(enabled=spec.lora, rank=spec.lora_rank), grad_accum_steps=spec.batch.grad_accum,
-                        remat=spec.remat, freeze_vision=spec.freeze_vision)
-    model = ModelSection(preset=spec.model, dtype=spec.dtype, param_dtype=spec.param_dtype,
-                         overrides=list(spec.model_overrides), attention_backend=spec.attention_backend)
+    if spec.train is None:
+        train = TrainConfig(mesh=spec.mesh_config(), loss=LossConfig(max_label_tokens=spec.batch.max_label_tokens),
+                            lora=LoRAConfig(enabled=spec.lora, rank=spec.lora_rank),
+                            grad_accum_steps=spec.batch.grad_accum, remat=spec.remat, freeze_vision=spec.freeze_vision)
+    else:  # the training config's own, with the plan's mesh and batch
+        t = spec.train
+        train = dataclasses.replace(
+            t, mesh=spec.mesh_config(), grad_accum_steps=spec.batch.grad_accum, remat=spec.remat,
+            freeze_vision=spec.freeze_vision, loss=dataclasses.replace(t.loss, max_label_tokens=spec.batch.max_label_tokens),
+            lora=dataclasses.replace(t.lora, enabled=spec.lora, rank=spec.lora_rank))
+    if os.path.isdir(spec.model):  # an HF or converted checkpoint: its architecture (weights are not read)
+        model = ModelSection(init_from=spec.model, dtype=spec.dtype, param_dtype=spec.param_dtype,
+                             attention_backend=spec.attention_backend)
+    else:
+        model = ModelSection(preset=spec.model, dtype=spec.dtype, param_dtype=spec.param_dtype,
+                             overrides=list(spec.model_overrides), attention_backend=spec.attention_backend)
     return SFTConfig(model=model, train=train)
 
 
@@ -367,8 +381,12 @@ def fits(report: dict) -> tuple[bool, str | None]:
         return True, None
     need = report["memory_per_device"]["xla"]["total"]
     per = "chip" if report["target"]["devices_per_chip"] == 1 else "device"
-    line = f"needs {need / 2**30:.1f} GiB of {hbm / 2**30:.0f} GiB HBM per {per}"
+    line = f"needs {_short_gib(need)} of {hbm / 2**30:.0f} GiB HBM per {per}"
     return need <= hbm, line
+
+
+def _short_gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**30:.3f} GiB"
 
 
 def remedies(spec: PlanSpec) -> list[str]:
@@ -396,42 +414,186 @@ class DoesNotFit(Exception):
     """The state alone exceeds the target's HBM: nothing is compiled (a one-line verdict)."""
 
 
+STAGES = ("sft", "rl", "generate")
+
+
+def abstract_rl_batch(shape: BatchShape, mesh, completion_tokens: int, *, ref_logp: bool) -> dict[str, Any]:
+    """The GRPO update's batch (`sr_jax.rl.grpo` layout): rows of `shape.seq` tokens, the last
+    `completion_tokens` of them the completion."""
+    import jax
+
+    from sr_jax.rl.grpo import rl_batch_shardings
+
+    k, b, n = shape.grad_accum, shape.micro_rows, completion_tokens
+    dims = {key: value for key, value in _batch_dtypes(shape).items() if key != "labels"}
+    dims.update({"completion_ids": ((k, b, n), "int32"), "completion_mask": ((k, b, n), "int32"),
+                 "advantages": ((k, b), "float32")})
+    if ref_logp:
+        dims["ref_logp"] = ((k, b, n), "float32")
+    plain = {key: jax.ShapeDtypeStruct(d, np.dtype(t)) for key, (d, t) in dims.items()}
+    shardings = rl_batch_shardings(plain, mesh)
+    return {key: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[key]) for key, v in plain.items()}
+
+
+def _rl_program(trainer, spec: PlanSpec, state):
+    from sr_jax.rl.config import GRPOConfig
+    from sr_jax.rl.grpo import GRPOStep
+
+    grpo = GRPOConfig()
+    n = spec.completion_tokens
+    if n >= spec.batch.seq - spec.batch.image_tokens_per_row:
+        raise ValueError(f"--completion-tokens {n} leaves no room for the prompt in rows of {spec.batch.seq} tokens")
+    step = GRPOStep(trainer.model, trainer.optimizer, trainer.mesh, trainer.cfg.train, grpo)
+    batch = abstract_rl_batch(spec.batch, trainer.mesh, n, ref_logp=grpo.beta > 0)
+    cfg = trainer.cfg.train
+    vision_trainable = not (cfg.freeze_vision or (cfg.lora.enabled and not cfg.lora.vision))
+    from sr_jax.train.metrics import train_flops
+
+    grids = [spec.batch.grid] * (spec.batch.micro_rows * spec.batch.images_per_example)
+    flops = spec.batch.grad_accum * train_flops(trainer.model_cfg, np.full(spec.batch.micro_rows, spec.batch.seq),
+                                                spec.batch.micro_rows * n, np.array(grids).reshape(-1, 3),
+                                                vision_trainable=vision_trainable)
+    return step.lower(state, batch), batch, flops
+
+
+def _generate_programs(trainer, spec: PlanSpec):
+    """A prefill of prompts of `seq - completion_tokens` tokens into a KV cache of `seq` slots,
+    and one decode step against that cache (as `sr_jax.generation` runs them)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sr_jax.sharding import logical_sharding, tree_shardings
+    from sr_jax.train.checkpoint import abstract_with_shardings
+    from sr_jax.train.metrics import train_flops
+
+    mesh, mcfg = trainer.mesh, trainer.model_cfg
+    tcfg = mcfg.text
+    graphdef, params = nnx.split(trainer.model)
+    params = abstract_with_shardings(params, tree_shardings(params, mesh))
+    b, total = spec.batch.micro_rows, spec.batch.seq
+    width = total - spec.completion_tokens
+    if width <= spec.batch.image_tokens_per_row:
+        raise ValueError(f"--completion-tokens {spec.completion_tokens} leaves no room for the prompt")
+    prompt = BatchShape(rows=b, seq=width, images_per_example=spec.batch.images_per_example,
+                        image_size=spec.batch.image_size)
+    inputs = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype, sharding=_drop_lead(v.sharding))
+              for k, v in abstract_batch(prompt, mesh).items() if k != "labels"}
+    dtype = jnp.dtype(spec.dtype)
+    cache_sharding = logical_sharding(("batch", None, "kv_heads", "head_dim"),
+                                      (b, total, tcfg.num_key_value_heads, tcfg.head_dim), mesh)
+    cache_one = jax.ShapeDtypeStruct((b, total, tcfg.num_key_value_heads, tcfg.head_dim), dtype, sharding=cache_sharding)
+    cache = [(cache_one, cache_one) for _ in range(tcfg.num_hidden_layers)]
+    row = lambda *axes: logical_sharding(("batch",) + axes, (b,) + (total,) * len(axes), mesh)
+
+    def prefill(params, inp):
+        model = nnx.merge(graphdef, params)
+        vision = tuple(inp[k] for k in ("vision_interp_index", "vision_interp_weight", "vision_rope_hw",
+                                         "vision_segment")) if "pixel_values" in inp else None
+        zeros = [(jnp.zeros(cache_one.shape, dtype),) * 2 for _ in range(tcfg.num_hidden_layers)]
+        key_valid = jnp.concatenate([inp["attention_mask"].astype(bool), jnp.zeros((b, total - width), bool)], 1)
+        causal = jnp.arange(total)[None, :] <= jnp.arange(width)[:, None]
+        out = model.features(inp["input_ids"], inp["attention_mask"], inp.get("pixel_values"),
+                             position_ids=inp["position_ids"], vision=vision, mask=causal[None] & key_valid[:, None],
+                             kv_cache=zeros, cache_index=0)
+        return model.logits(out.hidden[:, -1]).astype(jnp.float32), out.kv_cache
+
+    def decode(params, cache, tok, key_valid, slot):
+        model = nnx.merge(graphdef, params)
+        pos = jnp.broadcast_to(slot[None, None, None], (3, b, 1))
+        out = model.features(tok[:, None], jnp.ones((b, 1), jnp.int32), position_ids=pos,
+                             mask=key_valid[:, None, :], kv_cache=cache, cache_index=slot)
+        return model.logits(out.hidden[:, 0]).astype(jnp.float32), out.kv_cache
+
+    tok = jax.ShapeDtypeStruct((b,), np.dtype("int32"), sharding=row())
+    key_valid = jax.ShapeDtypeStruct((b, total), np.dtype("bool"), sharding=row(None))
+    slot = jax.ShapeDtypeStruct((), np.dtype("int32"), sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    with jax.set_mesh(mesh):
+        lowered_prefill = jax.jit(prefill).lower(params, inputs)
+        lowered_decode = jax.jit(decode, donate_argnums=(1,)).lower(params, cache, tok, key_valid, slot)
+    grids = np.array([prompt.grid] * (b * prompt.images_per_example)).reshape(-1, 3)
+    prefill_flops = train_flops(mcfg, np.full(b, width), b, grids) / 3.0
+    d, hd, layers = tcfg.hidden_size, tcfg.head_dim, tcfg.num_hidden_layers
+    decode_flops = train_flops(mcfg, np.ones(b), b, np.zeros((0, 3))) / 3.0 \
+        + 4.0 * b * total * tcfg.num_attention_heads * hd * layers
+    return params, inputs, cache, [("prefill", lowered_prefill, prefill_flops), ("decode", lowered_decode, decode_flops)]
+
+
+def _drop_lead(sharding):
+    import jax
+
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+
+
+def _program_report(compiled, analytic: float, n: int, seconds: dict) -> dict:
+    xla_flops = cost_flops(compiled)
+    return {
+        "xla": memory_fields(compiled.memory_analysis()),
+        "flops": {"analytic": analytic, "xla": None if xla_flops is None else xla_flops * n,
+                  "xla_per_device": xla_flops},
+        "bytes": {"xla_per_device": cost_bytes(compiled)},
+        "seconds": seconds,
+    }
+
+
+def _compile(lowered) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, time.perf_counter() - t0
+
+
 def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = None) -> dict:
-    """Compiles the step ahead of time and returns the report (see module doc); all byte counts
-    are per device. Raises `DoesNotFit` before compiling when the parameters, optimizer state and
-    batch alone exceed a TPU target's HBM."""
+    """Compiles the stage's program(s) ahead of time and returns the report (see module doc); all
+    byte counts are per device. Raises `DoesNotFit` before compiling when the parameters,
+    optimizer state and batch alone exceed a TPU target's HBM."""
+    import jax
+
+    if spec.stage not in STAGES:
+        raise ValueError(f"unknown stage {spec.stage!r}; use one of {list(STAGES)}")
     t0 = time.perf_counter()
     trainer, state, batch = build_plan(spec, devices=devices, compiler_options=compiler_options)
-    t_build = time.perf_counter() - t0
+    n = trainer.mesh.size
     target = target_info(spec, trainer.mesh)
+    cfg = trainer.cfg.train
+    vision_trainable = not (cfg.freeze_vision or (cfg.lora.enabled and not cfg.lora.vision))
+    decode = None
+    if spec.stage == "generate":
+        params, batch, cache, programs = _generate_programs(trainer, spec)
+        memory = {"params": shard_bytes(params), "frozen": 0, "optimizer": 0, "batch": shard_bytes(batch),
+                  "kv_cache": shard_bytes(cache)}
+        num_params = num_trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+        t_build = time.perf_counter() - t0
+        (_, lowered, analytic), (_, lowered_decode, decode_flops) = programs
+        t_lower = 0.0
+    else:
+        memory = {"params": shard_bytes(state.params), "frozen": shard_bytes(state.frozen),
+                  "optimizer": shard_bytes(state.opt_state)}
+        num_params = sum(math.prod(x.shape) for x in jax.tree.leaves((state.params, state.frozen)))
+        num_trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+        t_build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if spec.stage == "rl":
+            lowered, batch, analytic = _rl_program(trainer, spec, state)
+        else:
+            lowered = trainer.step.lower(state, batch)
+            analytic = analytic_flops(trainer.model_cfg, spec.batch, vision_trainable=vision_trainable)
+        t_lower = time.perf_counter() - t0
+        memory["batch"] = shard_bytes(batch)
     hbm, per = target["hbm_bytes_per_device"], "chip" if target["devices_per_chip"] == 1 else "device"
-    resident = shard_bytes(state) + shard_bytes(batch)
+    resident = sum(v for v in memory.values() if isinstance(v, int))
     if hbm and resident > hbm:
         raise DoesNotFit(f"needs {resident / 2**30:.1f} GiB of {hbm / 2**30:.0f} GiB HBM per {per} for the "
                          f"parameters, optimizer state and batch alone, before any activation")
-    t0 = time.perf_counter()
-    lowered = trainer.step.lower(state, batch)
-    t_lower = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    t_compile = time.perf_counter() - t0
-    target = target_info(spec, trainer.mesh)
-
-    n = trainer.mesh.size
-    cfg = trainer.cfg.train
-    vision_trainable = not (cfg.freeze_vision or (cfg.lora.enabled and not cfg.lora.vision))
-    xla_flops = cost_flops(compiled)
-    memory = {
-        "params": shard_bytes(state.params),
-        "frozen": shard_bytes(state.frozen),
-        "optimizer": shard_bytes(state.opt_state),
-        "batch": shard_bytes(batch),
-        "xla": memory_fields(compiled.memory_analysis()),
-    }
-    import jax
+    compiled, t_compile = _compile(lowered)
+    main = _program_report(compiled, analytic, n, {"build": t_build, "lower": t_lower, "compile": t_compile})
+    if spec.stage == "generate":
+        compiled_decode, t_decode = _compile(lowered_decode)
+        decode = _program_report(compiled_decode, decode_flops, n, {"compile": t_decode})
+    memory["xla"] = main["xla"]
 
     report = {
         "model": spec.model,
+        "stage": spec.stage,
         "target": target,
         "attention_backend": resolve_attention(trainer),
         "mesh": dict(zip(MESH_KEYS, spec._sizes())),
@@ -439,24 +601,32 @@ def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = No
         "batch": dataclasses.asdict(spec.batch),
         "rows_per_device": spec.batch.micro_rows // (trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]),
         "lora": spec.lora, "remat": spec.remat, "dtype": spec.dtype, "param_dtype": spec.param_dtype,
-        "num_params": sum(math.prod(x.shape) for x in jax.tree.leaves((state.params, state.frozen))),
-        "num_trainable": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
-        "tokens_per_step": spec.batch.rows * spec.batch.seq,
+        "num_params": num_params,
+        "num_trainable": num_trainable,
+        "tokens_per_step": spec.batch.rows * (spec.batch.seq - spec.completion_tokens
+                                              if spec.stage == "generate" else spec.batch.seq),
         "memory_per_device": memory,
-        "flops_per_step": {
-            "analytic": analytic_flops(trainer.model_cfg, spec.batch, vision_trainable=vision_trainable),
-            "xla": None if xla_flops is None else xla_flops * n,
-            "xla_per_device": xla_flops,
-        },
-        "bytes_per_step": {"xla_per_device": cost_bytes(compiled)},
-        "seconds": {"build": t_build, "lower": t_lower, "compile": t_compile},
+        "flops_per_step": main["flops"],
+        "bytes_per_step": main["bytes"],
+        "seconds": main["seconds"],
         "_compiled": compiled,
     }
+    if decode is not None:
+        report["decode"] = decode
+        report["decode"]["tokens"] = spec.batch.rows
     if target["platform"] == "tpu":
         from sr_jax.tpu import parse_topology
 
-        report["roofline"] = roofline(report, parse_topology(spec.topology).chip)
+        chip = parse_topology(spec.topology).chip
+        report["roofline"] = roofline(report, chip)
+        if decode is not None:
+            report["decode"]["roofline"] = roofline(
+                dict(report, flops_per_step=decode["flops"], bytes_per_step=decode["bytes"],
+                     tokens_per_step=spec.batch.rows, batch=dict(report["batch"], grad_accum=1)), chip)
     report["fits"], report["fit_line"] = fits(report)
+    if decode is not None and report["fits"]:
+        report["fits"], line = fits(dict(report, memory_per_device={"xla": decode["xla"]}))
+        report["fit_line"] += f" (prefill); {line.split(' of ')[0].replace('needs ', '')} (decode step)"
     return report
 
 
@@ -499,6 +669,23 @@ def _gib(n: float) -> str:
     return f"{n:10.0f} B  "
 
 
+STAGE_TITLES = {"sft": "SFT step", "rl": "GRPO update", "generate": "generation (prefill + one decode step)"}
+
+
+def _roofline_lines(e: dict, title: str, mfu: bool = True) -> list[str]:
+    lines = [
+        f"{title} (compiled FLOPs and bytes at the chip's published peaks; no communication, perfect overlap):",
+        f"  peak per chip            {e['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16, "
+        f"{e['hbm_bandwidth_per_chip'] / 1e9:.0f} GB/s HBM",
+        f"  time                     {e['step_seconds'] * 1e3:.2f} ms ({e['bound']}-bound; compute "
+        f"{e['compute_seconds'] * 1e3:.2f} ms, HBM {e['memory_seconds'] * 1e3:.2f} ms)",
+    ]
+    if mfu:
+        lines.append(f"  MFU                      {100 * e['mfu']:.1f}%   (analytic FLOPs / (chips x peak x time))")
+    lines.append(f"  tokens/s per chip        {e['tokens_per_second_per_chip']:.0f}")
+    return lines
+
+
 def format_report(r: dict) -> str:
     m, x, f = r["memory_per_device"], r["memory_per_device"]["xla"], r["flops_per_step"]
     b = r["batch"]
@@ -513,7 +700,8 @@ def format_report(r: dict) -> str:
                   f"attention {r['attention_backend']}")
     lines = [
         target,
-        f"plan: model {r['model']}, mesh {r['mesh']} ({r['devices']} devices), global batch {b['rows']} x "
+        f"plan: {STAGE_TITLES[r.get('stage', 'sft')]}, model {r['model']}, mesh {r['mesh']} ({r['devices']} devices), "
+        f"global batch {b['rows']} x "
         f"{b['seq']} tokens{images}, grad_accum {b['grad_accum']}, {r['rows_per_device']} row(s) per device "
         f"per microbatch",
         f"      {'LoRA' if r['lora'] else 'full'} fine-tuning, remat {r['remat']}, compute {r['dtype']}, "
@@ -545,18 +733,22 @@ def format_report(r: dict) -> str:
         lines.insert(lines.index("FLOPs per step:") + 3,
                      f"  HBM bytes accessed       {r['bytes_per_step']['xla_per_device']:.4e} per device (XLA cost "
                      f"analysis)")
+    if "kv_cache" in m:
+        lines.insert(lines.index("memory per device:") + 5, f"  KV cache                 {_gib(m['kv_cache'])}")
     if "roofline" in r:
-        e = r["roofline"]
+        title = "prefill roofline ESTIMATE" if "decode" in r else "roofline ESTIMATE"
+        lines += _roofline_lines(r["roofline"], title)
+    if "decode" in r:
+        d = r["decode"]
         lines += [
-            "roofline ESTIMATE (compiled FLOPs and bytes at the chip's published peaks; no communication, "
-            "perfect overlap):",
-            f"  peak per chip            {e['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16, "
-            f"{e['hbm_bandwidth_per_chip'] / 1e9:.0f} GB/s HBM",
-            f"  step time                {e['step_seconds'] * 1e3:.1f} ms ({e['bound']}-bound; compute "
-            f"{e['compute_seconds'] * 1e3:.1f} ms, HBM {e['memory_seconds'] * 1e3:.1f} ms)",
-            f"  MFU                      {100 * e['mfu']:.1f}%   (analytic FLOPs / (chips x peak x step time))",
-            f"  tokens/s per chip        {e['tokens_per_second_per_chip']:.0f}",
+            "decode step (one token per row against the full KV cache):",
+            f"  XLA temp / total         {_gib(d['xla']['temp'])} / {_gib(d['xla']['total'])}",
+            f"  FLOPs                    analytic {d['flops']['analytic']:.4e}, XLA "
+            + ("n/a" if d["flops"]["xla"] is None else f"{d['flops']['xla']:.4e}"),
+            f"  compile                  {d['seconds']['compile']:.1f} s",
         ]
+        if "roofline" in d:
+            lines += _roofline_lines(d["roofline"], "decode roofline ESTIMATE", mfu=False)
     if r["fit_line"]:
         lines.append(("fits: " if r["fits"] else "DOES NOT FIT: ") + r["fit_line"])
     return "\n".join(lines)
@@ -570,10 +762,19 @@ def public(report: dict) -> dict:
 # CLI
 
 
+DEFAULTS = {"seq": 1024, "grad_accum": 1, "images_per_example": 0, "image_size": 512, "lora_rank": 32,
+            "remat": "none", "dtype": "bfloat16", "param_dtype": "float32"}
+
+
 def register(sub) -> None:
     p = sub.add_parser("plan", help="memory and FLOPs of a training step, compiled ahead of time for a TPU "
                                     "topology (with libtpu) or on fake CPU devices")
-    p.add_argument("--model", default="8b", help="preset (tiny, 2b, 4b, 8b, 32b) or model YAML path")
+    p.add_argument("--config", default=None,
+                   help="a training YAML (configs/sft/*.yaml): model, mesh, LoRA, remat, dtypes, batch, rows and "
+                        "images come from it; flags given explicitly win")
+    p.add_argument("config_overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the --config file")
+    p.add_argument("--model", default=None, help="preset (tiny, 2b, 4b, 8b, 32b), model YAML path or model "
+                                                 "directory (default 8b)")
     p.add_argument("--topology", default=None,
                    help="TPU slice to compile for: v5p-64, v6e-16, v5e-8, v4-32 (Cloud TPU accelerator types) or "
                         "v5p:4x4x2, v6e:2x2 (chips per axis); needs libtpu (pip install -e '.[tpu]'), else "
@@ -582,47 +783,124 @@ def register(sub) -> None:
                                                 "default: fsdp over every device")
     p.add_argument("--batch", type=int, default=None,
                    help="global batch (rows per optimizer step); default: one row per data x fsdp device")
-    p.add_argument("--seq", type=int, default=1024, help="tokens per row")
-    p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step (the batch is split)")
-    p.add_argument("--images-per-example", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=512, help="square image side in pixels (multiple of 32)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per row (default 1024)")
+    p.add_argument("--grad-accum", type=int, default=None, help="microbatches per step (the batch is split)")
+    p.add_argument("--images-per-example", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None, help="square image side in pixels (multiple of 32)")
     p.add_argument("--label-tokens", type=int, default=None,
                    help="labelled (answer) tokens per row; sets loss.max_label_tokens (default: the whole row)")
     p.add_argument("--lora", action="store_true", help="LoRA on the decoder's linear layers")
-    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--lora-rank", type=int, default=None)
     p.add_argument("--freeze-vision", action="store_true")
-    p.add_argument("--remat", default="none", choices=["none", "full", "save_dots"])
-    p.add_argument("--dtype", default="bfloat16", help="compute dtype")
-    p.add_argument("--param-dtype", default="float32", help="stored parameter dtype")
+    p.add_argument("--remat", default=None, choices=["none", "full", "save_dots"])
+    p.add_argument("--dtype", default=None, help="compute dtype (default bfloat16)")
+    p.add_argument("--param-dtype", default=None, help="stored parameter dtype (default float32)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="model config override")
     p.add_argument("--attention-backend", default=None, choices=["auto", "cpu", "splash", "cudnn"],
                    help="attention kernel (default: the model's; auto = splash on TPU)")
+    p.add_argument("--stage", default="sft", choices=list(STAGES),
+                   help="sft: the SFT step; rl: the GRPO update; generate: a prefill and one decode step")
+    p.add_argument("--completion-tokens", type=int, default=256,
+                   help="rl/generate: completion tokens at the end of each --seq row (the rest is the prompt)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_plan_command)
 
 
+def _target_device_count(topology: str | None) -> int | None:
+    if not topology:
+        return None
+    from sr_jax.tpu import parse_topology
+
+    topo = parse_topology(topology)
+    return topo.chips * (2 if topo.chip.name == "v4" else 1)  # v4 topologies list each TensorCore
+
+
+def _hosts(topology: str | None) -> int:
+    """Processes (hosts) of the slice: from libtpu's description, else 4 chips per host."""
+    from sr_jax import tpu
+
+    if not topology:
+        return 1
+    if tpu.libtpu_available():
+        return len({d.process_index for d in tpu.topology_devices(tpu.parse_topology(topology))})
+    return max(1, tpu.parse_topology(topology).chips // 4)
+
+
+def _from_config(args) -> tuple[dict, list[str]]:
+    """PlanSpec fields from a training YAML, and notes on what was assumed."""
+    from sr_jax.config import load_config
+    from sr_jax.train.sft import SFTConfig
+
+    cfg = load_config(SFTConfig, args.config, list(getattr(args, "config_overrides", None) or []))
+    notes, fields = [], {}
+    m = cfg.model
+    if m.init_from and os.path.isdir(m.init_from):
+        fields["model"] = m.init_from
+    elif m.init_from:
+        fields["model"] = args.model or "8b"
+        notes.append(f"model.init_from {m.init_from} is not on this machine: planning the {fields['model']} "
+                     f"preset's architecture (--model)")
+    else:
+        fields["model"] = m.preset
+    fields.update(dtype=m.dtype, param_dtype=m.param_dtype, model_overrides=list(m.overrides),
+                  attention_backend=m.attention_backend)
+    t = cfg.train
+    fields.update(train=t, lora=t.lora.enabled, lora_rank=t.lora.rank, remat=t.remat, freeze_vision=t.freeze_vision,
+                  grad_accum=t.grad_accum_steps)
+    n = _target_device_count(args.topology)
+    if n is None:
+        n = cfg.run.num_devices or math.prod(s for s in (t.mesh.data, t.mesh.fsdp, t.mesh.tensor) if s > 0)
+    fields["mesh"] = dict(zip(MESH_KEYS, t.mesh.resolve(n)))
+    hosts = _hosts(args.topology)
+    d = cfg.data
+    fields["rows"] = d.batch_size * hosts * t.grad_accum_steps
+    fields["seq"] = max(d.seq_lens)
+    side = max(32, int(math.isqrt(d.max_pixels)) // 32 * 32)
+    budget = max(b.patch_budget for b in d.buckets())
+    per_row = budget // d.batch_size
+    fields["image_size"] = side
+    fields["images_per_example"] = per_row // (side // 16) ** 2
+    if t.loss.max_label_tokens:
+        room = fields["seq"] - fields["images_per_example"] * ((side // 16) ** 2 // 4 + 2)
+        fields["label_tokens"] = max(1, min(t.loss.max_label_tokens // (d.batch_size * hosts), room))
+    notes.append(f"from {args.config}: {hosts} host(s) x data.batch_size {d.batch_size} x grad_accum "
+                 f"{t.grad_accum_steps} rows of {fields['seq']} tokens; the patch budget {budget} per host batch "
+                 f"as {fields['images_per_example']} image(s) of {side}x{side} (data.max_pixels) per row")
+    return fields, notes
+
+
 def spec_from_args(args) -> PlanSpec:
     topology = getattr(args, "topology", None)
+    fields, notes = _from_config(args) if getattr(args, "config", None) else ({}, [])
+    args._notes = notes
+
+    def pick(name):
+        value = getattr(args, name, None)
+        return value if value is not None else fields.get(name, DEFAULTS.get(name))
+
     if getattr(args, "mesh", None):
         mesh = parse_mesh(args.mesh)
+    elif "mesh" in fields:
+        mesh = fields["mesh"]
     elif topology:
-        from sr_jax.tpu import parse_topology
-
-        topo = parse_topology(topology)
-        devices = topo.chips * (2 if topo.chip.name == "v4" else 1)  # v4 topologies list each TensorCore
-        mesh = {"fsdp": devices}
+        mesh = {"fsdp": _target_device_count(topology)}
     else:
         mesh = {"fsdp": 1}
-    rows = getattr(args, "batch", None)
+    grad_accum = pick("grad_accum")
+    rows = getattr(args, "batch", None) or fields.get("rows")
     if rows is None:
-        rows = int(mesh.get("data", 1)) * int(mesh.get("fsdp", 1)) * args.grad_accum
-    batch = BatchShape(rows=rows, seq=args.seq, grad_accum=args.grad_accum,
-                       images_per_example=args.images_per_example, image_size=args.image_size,
-                       label_tokens=args.label_tokens)
-    return PlanSpec(model=args.model, mesh=mesh, batch=batch, lora=args.lora,
-                    lora_rank=args.lora_rank, remat=args.remat, dtype=args.dtype, param_dtype=args.param_dtype,
-                    freeze_vision=args.freeze_vision, model_overrides=list(args.override), topology=topology,
-                    attention_backend=getattr(args, "attention_backend", None))
+        rows = int(mesh.get("data", 1)) * int(mesh.get("fsdp", 1)) * grad_accum
+    batch = BatchShape(rows=rows, seq=pick("seq"), grad_accum=grad_accum,
+                       images_per_example=pick("images_per_example"), image_size=pick("image_size"),
+                       label_tokens=pick("label_tokens"))
+    return PlanSpec(model=getattr(args, "model", None) or fields.get("model") or "8b", mesh=mesh, batch=batch,
+                    lora=bool(args.lora or fields.get("lora")), lora_rank=pick("lora_rank"), remat=pick("remat"),
+                    dtype=pick("dtype"), param_dtype=pick("param_dtype"),
+                    freeze_vision=bool(args.freeze_vision or fields.get("freeze_vision")),
+                    model_overrides=fields.get("model_overrides", []) + list(args.override), topology=topology,
+                    attention_backend=getattr(args, "attention_backend", None) or fields.get("attention_backend"),
+                    stage=getattr(args, "stage", "sft"), completion_tokens=getattr(args, "completion_tokens", 256),
+                    train=fields.get("train"))
 
 
 def _jax_started() -> bool:
@@ -645,6 +923,8 @@ def _plan_command(args) -> int:
     except ValueError as e:
         print(f"sr-jax plan: {e}", file=sys.stderr)
         return 2
+    for note in [] if os.environ.get(_CHILD_ENV) else getattr(args, "_notes", []):
+        print(f"note: {note}", file=sys.stderr)
     on_tpu = bool(spec.topology) and tpu.libtpu_available()
     if spec.topology and not on_tpu and not os.environ.get(_CHILD_ENV):
         print(f"sr-jax plan: libtpu is not installed (pip install -e '.[tpu]'): compiling for {n} fake CPU "

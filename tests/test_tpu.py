@@ -1,6 +1,7 @@
 """TPU readiness without a TPU: splash attention (Pallas interpret mode on the CPU) against the CPU
 kernel, and the whole SFT step compiled for a TPU topology by the real TPU compiler (libtpu)."""
 
+import json
 import re
 
 import jax
@@ -173,3 +174,43 @@ def test_plan_that_does_not_fit_says_so_and_exits_nonzero(capsys):
     text = out.out + out.err
     assert re.search(r"DOES NOT FIT: needs [0-9.]+ GiB of 16 GiB HBM per (chip|device)", text)
     assert "--lora" in text and "--remat full" in text
+
+
+@needs_libtpu
+@pytest.mark.parametrize("stage", ["rl", "generate"])
+def test_plan_stages_compile_for_tpu(stage):
+    """`--stage rl` compiles the GRPO update and `--stage generate` a prefill and a decode step
+    for the TPU, each with its memory figures and roofline estimate."""
+    from sr_jax.plan import BatchShape, PlanSpec, format_report, run_plan
+
+    spec = PlanSpec(model="tiny", mesh={"fsdp": 4}, topology="v6e:2x2", stage=stage, completion_tokens=32,
+                    batch=BatchShape(rows=4, seq=128), model_overrides=SMALL_VOCAB)
+    report = run_plan(spec)
+    assert report["target"]["platform"] == "tpu" and report["fits"]
+    assert report["memory_per_device"]["xla"]["total"] > 0 and report["roofline"]["step_seconds"] > 0
+    text = format_report(report)
+    if stage == "rl":
+        assert report["memory_per_device"]["optimizer"] > 0 and "GRPO update" in text
+        assert report["memory_per_device"]["batch"] > 0
+    else:
+        assert report["memory_per_device"]["optimizer"] == 0 and report["memory_per_device"]["kv_cache"] > 0
+        assert report["decode"]["xla"]["total"] > 0 and "decode roofline ESTIMATE" in text
+
+
+@needs_libtpu
+def test_plan_reads_a_training_config(capsys):
+    """`--config` takes the model, dtypes, mesh (fsdp over the whole slice), rows, images and the
+    label buffer from a training YAML; key=value overrides apply to it."""
+    from sr_jax.cli import main
+
+    vocab = "[" + ",".join(SMALL_VOCAB) + "]"
+    code = main(["plan", "--config", "configs/sft/demo_cpu.yaml", "--topology", "v6e:2x2", "--json",
+                 "data.seq_lens=[256]", "data.patch_budgets=[256]", f"model.overrides={vocab}"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = json.loads(out.out)
+    assert report["model"] == "tiny" and report["dtype"] == "float32" and not report["lora"]
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    b = report["batch"]
+    assert (b["rows"], b["seq"], b["images_per_example"], b["image_size"]) == (4, 256, 1, 96)
+    assert "from configs/sft/demo_cpu.yaml" in out.err
