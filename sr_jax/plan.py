@@ -203,6 +203,7 @@ class PlanSpec:
     completion_tokens: int = 256        # rl / generate: the last tokens of each row are the completion
     train: Any = None                   # a TrainConfig (from a training YAML) to start from: LoRA targets, loss...
     attention_backend: str | None = None  # None: the model's (auto: splash on TPU)
+    scan_layers: bool | None = None     # None: the model's (ModelConfig.scan_layers)
 
     def mesh_size(self) -> int:
         self.mesh_config()  # validates
@@ -257,10 +258,11 @@ def sft_config(spec: PlanSpec):
             lora=dataclasses.replace(t.lora, enabled=spec.lora, rank=spec.lora_rank))
     if os.path.isdir(spec.model):  # an HF or converted checkpoint: its architecture (weights are not read)
         model = ModelSection(init_from=spec.model, dtype=spec.dtype, param_dtype=spec.param_dtype,
-                             attention_backend=spec.attention_backend)
+                             attention_backend=spec.attention_backend, scan_layers=spec.scan_layers)
     else:
         model = ModelSection(preset=spec.model, dtype=spec.dtype, param_dtype=spec.param_dtype,
-                             overrides=list(spec.model_overrides), attention_backend=spec.attention_backend)
+                             overrides=list(spec.model_overrides), attention_backend=spec.attention_backend,
+                             scan_layers=spec.scan_layers)
     return SFTConfig(model=model, train=train)
 
 
@@ -601,6 +603,7 @@ def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = No
         "batch": dataclasses.asdict(spec.batch),
         "rows_per_device": spec.batch.micro_rows // (trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]),
         "lora": spec.lora, "remat": spec.remat, "dtype": spec.dtype, "param_dtype": spec.param_dtype,
+        "scan_layers": bool(trainer.model_cfg.scan_layers),
         "num_params": num_params,
         "num_trainable": num_trainable,
         "tokens_per_step": spec.batch.rows * (spec.batch.seq - spec.completion_tokens
@@ -704,7 +707,8 @@ def format_report(r: dict) -> str:
         f"global batch {b['rows']} x "
         f"{b['seq']} tokens{images}, grad_accum {b['grad_accum']}, {r['rows_per_device']} row(s) per device "
         f"per microbatch",
-        f"      {'LoRA' if r['lora'] else 'full'} fine-tuning, remat {r['remat']}, compute {r['dtype']}, "
+        f"      {'LoRA' if r['lora'] else 'full'} fine-tuning, remat {r['remat']}, "
+        f"{'scanned' if r.get('scan_layers') else 'unrolled'} layers, compute {r['dtype']}, "
         f"params {r['param_dtype']}; {r['num_params'] / 1e9:.3f} B parameters, "
         f"{r['num_trainable'] / 1e9:.4f} B trainable",
         "memory per device:",
@@ -798,6 +802,8 @@ def register(sub) -> None:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="model config override")
     p.add_argument("--attention-backend", default=None, choices=["auto", "cpu", "splash", "cudnn"],
                    help="attention kernel (default: the model's; auto = splash on TPU)")
+    p.add_argument("--scan-layers", action="store_true", default=None,
+                   help="run the layers as lax.scans (model.scan_layers): faster, leaner compiles")
     p.add_argument("--stage", default="sft", choices=list(STAGES),
                    help="sft: the SFT step; rl: the GRPO update; generate: a prefill and one decode step")
     p.add_argument("--completion-tokens", type=int, default=256,
@@ -843,7 +849,7 @@ def _from_config(args) -> tuple[dict, list[str]]:
     else:
         fields["model"] = m.preset
     fields.update(dtype=m.dtype, param_dtype=m.param_dtype, model_overrides=list(m.overrides),
-                  attention_backend=m.attention_backend)
+                  attention_backend=m.attention_backend, scan_layers=m.scan_layers)
     t = cfg.train
     fields.update(train=t, lora=t.lora.enabled, lora_rank=t.lora.rank, remat=t.remat, freeze_vision=t.freeze_vision,
                   grad_accum=t.grad_accum_steps)
@@ -900,7 +906,7 @@ def spec_from_args(args) -> PlanSpec:
                     model_overrides=fields.get("model_overrides", []) + list(args.override), topology=topology,
                     attention_backend=getattr(args, "attention_backend", None) or fields.get("attention_backend"),
                     stage=getattr(args, "stage", "sft"), completion_tokens=getattr(args, "completion_tokens", 256),
-                    train=fields.get("train"))
+                    train=fields.get("train"), scan_layers=getattr(args, "scan_layers", None) or fields.get("scan_layers"))
 
 
 def _jax_started() -> bool:

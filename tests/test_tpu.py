@@ -214,3 +214,18 @@ def test_plan_reads_a_training_config(capsys):
     b = report["batch"]
     assert (b["rows"], b["seq"], b["images_per_example"], b["image_size"]) == (4, 256, 1, 96)
     assert "from configs/sft/demo_cpu.yaml" in out.err
+
+
+@needs_libtpu
+def test_scanned_lora_step_compiles_for_tpu():
+    """model.scan_layers with LoRA and full remat: the TPU program holds the layer loop (a while
+    loop) rather than one copy per layer, with splash attention inside it."""
+    from sr_jax.plan import BatchShape, PlanSpec, run_plan
+
+    spec = PlanSpec(model="tiny", mesh={"fsdp": 4}, topology="v6e:2x2", lora=True, lora_rank=4, remat="full",
+                    scan_layers=True, batch=BatchShape(rows=4, seq=128),
+                    model_overrides=SMALL_VOCAB + ["text.num_hidden_layers=5"])
+    report = run_plan(spec)
+    hlo = report["_compiled"].as_text()
+    assert "while" in hlo and "tpu_custom_call" in hlo
+    assert report["scan_layers"] and report["fits"]

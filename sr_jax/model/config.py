@@ -80,6 +80,9 @@ class ModelConfig:
     # auto | cpu | splash | cudnn: the attention kernel (sr_jax.model.attention); auto picks the
     # one for the platform the step is compiled for.
     attention_backend: str = "auto"
+    # Full passes run the decoder layers (after the deepstack ones) and the vision blocks between
+    # deepstack taps as lax.scans (layers.scan_layers): much smaller programs, faster compiles.
+    scan_layers: bool = False
 
     # ---- Hugging Face config.json <-> ModelConfig ----
     @classmethod

@@ -112,6 +112,28 @@ def call_layer(layer, remat: str, *args):
     return nnx.remat(lambda module, *a: module(*a), policy=REMAT_POLICIES[remat])(layer, *args)
 
 
+def scan_layers(layers, remat: str, x, *args, constrain_to=None, collect: bool = False):
+    """x through `layers` (modules of one structure, in order) as one `lax.scan` over their states
+    stacked along a new leading axis, each step rematerialised by `remat`: XLA compiles one layer
+    body instead of len(layers) copies (compile time and memory of the compiler, not of the step).
+    The parameters stay per layer (checkpoints, conversion, LoRA and sharding rules unchanged); the
+    stack is one copy of these layers' weights, in their sharded layout. Returns (x, per-layer
+    outputs stacked on axis 0, or None)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; use one of {sorted(REMAT_POLICIES)}")
+    graphdef = nnx.graphdef(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers])
+
+    def body(x, state):
+        y = nnx.merge(graphdef, state)(x, *args)
+        y = y if constrain_to is None else constrain(y, constrain_to)
+        return y, (y if collect else None)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+    return jax.lax.scan(body, x, stacked)
+
+
 def rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)

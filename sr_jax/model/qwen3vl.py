@@ -70,6 +70,7 @@ class Qwen3VLModel(nnx.Module):
                                   attention_backend=cfg.attention_backend)
         self.language_model = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                                         attention_backend=cfg.attention_backend)
+        self.visual.scan_layers = self.language_model.scan_layers = cfg.scan_layers
 
 
 class Qwen3VLForConditionalGeneration(nnx.Module):

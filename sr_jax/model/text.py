@@ -11,7 +11,7 @@ from flax import nnx
 from sr_jax.model.attention import Segments, resolve_backend, text_attention
 from sr_jax.model.config import TextConfig
 from sr_jax.model.layers import (Embed, Linear, RMSNorm, activation, apply_rope, call_layer,
-                                 masked_softmax_attention)
+                                 masked_softmax_attention, scan_layers)
 from sr_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", "seq", "act_embed")
@@ -146,6 +146,7 @@ class TextModel(nnx.Module):
         self.dtype = dtype
         self.remat = "none"  # per-layer rematerialisation policy for training (layers.REMAT_POLICIES)
         self.attention_backend = attention_backend
+        self.scan_layers = False  # full passes run the layers after the deepstack ones in one lax.scan
 
     def __call__(self, inputs_embeds, position_ids, attention_mask, *, visual_index=None, deepstack=(),
                  segment_ids=None, output_hidden_states=False, mask=None, kv_cache=None, cache_index=None):
@@ -166,7 +167,12 @@ class TextModel(nnx.Module):
             mask = Segments.from_masks(attention_mask, segment_ids)
         x = constrain(inputs_embeds, HIDDEN_AXES)
         hidden_states, new_cache = [], []
-        for i, layer in enumerate(self.layers):
+        layers = list(self.layers)
+        scanned = []
+        if kv_cache is None and self.scan_layers and len(layers) - len(deepstack) > 1:
+            # The deepstack layers run one by one (a feature is added after each), the rest as one scan.
+            layers, scanned = layers[:len(deepstack)], layers[len(deepstack):]
+        for i, layer in enumerate(layers):
             if kv_cache is None:
                 x = constrain(call_layer(layer, self.remat, x, cos, sin, mask), HIDDEN_AXES)
             else:
@@ -176,6 +182,11 @@ class TextModel(nnx.Module):
                 hidden_states.append(x)
             if i < len(deepstack):
                 x = add_visual(x, visual_index, deepstack[i])
+        if scanned:
+            x, outs = scan_layers(scanned, self.remat, x, cos, sin, mask, constrain_to=HIDDEN_AXES,
+                                  collect=output_hidden_states)
+            if output_hidden_states:
+                hidden_states += list(outs)
         x = self.norm(x)
         if kv_cache is not None:
             return x, new_cache

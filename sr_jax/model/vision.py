@@ -18,7 +18,7 @@ from flax import nnx
 
 from sr_jax.model.config import VisionConfig
 from sr_jax.model.attention import vision_attention
-from sr_jax.model.layers import LayerNorm, Linear, activation, apply_rope, call_layer
+from sr_jax.model.layers import LayerNorm, Linear, activation, apply_rope, call_layer, scan_layers
 from sr_jax.sharding import constrain
 
 PATCH_AXES = ("patches", "act_vision_embed")
@@ -226,6 +226,7 @@ class VisionModel(nnx.Module):
         ])
         self.dtype = dtype
         self.remat = "none"  # per-block rematerialisation policy for training (layers.REMAT_POLICIES)
+        self.scan_layers = False  # runs of blocks between deepstack taps go through one lax.scan each
 
     def __call__(self, pixel_values, inputs: VisionInputs | tuple, layout=None):
         """Returns (merged features (N/4, out_hidden), [deepstack features (N/4, out_hidden)...]).
@@ -245,10 +246,18 @@ class VisionModel(nnx.Module):
         layout = None if layout is None else tuple(jnp.asarray(a) for a in layout)
         deepstack = []
         taps = list(self.config.deepstack_visual_indexes)
-        for i, block in enumerate(self.blocks):
-            x = constrain(call_layer(block, self.remat, x, cos, sin, segment, layout), PATCH_AXES)
-            if i in taps:
-                deepstack.append(constrain(self.deepstack_merger_list[taps.index(i)](x), MERGED_AXES))
+        blocks = list(self.blocks)
+        start = 0
+        for end in sorted(set(taps) | {len(blocks) - 1}):  # runs of blocks, each ending at a tap or the last
+            run = blocks[start:end + 1]
+            if self.scan_layers and len(run) > 1:
+                x, _ = scan_layers(run, self.remat, x, cos, sin, segment, layout, constrain_to=PATCH_AXES)
+            else:
+                for block in run:
+                    x = constrain(call_layer(block, self.remat, x, cos, sin, segment, layout), PATCH_AXES)
+            if end in taps:
+                deepstack.append(constrain(self.deepstack_merger_list[taps.index(end)](x), MERGED_AXES))
+            start = end + 1
         return constrain(self.merger(x), MERGED_AXES), deepstack
 
 
