@@ -229,3 +229,16 @@ def test_scanned_lora_step_compiles_for_tpu():
     hlo = report["_compiled"].as_text()
     assert "while" in hlo and "tpu_custom_call" in hlo
     assert report["scan_layers"] and report["fits"]
+
+
+def test_topology_without_libtpu_falls_back_to_cpu_and_says_so(capsys, monkeypatch):
+    from sr_jax import tpu
+    from sr_jax.cli import main
+
+    monkeypatch.setattr(tpu, "libtpu_available", lambda: False)
+    argv = ["plan", "--model", "tiny", "--topology", "v6e:2x2", "--seq", "64", "--dtype", "float32"]
+    assert main(argv + [x for o in SMALL_VOCAB for x in ("--override", o)]) == 0
+    out = capsys.readouterr()
+    assert "libtpu is not installed" in out.err and "XLA:CPU's" in out.err
+    assert "compiled for: 4 fake CPU devices" in out.out and "attention cpu" in out.out
+    assert "HBM per device" in out.out and "roofline" not in out.out  # no TPU program, no TPU estimate
