@@ -655,16 +655,13 @@ def target_info(spec: PlanSpec, mesh) -> dict:
 
 
 def resolve_attention(trainer) -> str:
-    from sr_jax.model.attention import resolve_backend
-
-    with jax_mesh(trainer.mesh):
-        return resolve_backend(trainer.model_cfg.attention_backend)
-
-
-def jax_mesh(mesh):
+    """The attention kernel the compiled program uses (the step resolves it under its mesh too)."""
     import jax
 
-    return jax.set_mesh(mesh)
+    from sr_jax.model.attention import resolve_backend
+
+    with jax.set_mesh(trainer.mesh):
+        return resolve_backend(trainer.model_cfg.attention_backend)
 
 
 # ---------------------------------------------------------------------------------------------
