@@ -121,9 +121,14 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[Any] | None = Non
     devices = list(jax.devices() if devices is None else devices)
     shape = cfg.resolve(len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if len(devices) == len(jax.devices()):
-        # Topology-aware device order (ICI rings on TPU) when the mesh spans everything.
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    if len(devices) == len(jax.devices()) or devices[0].platform == "tpu":
+        # Topology-aware device order (ICI rings on TPU) when the mesh spans everything, or spans
+        # a TPU topology compiled for ahead of time (`sr-jax plan --topology`).
+        try:
+            return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            if len(devices) == len(jax.devices()):
+                raise
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 

@@ -78,6 +78,12 @@ class ModelConfig:
     # Runtime numerics, not architecture: compute dtype and stored-parameter dtype.
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # auto | cpu | splash | cudnn: the attention kernel (sr_jax.model.attention); auto picks the
+    # one for the platform the step is compiled for.
+    attention_backend: str = "auto"
+    # Full passes run the decoder layers (after the deepstack ones) and the vision blocks between
+    # deepstack taps as lax.scans (layers.scan_layers): much smaller programs, faster compiles.
+    scan_layers: bool = False
 
     # ---- Hugging Face config.json <-> ModelConfig ----
     @classmethod
@@ -228,6 +234,10 @@ class ModelConfig:
             raise ValueError(f"deepstack_visual_indexes {v.deepstack_visual_indexes} outside vision depth {v.depth}")
         if len(v.deepstack_visual_indexes) > t.num_hidden_layers:
             raise ValueError("more deepstack features than decoder layers")
+        from sr_jax.model.attention import BACKENDS
+
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend {self.attention_backend!r} is not one of {list(BACKENDS)}")
         if v.out_hidden_size != t.hidden_size:
             raise ValueError("vision out_hidden_size must equal the text hidden_size")
         return self

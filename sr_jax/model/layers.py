@@ -112,6 +112,28 @@ def call_layer(layer, remat: str, *args):
     return nnx.remat(lambda module, *a: module(*a), policy=REMAT_POLICIES[remat])(layer, *args)
 
 
+def scan_layers(layers, remat: str, x, *args, constrain_to=None, collect: bool = False):
+    """x through `layers` (modules of one structure, in order) as one `lax.scan` over their states
+    stacked along a new leading axis, each step rematerialised by `remat`: XLA compiles one layer
+    body instead of len(layers) copies (compile time and memory of the compiler, not of the step).
+    The parameters stay per layer (checkpoints, conversion, LoRA and sharding rules unchanged); the
+    stack is one copy of these layers' weights, in their sharded layout. Returns (x, per-layer
+    outputs stacked on axis 0, or None)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; use one of {sorted(REMAT_POLICIES)}")
+    graphdef = nnx.graphdef(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers])
+
+    def body(x, state):
+        y = nnx.merge(graphdef, state)(x, *args)
+        y = y if constrain_to is None else constrain(y, constrain_to)
+        return y, (y if collect else None)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+    return jax.lax.scan(body, x, stacked)
+
+
 def rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -136,12 +158,22 @@ def activation(name: str):
 NEG_FILL = float(jnp.finfo(jnp.float32).min)  # masked scores: large but finite, so fully masked rows stay finite
 
 
+def compile_platform() -> str:
+    """The platform the program being traced is compiled for: the devices of the mesh in context
+    (`jax.set_mesh`; a TPU topology's devices when compiling ahead of time on a CPU host), else
+    JAX's default backend. "tpu", "gpu" or "cpu"."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = device.platform if device is not None else jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 def _swap_last(x: jax.Array) -> jax.Array:
     """x with its last two axes swapped. On CPU the copy is forced (an optimisation barrier keeps
     XLA from folding it into the next dot): XLA:CPU runs a dot that contracts over its left
     operand's rows at about a third of its usual speed, and the copy costs less than the loss."""
     x = jnp.swapaxes(x, -1, -2)
-    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+    return jax.lax.optimization_barrier(x) if compile_platform() == "cpu" else x
 
 
 def _scores(q, k, allowed, scale):

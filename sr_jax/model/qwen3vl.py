@@ -66,8 +66,11 @@ def real_feature_rows(vision, merge_unit: int):
 class Qwen3VLModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dtype, param_dtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
-        self.visual = VisionModel(cfg.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.language_model = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.visual = VisionModel(cfg.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                  attention_backend=cfg.attention_backend)
+        self.language_model = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                        attention_backend=cfg.attention_backend)
+        self.visual.scan_layers = self.language_model.scan_layers = cfg.scan_layers
 
 
 class Qwen3VLForConditionalGeneration(nnx.Module):

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sr_jax.model.attention import Segments, resolve_backend, text_attention
 from sr_jax.model.config import TextConfig
 from sr_jax.model.layers import (Embed, Linear, RMSNorm, activation, apply_rope, call_layer,
-                                 causal_attention, masked_softmax_attention)
+                                 masked_softmax_attention, scan_layers)
 from sr_jax.sharding import constrain
 
 HIDDEN_AXES = ("batch", "seq", "act_embed")
@@ -41,7 +42,7 @@ def text_rope(position_ids: jax.Array, cfg: TextConfig, dtype):
 
 
 class TextAttention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, attention_backend: str = "auto"):
         h, d = cfg.num_attention_heads, cfg.head_dim
         kv = cfg.num_key_value_heads
         lin = dict(use_bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -52,6 +53,7 @@ class TextAttention(nnx.Module):
         self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, axis_name="head_dim", param_dtype=param_dtype)
         self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, axis_name="head_dim", param_dtype=param_dtype)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
+        self.attention_backend = attention_backend
 
     def project_qkv(self, x, cos, sin):
         b, t, _ = x.shape
@@ -63,12 +65,15 @@ class TextAttention(nnx.Module):
         return q, k, v
 
     def attend(self, q, k, v, mask, causal: bool = False):
-        """q (B, Tq, H, D); k, v (B, Tk, KV, D); mask (B, Tq, Tk) -> (B, Tq, hidden)."""
+        """q (B, Tq, H, D); k, v (B, Tk, KV, D); mask (B, Tq, Tk), or `Segments` for a causal full
+        pass on a non-cpu backend -> (B, Tq, hidden)."""
         b, tq = q.shape[:2]
         groups = self.num_heads // self.num_kv_heads
-        attention = causal_attention if causal else masked_softmax_attention
-        out = attention(q.reshape(b, tq, self.num_kv_heads, groups, self.head_dim), k, v, mask,
-                        scale=self.head_dim**-0.5)
+        q = q.reshape(b, tq, self.num_kv_heads, groups, self.head_dim)
+        if causal:
+            out = text_attention(q, k, v, mask, scale=self.head_dim**-0.5, backend=self.attention_backend)
+        else:
+            out = masked_softmax_attention(q, k, v, mask, scale=self.head_dim**-0.5)
         return self.o_proj(out.reshape(b, tq, self.num_heads * self.head_dim))
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
@@ -101,12 +106,13 @@ class TextMLP(nnx.Module):
 
 
 class TextDecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, attention_backend: str = "auto"):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed",
                                        param_dtype=param_dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed",
                                                 param_dtype=param_dtype)
-        self.self_attn = TextAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = TextAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                       attention_backend=attention_backend)
         self.mlp = TextMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
@@ -129,15 +135,18 @@ def attention_mask_3d(attention_mask, segment_ids=None):
 
 
 class TextModel(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, attention_backend: str = "auto"):
         self.config = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([TextDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([TextDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                                 attention_backend=attention_backend)
                                 for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=param_dtype)
         self.dtype = dtype
         self.remat = "none"  # per-layer rematerialisation policy for training (layers.REMAT_POLICIES)
+        self.attention_backend = attention_backend
+        self.scan_layers = False  # full passes run the layers after the deepstack ones in one lax.scan
 
     def __call__(self, inputs_embeds, position_ids, attention_mask, *, visual_index=None, deepstack=(),
                  segment_ids=None, output_hidden_states=False, mask=None, kv_cache=None, cache_index=None):
@@ -152,11 +161,18 @@ class TextModel(nnx.Module):
         cos, sin = text_rope(position_ids, self.config, self.dtype)
         if mask is not None and kv_cache is None:
             raise ValueError("an explicit `mask` belongs to the cached decoding path (pass kv_cache)")
-        if mask is None:
+        if mask is None and resolve_backend(self.attention_backend) == "cpu":
             mask = attention_mask_3d(attention_mask, segment_ids)
+        elif mask is None:  # the other kernels take segment ids: no (B, T, T) mask is built
+            mask = Segments.from_masks(attention_mask, segment_ids)
         x = constrain(inputs_embeds, HIDDEN_AXES)
         hidden_states, new_cache = [], []
-        for i, layer in enumerate(self.layers):
+        layers = list(self.layers)
+        scanned = []
+        if kv_cache is None and self.scan_layers and len(layers) - len(deepstack) > 1:
+            # The deepstack layers run one by one (a feature is added after each), the rest as one scan.
+            layers, scanned = layers[:len(deepstack)], layers[len(deepstack):]
+        for i, layer in enumerate(layers):
             if kv_cache is None:
                 x = constrain(call_layer(layer, self.remat, x, cos, sin, mask), HIDDEN_AXES)
             else:
@@ -166,6 +182,11 @@ class TextModel(nnx.Module):
                 hidden_states.append(x)
             if i < len(deepstack):
                 x = add_visual(x, visual_index, deepstack[i])
+        if scanned:
+            x, outs = scan_layers(scanned, self.remat, x, cos, sin, mask, constrain_to=HIDDEN_AXES,
+                                  collect=output_hidden_states)
+            if output_hidden_states:
+                hidden_states += list(outs)
         x = self.norm(x)
         if kv_cache is not None:
             return x, new_cache

@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from sr_jax.model.config import VisionConfig
-from sr_jax.model.layers import (LayerNorm, Linear, activation, apply_rope, call_layer, query_blocked_attention,
-                                  to_heads_major)
+from sr_jax.model.attention import vision_attention
+from sr_jax.model.layers import LayerNorm, Linear, activation, apply_rope, call_layer, scan_layers
 from sr_jax.sharding import constrain
 
 PATCH_AXES = ("patches", "act_vision_embed")
@@ -102,7 +102,7 @@ class VisionPatchEmbed(nnx.Module):
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, attention_backend: str = "auto"):
         d = cfg.hidden_size
         self.qkv = Linear(d, 3 * d, axes=("vision_embed", "vision_qkv"), use_bias=True,
                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -111,6 +111,7 @@ class VisionAttention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
         self.dtype = dtype
+        self.attention_backend = attention_backend
 
     def __call__(self, x, cos, sin, segment, layout=None):
         n = x.shape[0]
@@ -119,18 +120,9 @@ class VisionAttention(nnx.Module):
         # RoPE in float32, as the reference does, then back to the compute dtype.
         q = apply_rope(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
         k = apply_rope(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
-        scale = self.head_dim ** -0.5
-        if layout is None:  # every patch against every patch, masked to its own image
-            qh, kh, vh = to_heads_major(q[None, :, :, None], k[None], v[None])  # (1, H, 1, N, D), (1, H, N, D)
-            allowed = (segment[:, None] == segment[None, :])[None, None, None]
-            out = query_blocked_attention(qh, kh, vh, allowed, scale)[0, :, 0].transpose(1, 0, 2)  # (N, H, D)
-        else:  # per-image slots (see attention_slots)
-            slots, inverse = layout
-            rows = jnp.maximum(slots, 0)
-            qh, kh, vh = to_heads_major(q[rows][:, :, :, None], k[rows], v[rows])  # (S, H, 1, L, D), (S, H, L, D)
-            valid = (slots >= 0)[:, None, None, None, :]
-            out = query_blocked_attention(qh, kh, vh, valid, scale)[:, :, 0].transpose(0, 2, 1, 3)  # (S, L, H, D)
-            out = out.reshape(-1, *out.shape[2:])[inverse]
+        # Without `layout` every patch meets every patch, masked to its own image; with it, per-image
+        # slots (see attention_slots).
+        out = vision_attention(q, k, v, segment, layout, scale=self.head_dim ** -0.5, backend=self.attention_backend)
         return self.proj(out.reshape(n, -1))
 
 
@@ -178,10 +170,11 @@ class VisionMLP(nnx.Module):
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, attention_backend: str = "auto"):
         self.norm1 = LayerNorm(cfg.hidden_size, eps=1e-6, axis_name="vision_embed", param_dtype=param_dtype)
         self.norm2 = LayerNorm(cfg.hidden_size, eps=1e-6, axis_name="vision_embed", param_dtype=param_dtype)
-        self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                    attention_backend=attention_backend)
         self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, segment, layout=None):
@@ -216,14 +209,15 @@ class VisionPatchMerger(nnx.Module):
 
 
 class VisionModel(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, attention_backend: str = "auto"):
         self.config = cfg
         self.patch_embed = VisionPatchEmbed(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.pos_embed = nnx.Param(
             0.02 * jax.random.normal(rngs.params(), (cfg.num_position_embeddings, cfg.hidden_size), param_dtype),
             logical_axes=("vision_pos", "vision_embed"),
         )
-        self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                            attention_backend=attention_backend)
                                 for _ in range(cfg.depth)])
         self.merger = VisionPatchMerger(cfg, postshuffle_norm=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.deepstack_merger_list = nnx.List([
@@ -232,6 +226,7 @@ class VisionModel(nnx.Module):
         ])
         self.dtype = dtype
         self.remat = "none"  # per-block rematerialisation policy for training (layers.REMAT_POLICIES)
+        self.scan_layers = False  # runs of blocks between deepstack taps go through one lax.scan each
 
     def __call__(self, pixel_values, inputs: VisionInputs | tuple, layout=None):
         """Returns (merged features (N/4, out_hidden), [deepstack features (N/4, out_hidden)...]).
@@ -251,10 +246,18 @@ class VisionModel(nnx.Module):
         layout = None if layout is None else tuple(jnp.asarray(a) for a in layout)
         deepstack = []
         taps = list(self.config.deepstack_visual_indexes)
-        for i, block in enumerate(self.blocks):
-            x = constrain(call_layer(block, self.remat, x, cos, sin, segment, layout), PATCH_AXES)
-            if i in taps:
-                deepstack.append(constrain(self.deepstack_merger_list[taps.index(i)](x), MERGED_AXES))
+        blocks = list(self.blocks)
+        start = 0
+        for end in sorted(set(taps) | {len(blocks) - 1}):  # runs of blocks, each ending at a tap or the last
+            run = blocks[start:end + 1]
+            if self.scan_layers and len(run) > 1:
+                x, _ = scan_layers(run, self.remat, x, cos, sin, segment, layout, constrain_to=PATCH_AXES)
+            else:
+                for block in run:
+                    x = constrain(call_layer(block, self.remat, x, cos, sin, segment, layout), PATCH_AXES)
+            if end in taps:
+                deepstack.append(constrain(self.deepstack_merger_list[taps.index(end)](x), MERGED_AXES))
+            start = end + 1
         return constrain(self.merger(x), MERGED_AXES), deepstack
 
 

@@ -36,6 +36,8 @@ class ModelSection:
     dtype: str = "float32"              # compute dtype
     param_dtype: str = "float32"        # stored parameter dtype
     overrides: list[str] = dataclasses.field(default_factory=list)  # key=value on the ModelConfig
+    attention_backend: str | None = None  # auto | cpu | splash | cudnn (sr_jax.model.attention); None: the preset's
+    scan_layers: bool | None = None     # run layers as lax.scans (ModelConfig.scan_layers); None: the preset's
 
 
 @dataclasses.dataclass
@@ -74,6 +76,10 @@ def model_config(section: ModelSection):
     else:
         cfg = ModelConfig.preset(section.preset, section.overrides)
     cfg.dtype, cfg.param_dtype = section.dtype, section.param_dtype
+    if section.attention_backend is not None:
+        cfg.attention_backend = section.attention_backend
+    if section.scan_layers is not None:
+        cfg.scan_layers = section.scan_layers
     return cfg.validate()
 
 
