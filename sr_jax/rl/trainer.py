@@ -21,10 +21,8 @@ base model with the adapters zeroed (no second copy). beta = 0 skips it.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +30,6 @@ import numpy as np
 
 from sr_jax.rl.config import RLConfig
 from sr_jax.train.loop import Trainer, register_command, run
-
-log = logging.getLogger(__name__)
 
 
 def make_processor(cfg: RLConfig):

@@ -5,8 +5,8 @@ and `checkpoints/<step>/` with three items: `state` (params, frozen weights, opt
 step, RNG: one pytree, restored straight onto the current mesh, whatever its shape), `data` (the
 batch producer's position: Grain iterator or prompt stream) and `meta` (`kind`, the stage that
 wrote it, a key of `RUN_KINDS`; step; skip counters). Exporting and evaluating read `kind` to
-parse `run_config.yaml` with the right config class; resuming refuses another stage's run. In a multi-process run each host reads its own share of the
-data, so `data` holds every host's iterator state (`{"hosts": [...]}`, gathered at save time) and
+parse `run_config.yaml` with the right config class; resuming refuses another stage's run.
+In a multi-process run each host reads its own share of the data, so `data` holds every host's iterator state (`{"hosts": [...]}`, gathered at save time) and
 a restore needs the same number of processes. Orbax writes each step to a temporary directory and renames
 it when complete, and `latest_step()` only sees finalised steps, so a save killed half way is
 never restored.
@@ -149,7 +149,8 @@ def run_kind(run_dir: str | Path, meta: dict) -> str:
         raw = yaml.safe_load((Path(run_dir) / RUN_CONFIG).read_text()) or {}
         kind = "rl" if {"grpo", "rewards"} & set(raw) else "sft"
     if kind not in RUN_KINDS:
-        raise ValueError(f"{run_dir}: checkpoint written by an unknown kind of run {kind!r}; known: {sorted(RUN_KINDS)}")
+        raise ValueError(f"{run_dir}: checkpoint written by an unknown kind of run {kind!r}; "
+                         f"known: {sorted(RUN_KINDS)}")
     return kind
 
 

@@ -29,8 +29,8 @@ from sr_jax.train.config import ModelSection, RunSection, TrainConfig
 from sr_jax.train.loop import Trainer, build_for_restore, model_config, register_command, run
 from sr_jax.train.loop import tokenizer_source
 
-__all__ = ["ModelSection", "RunSection", "SFTConfig", "Trainer", "build_for_restore", "estimate_total_steps",
-           "model_config", "train"]
+__all__ = ["ModelSection", "RunSection", "SFTConfig", "SFTStage", "Trainer", "build_for_restore",
+           "estimate_total_steps", "model_config", "register", "train"]
 
 
 @dataclasses.dataclass
