@@ -6,9 +6,10 @@ step, RNG: one pytree, restored straight onto the current mesh, whatever its sha
 batch producer's position: Grain iterator or prompt stream) and `meta` (`kind`, the stage that
 wrote it, a key of `RUN_KINDS`; step; skip counters). Exporting and evaluating read `kind` to
 parse `run_config.yaml` with the right config class; resuming refuses another stage's run.
-In a multi-process run each host reads its own share of the data, so `data` holds every host's iterator state (`{"hosts": [...]}`, gathered at save time) and
-a restore needs the same number of processes. Orbax writes each step to a temporary directory and renames
-it when complete, and `latest_step()` only sees finalised steps, so a save killed half way is
+In a multi-process run each host reads its own share of the data, so `data` holds every host's
+iterator state (`{"hosts": [...]}`, gathered at save time) and a restore needs the same number of
+processes. Orbax writes each step to a temporary directory and renames it when complete, and
+`latest_step()` only sees finalised steps, so a save killed half way is
 never restored.
 """
 
