@@ -1,7 +1,8 @@
 """GRPO (`sr_jax.rl`): advantages, k3 KL and masked token-level loss against hand-computed values;
 zero gradient for identical completions with equal rewards; a rewarded completion gains
 probability after one step; reward functions on hand-made answers (incl. an HTTP judge with a
-timeout); `sr-jax rl` writes checkpoints and resumes exactly; with LoRA the reference log-probs are
+timeout); `sr-jax rl` writes checkpoints and resumes exactly, and its run exports to HF and is
+refused by `sr-jax train`; with LoRA the reference log-probs are
 HF's base model and the policy's PEFT's adapted one; reused rollouts (num_iterations > 1) take
 their ratio against the sampling policy's log-probs."""
 
@@ -270,6 +271,10 @@ def _cli(out, steps):
 
 
 def test_rl_command_writes_checkpoints_and_resumes_exactly(tmp_path):
+    """...and the interrupted run, a training checkpoint like an SFT one (its run_config.yaml is an
+    RLConfig, its checkpoints' meta says kind "rl"), exports with `jax-to-hf --ckpt` to weights HF
+    loads with our logits, and is refused by `sr-jax train` (both stages' states have one layout,
+    so it would otherwise resume silently) before the resume."""
     from sr_jax.rl.trainer import train
     from sr_jax.train.metrics import read_metrics
 
@@ -279,6 +284,8 @@ def test_rl_command_writes_checkpoints_and_resumes_exactly(tmp_path):
     first = train(_cfg(part, **{"run.total_steps": 2, "run.checkpoint_every": 1, "data.prompts_per_step": 1,
                                 "run.save_model": False}), stop_after=1)
     assert first["step"] == 1
+    _export_round_trip(part, tmp_path / "hf")
+    _refused_by_sft(part)
     assert _cli(part, 2) == 0
     rows_ref, rows_part = read_metrics(ref / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
     assert [r["step"] for r in rows_part] == [1, 2]
@@ -287,6 +294,53 @@ def test_rl_command_writes_checkpoints_and_resumes_exactly(tmp_path):
                                    err_msg=key)
     for key in ("reward/format", "parse_rate", "clip_fraction"):
         assert key in rows_ref[-1]
+
+
+def _export_round_trip(run, out):
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from sr_jax.cli import main
+    from sr_jax.train.checkpoint import model_from_checkpoint
+
+    ours, _ = model_from_checkpoint(run)
+    assert main(["convert", "jax-to-hf", "--ckpt", str(run), "--out", str(out)]) == 0
+    assert (out / "tokenizer.json").is_file()
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    ids = np.random.default_rng(0).integers(0, 150000, (1, 16))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(ours(ids)) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def _refused_by_sft(run):
+    from sr_jax.train.checkpoint import RUN_CONFIG, TrainCheckpointer
+    from sr_jax.train.sft import SFTConfig, train as sft_train
+
+    ckpt = TrainCheckpointer(run, save_every=1, keep=1, async_save=False)
+    assert ckpt.read_meta(1)["kind"] == "rl"
+    ckpt.close()
+    before = (run / RUN_CONFIG).read_text()
+    sft = load_config(SFTConfig, ROOT / "configs" / "sft" / "demo_cpu.yaml",
+                      [f"run.out_dir={run}", "run.total_steps=2", "run.progress_bar=false", "run.tensorboard=false",
+                       "data.sources=['synthetic:n=8,seed=3,split=train,min_side=48,max_side=64']"])
+    with pytest.raises(ValueError, match="holds a 'rl' run; this is a 'sft' run"):
+        sft_train(sft)
+    assert (run / RUN_CONFIG).read_text() == before
+
+
+def test_checkpoints_without_a_recorded_kind_are_told_apart_by_their_config(tmp_path):
+    from sr_jax.config import dump_yaml
+    from sr_jax.train.checkpoint import RUN_CONFIG, run_kind
+    from sr_jax.train.sft import SFTConfig
+
+    dump_yaml(_cfg(tmp_path / "rl"), tmp_path / RUN_CONFIG)
+    assert run_kind(tmp_path, {"step": 3}) == "rl"
+    dump_yaml(SFTConfig(), tmp_path / RUN_CONFIG)
+    assert run_kind(tmp_path, {"step": 3}) == "sft"
+    assert run_kind(tmp_path, {"kind": "rl"}) == "rl"  # the record wins
+    with pytest.raises(ValueError, match="unknown kind of run 'dpo'"):
+        run_kind(tmp_path, {"kind": "dpo"})
 
 
 def test_teacher_forced_completion_matches_greedy_generation(tiny):
@@ -435,3 +489,4 @@ def test_rollout_keeps_the_sampling_policy_log_probs_when_reused(tiny):
             trainer.cfg = cfg
         assert "ref_logp" in mb and ("old_logp" in mb) == (iterations > 1)
     np.testing.assert_array_equal(mb["old_logp"], np.asarray(trainer.step.logprobs(state.params, state.frozen, mb)))
+

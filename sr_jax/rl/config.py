@@ -1,7 +1,7 @@
 """Typed config of `sr-jax rl` (`configs/rl/*.yaml`).
 
-Sections: `model` and `run` are the SFT trainer's (`sr_jax.train.sft`), `train` is the shared
-`TrainConfig` (mesh, optimizer, LoRA, remat, grad_accum_steps); `data` says where prompts come
+Sections: `model`, `run` and `train` (mesh, optimizer, LoRA, remat, grad_accum_steps) are every
+stage's (`sr_jax.train.config`); `data` says where prompts come
 from, `grpo` holds the sampling and loss settings and `rewards` lists the reward functions by
 name with their weights (see `sr_jax.rl.rewards.REWARD_FUNCTIONS`).
 """
@@ -13,8 +13,7 @@ import dataclasses
 from sr_jax.data.image import MIN_PIXELS, RL_MAX_PIXELS
 from sr_jax.data.templates import PromptTemplates
 from sr_jax.special_tokens import DEFAULT_STOP_IDS
-from sr_jax.train.config import TrainConfig
-from sr_jax.train.sft import ModelSection, RunSection
+from sr_jax.train.config import ModelSection, RunSection, TrainConfig
 
 
 @dataclasses.dataclass

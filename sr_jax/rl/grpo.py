@@ -1,4 +1,4 @@
-"""GRPO math and the jitted update.
+"""GRPO math and its loss for the shared jitted step (`sr_jax.train.step`).
 
 Per completion token t of row i (mask m = 1 up to and including the stop token):
   ratio     r = exp(logp - old_logp)                 (old_logp: the rollout policy, fixed across
@@ -27,14 +27,13 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sr_jax.lora import set_lora_dropout
 from sr_jax.sharding import batch_shardings, constrain, global_from_full, logical_sharding
 from sr_jax.batch import POLICY_KEYS as MODEL_KEYS, VISION_KEYS
-from sr_jax.train.step import TrainState, TrainStep, _rekey, trainable_filter
+from sr_jax.train.step import TrainState, TrainStep, trainable_filter
 RL_AXES = {
     "completion_ids": (None, "batch", None),
     "completion_mask": (None, "batch", None),
@@ -126,42 +125,33 @@ def completion_logprobs(model, batch: Mapping[str, jax.Array], temperature: floa
 
 # ---- the jitted programs ----------------------------------------------------------------------
 
-def _grpo_update(graphdef, optimizer, cfg, grpo, state: TrainState, rest, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    chunk = cfg.loss.chunk_size
+class GRPOLoss:
+    """The GRPO objective for the shared step (`sr_jax.train.step`): token sums of the clipped
+    policy loss plus beta x k3 KL, divided once by all completion tokens of the batch."""
 
-    def micro_grads(mb, index):
-        def loss_fn(params, frozen):
-            frozen = jax.tree.map(lambda x: x, frozen)  # fresh Variables in this trace (see step.py)
-            model = nnx.merge(graphdef, params, frozen, _rekey(rest, jax.random.fold_in(key, index)))
-            logp = completion_logprobs(model, mb, grpo.temperature, chunk)
-            old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
-            ref = mb["ref_logp"] if "ref_logp" in mb else logp
-            stats = grpo_token_sums(logp, old, ref, mb["advantages"], mb["completion_mask"], beta=grpo.beta,
-                                    epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high)
-            return stats.loss_sum, stats
-        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.frozen)
-        return jax.tree.map(lambda g: g.astype(jnp.float32), grads), stats
+    def __init__(self, grpo, chunk_size: int = 0):
+        self.grpo, self.chunk_size = grpo, chunk_size
 
-    k = batch["input_ids"].shape[0]
-    if k == 1:
-        grads, stats = micro_grads(jax.tree.map(lambda x: x[0], batch), 0)
-    else:
-        def body(carry, xs):
-            g, s = micro_grads(*xs)
-            return (jax.tree.map(jnp.add, carry[0], g), carry[1] + s), None
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, stats), _ = jax.lax.scan(body, (zeros, GRPOStats.zeros()), (batch, jnp.arange(k)))
+    def zeros(self) -> GRPOStats:
+        return GRPOStats.zeros()
 
-    denom = jnp.maximum(stats.tokens, 1.0)  # all completion tokens of the batch
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": stats.loss_sum / denom, "kl": stats.kl_sum / denom, "clip_fraction": stats.clipped / denom,
-               "ratio_mean": stats.ratio_sum / denom, "grad_norm": grad_norm,
-               "learning_rate": optimizer.schedule(state.step), "completion_tokens": stats.tokens}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    def __call__(self, model, mb) -> GRPOStats:
+        grpo = self.grpo
+        logp = completion_logprobs(model, mb, grpo.temperature, self.chunk_size)
+        old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
+        ref = mb["ref_logp"] if "ref_logp" in mb else logp
+        return grpo_token_sums(logp, old, ref, mb["advantages"], mb["completion_mask"], beta=grpo.beta,
+                               epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high)
+
+    def denominator(self, stats: GRPOStats):
+        return jnp.maximum(stats.tokens, 1.0)
+
+    def metrics(self, stats: GRPOStats, denom) -> dict:
+        return {"loss": stats.loss_sum / denom, "kl": stats.kl_sum / denom, "clip_fraction": stats.clipped / denom,
+                "ratio_mean": stats.ratio_sum / denom, "completion_tokens": stats.tokens}
+
+    def batch_shardings(self, batch, mesh) -> dict:
+        return rl_batch_shardings(batch, mesh)
 
 
 def _logprob_program(graphdef, temperature, chunk, params, frozen, rest, mb):
@@ -185,33 +175,20 @@ def _signature(batch) -> tuple:
 
 
 class GRPOStep(TrainStep):
-    """`state, metrics = step(state, batch)`: one GRPO optimizer update (layout in the module doc);
-    `logprobs(params, frozen, microbatch)`: completion log-probs without dropout (old / reference
-    policy). Shardings, donation and `model(state)` are the SFT step's."""
+    """`state, metrics = step(state, batch)`: one GRPO optimizer update (layout in the module doc),
+    the shared step with `GRPOLoss`; `logprobs(params, frozen, microbatch)`: completion log-probs
+    without dropout (old / reference policy)."""
 
     def __init__(self, model, optimizer, mesh, cfg, grpo, compiler_options: dict | None = None):
-        super().__init__(model, optimizer, mesh, cfg, compiler_options)
+        super().__init__(model, optimizer, mesh, cfg, compiler_options, loss=GRPOLoss(grpo, cfg.loss.chunk_size))
         self.grpo = grpo
         set_lora_dropout(model, False)
         self.eval_graphdef = nnx.split(model, trainable_filter(cfg), nnx.Param, ...)[0]
         self._logprob_compiled: dict[tuple, Any] = {}
 
-    has_label_buffer = False  # completion log-probs come from `_grpo_update`, not the SFT loss
-
     def __call__(self, state: TrainState, batch: Mapping[str, Any], label_counts=None):
         # Every process holds the whole rollout (see `sr_jax.rl.trainer`): global arrays from it.
         return super().__call__(state, global_from_full(batch, rl_batch_shardings(batch, self.mesh)))
-
-    def _jitted(self, batch, label_capacity: int | None = None):
-        signature = _signature(batch)
-        if signature not in self._compiled:
-            replicated = NamedSharding(self.mesh, PartitionSpec())
-            fn = lambda state, rest, b: _grpo_update(self.graphdef, self.optimizer, self.cfg, self.grpo, state, rest, b)
-            self._compiled[signature] = jax.jit(
-                fn, in_shardings=(self.state_shardings, self.rest_shardings, rl_batch_shardings(batch, self.mesh)),
-                out_shardings=(self.state_shardings, replicated), donate_argnums=(0,),
-                compiler_options=self.compiler_options)
-        return self._compiled[signature]
 
     def logprobs(self, params, frozen, microbatch: Mapping[str, Any]) -> jax.Array:
         signature = _signature(microbatch)

@@ -1,18 +1,22 @@
 """Training checkpoints with Orbax's CheckpointManager.
 
-A run directory holds `run_config.yaml` (the full SFT config) and `checkpoints/<step>/` with
-three items: `state` (params, frozen weights, optimizer state, step, RNG: one pytree, restored
-straight onto the current mesh, whatever its shape), `data` (the Grain iterator state) and
-`meta` (skip counters, wall time). In a multi-process run each host reads its own share of the
-data, so `data` holds every host's iterator state (`{"hosts": [...]}`, gathered at save time) and
-a restore needs the same number of processes. Orbax writes each step to a temporary directory and renames
-it when complete, and `latest_step()` only sees finalised steps, so a save killed half way is
+A run directory holds `run_config.yaml` (the full config of the stage that wrote it: SFT or RL)
+and `checkpoints/<step>/` with three items: `state` (params, frozen weights, optimizer state,
+step, RNG: one pytree, restored straight onto the current mesh, whatever its shape), `data` (the
+batch producer's position: Grain iterator or prompt stream) and `meta` (`kind`, the stage that
+wrote it, a key of `RUN_KINDS`; step; skip counters). Exporting and evaluating read `kind` to
+parse `run_config.yaml` with the right config class; resuming refuses another stage's run.
+In a multi-process run each host reads its own share of the data, so `data` holds every host's
+iterator state (`{"hosts": [...]}`, gathered at save time) and a restore needs the same number of
+processes. Orbax writes each step to a temporary directory and renames it when complete, and
+`latest_step()` only sees finalised steps, so a save killed half way is
 never restored.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -21,6 +25,8 @@ import jax
 
 RUN_CONFIG = "run_config.yaml"
 CHECKPOINTS = "checkpoints"
+# The kinds of run a checkpoint's meta names, with the config class of their run_config.yaml.
+RUN_KINDS = {"sft": ("sr_jax.train.sft", "SFTConfig"), "rl": ("sr_jax.rl.config", "RLConfig")}
 
 
 def _jsonable(value):
@@ -104,6 +110,10 @@ class TrainCheckpointer:
             data = hosts[jax.process_index()]
         return out.state, _from_jsonable(data), out.meta
 
+    def read_meta(self, step: int) -> dict:
+        """The `meta` item of one step alone (no state, no data position)."""
+        return self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())).meta
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -130,13 +140,36 @@ def is_train_checkpoint(path: str | Path) -> bool:
     return run_dir_of(path) is not None
 
 
+def run_kind(run_dir: str | Path, meta: dict) -> str:
+    """The kind of run (`RUN_KINDS` key) that wrote a checkpoint with this `meta`."""
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    if kind is None:
+        # Checkpoints from before the kind was recorded: only RL configs have these sections.
+        import yaml
+
+        raw = yaml.safe_load((Path(run_dir) / RUN_CONFIG).read_text()) or {}
+        kind = "rl" if {"grpo", "rewards"} & set(raw) else "sft"
+    if kind not in RUN_KINDS:
+        raise ValueError(f"{run_dir}: checkpoint written by an unknown kind of run {kind!r}; "
+                         f"known: {sorted(RUN_KINDS)}")
+    return kind
+
+
+def load_run_config(run_dir: str | Path, kind: str):
+    """`run_dir/run_config.yaml` as the config class of runs of `kind`."""
+    from sr_jax.config import load_config
+
+    module, name = RUN_KINDS[kind]
+    return load_config(getattr(importlib.import_module(module), name), Path(run_dir) / RUN_CONFIG)
+
+
 def model_from_checkpoint(path: str | Path, *, merge_lora: bool = False, step: int | None = None):
     """(model with the checkpoint's weights, directory with tokenizer files or None).
 
     `path` is a run directory, its `checkpoints/` or one `checkpoints/<step>` directory (that
     step is used; otherwise the latest). LoRA adapters stay separate unless `merge_lora`.
     """
-    from sr_jax.train.sft import SFTConfig, build_for_restore
+    from sr_jax.train.loop import build_for_restore
 
     path = Path(path)
     run_dir = run_dir_of(path)
@@ -144,15 +177,15 @@ def model_from_checkpoint(path: str | Path, *, merge_lora: bool = False, step: i
         raise FileNotFoundError(f"{path}: not a training run (no {RUN_CONFIG} with {CHECKPOINTS}/)")
     if step is None and path.parent.name == CHECKPOINTS and path.name.isdigit():
         step = int(path.name)
-    from sr_jax.config import load_config
-
-    cfg = load_config(SFTConfig, run_dir / RUN_CONFIG)
-    cfg.train.mesh.data, cfg.train.mesh.fsdp, cfg.train.mesh.tensor = 1, 1, 1
-    trainer = build_for_restore(cfg, devices=jax.devices()[:1])
     ckpt = TrainCheckpointer(run_dir, save_every=1, keep=1, async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
+        ckpt.close()
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
+    cfg = load_run_config(run_dir, run_kind(run_dir, ckpt.read_meta(step)))
+    cfg.train.mesh.data, cfg.train.mesh.fsdp, cfg.train.mesh.tensor = 1, 1, 1
+    # Any stage's state has the same layout (it depends on the model and train sections only).
+    trainer = build_for_restore(cfg, devices=jax.devices()[:1])
     state, _, _ = ckpt.restore(step, trainer.abstract_state(), with_data=False)
     ckpt.close()
     model = trainer.step.model(state)

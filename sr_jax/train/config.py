@@ -1,4 +1,5 @@
-"""Typed training configs (the model-side sections; the trainer adds data, checkpoints, logging).
+"""Typed training configs: the sections every stage's config holds (`model`, `train`, `run`);
+each stage adds its own `data` (and RL its `grpo`, `rewards`).
 
 Load with `sr_jax.config.load_config(TrainConfig, "configs/sft/x.yaml", ["optim.learning_rate=2e-5"])`.
 Compute and parameter dtypes are `ModelConfig.dtype` / `ModelConfig.param_dtype`.
@@ -59,3 +60,29 @@ class TrainConfig:
     freeze_vision: bool = False        # the whole vision tower, mergers included
     freeze: list[str] = dataclasses.field(default_factory=list)  # extra regexes over dotted param paths
     seed: int = 0
+
+
+@dataclasses.dataclass
+class ModelSection:
+    preset: str = "tiny"                # architecture for random init: preset name or YAML path
+    init_from: str | None = None        # start from weights: HF checkpoint or converted directory
+    dtype: str = "float32"              # compute dtype
+    param_dtype: str = "float32"        # stored parameter dtype
+    overrides: list[str] = dataclasses.field(default_factory=list)  # key=value on the ModelConfig
+    attention_backend: str | None = None  # auto | cpu | splash | cudnn (sr_jax.model.attention); None: the preset's
+    scan_layers: bool | None = None     # run layers as lax.scans (ModelConfig.scan_layers); None: the preset's
+
+
+@dataclasses.dataclass
+class RunSection:
+    out_dir: str = "runs/sft"
+    total_steps: int | None = None      # None: epochs x records / global batch (pad-mode estimate)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    tensorboard: bool = True
+    progress_bar: bool = True
+    num_devices: int | None = None      # use the first N devices (default: all)
+    peak_flops_per_device: float | None = None  # for MFU; default: known accelerators, else measured
+    max_seconds: float | None = None    # wall-clock budget; stops (and checkpoints) when exceeded
+    save_model: bool = True             # write `out_dir/model` (LoRA merged) at the end

@@ -1,4 +1,4 @@
-"""The sharded, jitted SFT step.
+"""The sharded, jitted training step every stage shares (SFT here; GRPO passes its own loss).
 
 Batch layout (host arrays; every array has a leading microbatch axis k = grad_accum_steps):
   input_ids       (k, B, T) int32
@@ -136,7 +136,39 @@ def forward_loss(model, batch: Mapping[str, jax.Array], cfg: LossConfig) -> Loss
                       max_label_tokens=cfg.max_label_tokens, chunk_size=cfg.chunk_size, weighting=cfg.weighting)
 
 
-def _train_step(graphdef, optimizer: Optimizer, cfg: TrainConfig, state: TrainState, rest, batch):
+class SFTLoss:
+    """The SFT objective for the shared step: label cross-entropy (`train.loss`), summed per
+    microbatch and divided once by the whole batch's weight."""
+
+    has_label_buffer = True  # the loss gathers labelled rows into a buffer (`loss.label_bucket` sizes it)
+
+    def __init__(self, cfg: LossConfig):
+        self.cfg = cfg
+
+    def with_label_capacity(self, capacity: int) -> "SFTLoss":
+        return SFTLoss(dataclasses.replace(self.cfg, max_label_tokens=capacity))
+
+    def zeros(self) -> LossStats:
+        return LossStats.zeros()
+
+    def __call__(self, model, microbatch) -> LossStats:
+        return forward_loss(model, microbatch, self.cfg)
+
+    def denominator(self, stats: LossStats):
+        return jnp.maximum(stats.weight, 1.0)
+
+    def metrics(self, stats: LossStats, denom) -> dict:
+        return {"loss": stats.loss_sum / denom, "token_accuracy": stats.correct / jnp.maximum(stats.tokens, 1.0),
+                "label_tokens": stats.tokens, "label_tokens_dropped": stats.dropped, "loss_weight": stats.weight}
+
+    def batch_shardings(self, batch, mesh) -> dict:
+        return batch_shardings(batch, mesh)
+
+
+def _train_step(graphdef, optimizer: Optimizer, loss, state: TrainState, rest, batch):
+    """One optimizer update over the batch's k microbatches for any stage's `loss` (`SFTLoss`,
+    `sr_jax.rl.grpo.GRPOLoss`): its per-microbatch sums are accumulated (scanned), then divided
+    once by `loss.denominator`, so the gradient is exactly that of the whole batch."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def micro_grads(mb, index):
@@ -145,7 +177,7 @@ def _train_step(graphdef, optimizer: Optimizer, cfg: TrainConfig, state: TrainSt
             # Variable of a layer, which is only allowed within the trace that created it.
             frozen = jax.tree.map(lambda x: x, frozen)
             model = nnx.merge(graphdef, params, frozen, _rekey(rest, jax.random.fold_in(key, index)))
-            stats = forward_loss(model, mb, cfg.loss)
+            stats = loss(model, mb)
             return stats.loss_sum, stats
         (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.frozen)
         return jax.tree.map(lambda g: g.astype(jnp.float32), grads), stats
@@ -158,23 +190,15 @@ def _train_step(graphdef, optimizer: Optimizer, cfg: TrainConfig, state: TrainSt
             g, s = micro_grads(*xs)
             return (jax.tree.map(jnp.add, carry[0], g), carry[1] + s), None
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, stats), _ = jax.lax.scan(body, (zeros, LossStats.zeros()), (batch, jnp.arange(k)))
+        (grads, stats), _ = jax.lax.scan(body, (zeros, loss.zeros()), (batch, jnp.arange(k)))
 
-    # Sums over every microbatch, divided once: exactly the loss of the whole batch.
-    denom = jnp.maximum(stats.weight, 1.0)
+    denom = loss.denominator(stats)
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": stats.loss_sum / denom,
-        "token_accuracy": stats.correct / jnp.maximum(stats.tokens, 1.0),
-        "grad_norm": grad_norm,
-        "learning_rate": optimizer.schedule(state.step),
-        "label_tokens": stats.tokens,
-        "label_tokens_dropped": stats.dropped,
-        "loss_weight": stats.weight,
-    }
+    metrics = {**loss.metrics(stats, denom), "grad_norm": grad_norm,
+               "learning_rate": optimizer.schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -183,13 +207,13 @@ class TrainStep:
     """`state, metrics = step(state, batch)`: one optimizer update over k microbatches.
 
     Jitted with the state's shardings (donated) and the batch's shardings; one compilation per
-    batch signature (keys and shapes) and labelled-row buffer size."""
-
-    has_label_buffer = True  # the loss gathers labelled rows into a buffer (`loss.label_bucket` sizes it)
+    batch signature (keys and shapes) and labelled-row buffer size. `loss` is the stage's
+    objective (default: `SFTLoss(cfg.loss)`); it also says how its batch is sharded."""
 
     def __init__(self, model, optimizer: Optimizer, mesh: Mesh, cfg: TrainConfig,
-                 compiler_options: dict | None = None):
+                 compiler_options: dict | None = None, loss=None):
         self.mesh, self.cfg, self.optimizer = mesh, cfg, optimizer
+        self.loss = SFTLoss(cfg.loss) if loss is None else loss
         self.compiler_options = compiler_options  # XLA options, e.g. a lower CPU optimisation level in tests
         self.graphdef, params, frozen, self.rest = split_model(model, cfg)
         abstract = jax.eval_shape(
@@ -205,13 +229,11 @@ class TrainStep:
                                  for k, v in batch.items())) + (label_capacity,)
         if signature not in self._compiled:
             replicated = NamedSharding(self.mesh, PartitionSpec())
-            cfg = self.cfg
-            if label_capacity is not None:
-                cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, max_label_tokens=label_capacity))
-            fn = lambda state, rest, b: _train_step(self.graphdef, self.optimizer, cfg, state, rest, b)
+            loss = self.loss if label_capacity is None else self.loss.with_label_capacity(label_capacity)
+            fn = lambda state, rest, b: _train_step(self.graphdef, self.optimizer, loss, state, rest, b)
             self._compiled[signature] = jax.jit(
                 fn,
-                in_shardings=(self.state_shardings, self.rest_shardings, batch_shardings(batch, self.mesh)),
+                in_shardings=(self.state_shardings, self.rest_shardings, self.loss.batch_shardings(batch, self.mesh)),
                 out_shardings=(self.state_shardings, replicated),
                 donate_argnums=(0,),
                 compiler_options=self.compiler_options,
@@ -231,7 +253,7 @@ class TrainStep:
         """`label_counts`: label tokens per (global) microbatch, as `count_step_labels` gives;
         counted here from the host arrays when not given (single process)."""
         capacity = None
-        if self.has_label_buffer and self.cfg.loss.label_bucket:
+        if getattr(self.loss, "has_label_buffer", False) and self.cfg.loss.label_bucket:
             capacity = self.label_capacity(count_step_labels(batch) if label_counts is None else label_counts)
         with jax.set_mesh(self.mesh):
             return self._jitted(batch, capacity)(state, self.rest, dict(batch))

@@ -1,0 +1,295 @@
+"""The run frame every training stage shares: `sr-jax train` (SFT) and `sr-jax rl` (GRPO).
+
+A stage's config has `model`, `train` and `run` sections (`sr_jax.train.config`) plus its own
+(`data`; RL adds `grpo` and `rewards`). `Trainer` builds the model (sharded random init, then
+`model.init_from` weights, LoRA), the mesh, the optimizer and the jitted step (`TrainStep` with
+the stage's loss). `run` does the rest, the same for every stage: the run-directory lock, the run
+config and tokenizer files, build or restore the state (with the batch producer's position),
+iterate, checkpoint, metrics, progress bar, wall-clock budget, the final save with LoRA merged.
+
+What differs is a `Stage` object (built by the stage's `make_stage(cfg, devices)`):
+  kind                        "sft" | "rl": recorded in every checkpoint's meta (see
+                              `sr_jax.train.checkpoint.RUN_KINDS`), so exporting, evaluating
+                              and resuming know which config the run directory holds
+  trainer, total_steps, processor, progress_desc
+  advance(state, step)        one training step: produce the batch (data pipeline, rollouts),
+                              update; (state, metrics) or None when the data is used up
+  get_state() / set_state(s)  the batch producer's position (checkpointed with the state)
+  meta()                      extra JSON for the checkpoint's meta; skipped(): for the summary
+  postfix(metrics)            the progress bar's fields
+
+Multi-process runs: every process runs the same loop; process 0 writes the metrics, the run
+config and the tokenizer; saves are collective (`TrainCheckpointer`), and so is the final save.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import jax
+
+from sr_jax.config import dump_yaml, load_config
+
+log = logging.getLogger(__name__)
+
+
+def model_config(section):
+    """The ModelConfig of a `model` section (`ModelSection`)."""
+    from sr_jax.model import ModelConfig
+
+    if section.init_from:
+        from sr_jax.convert.orbax_io import is_model_dir, read_model_config
+
+        cfg = read_model_config(section.init_from) if is_model_dir(section.init_from) \
+            else ModelConfig.from_hf_dir(section.init_from)
+        if section.overrides:
+            raise ValueError("model.overrides apply to presets, not to model.init_from weights")
+    else:
+        cfg = ModelConfig.preset(section.preset, section.overrides)
+    cfg.dtype, cfg.param_dtype = section.dtype, section.param_dtype
+    if section.attention_backend is not None:
+        cfg.attention_backend = section.attention_backend
+    if section.scan_layers is not None:
+        cfg.scan_layers = section.scan_layers
+    return cfg.validate()
+
+
+class Trainer:
+    """Model, mesh, optimizer and the jitted step for one config (any stage: it reads `model`,
+    `train` and `run`). `make_step(model, optimizer, mesh, train_cfg)` builds the stage's step
+    (default: the SFT `TrainStep`); `total_steps` counts optimizer updates (the schedule's length)."""
+
+    def __init__(self, cfg, *, devices=None, abstract: bool = False, total_steps: int | None = None,
+                 make_step: Callable | None = None):
+        from flax import nnx
+
+        from sr_jax.lora import apply_lora
+        from sr_jax.model.qwen3vl import Qwen3VLForConditionalGeneration
+        from sr_jax.sharding import make_mesh, tree_shardings
+        from sr_jax.train.optim import make_optimizer
+        from sr_jax.train.step import TrainStep
+
+        self.cfg = cfg
+        self.model_cfg = model_config(cfg.model)
+        if devices is None and cfg.run.num_devices:
+            devices = jax.devices()[: cfg.run.num_devices]
+        self.mesh = make_mesh(cfg.train.mesh, devices)
+        self.num_devices = self.mesh.size
+
+        def build():
+            model = Qwen3VLForConditionalGeneration(self.model_cfg, rngs=nnx.Rngs(cfg.train.seed))
+            if cfg.train.lora.enabled:
+                apply_lora(model, cfg.train.lora)
+            return model
+
+        # Random init happens under jit with the target shardings, so an 8B model is created
+        # directly in its sharded layout (never whole on one device).
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+        if abstract:
+            model = nnx.merge(graphdef, abstract_state)
+        else:
+            shardings = tree_shardings(abstract_state, self.mesh)
+            with jax.set_mesh(self.mesh):
+                state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
+            model = nnx.merge(graphdef, state)
+            if cfg.model.init_from:
+                self._load_weights(model)
+        self.total_steps = total_steps or cfg.run.total_steps or 1
+        self.optimizer = make_optimizer(cfg.train.optim, self.total_steps)
+        self.step = (make_step or TrainStep)(model, self.optimizer, self.mesh, cfg.train)
+        self.model = model
+
+    def _load_weights(self, model) -> None:
+        """Base weights from `init_from`, placed tensor by tensor into the sharded model."""
+        from flax import nnx
+
+        from sr_jax.loading import load_model
+
+        loaded = load_model(self.cfg.model.init_from, dtype=self.cfg.model.param_dtype, device=jax.devices("cpu")[0])
+        source = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            if path in source:  # LoRA factors are not in the base checkpoint and keep their init
+                target = var.get_value()
+                var.set_value(jax.device_put(source[path].get_value().astype(target.dtype), target.sharding))
+
+    def abstract_state(self):
+        from sr_jax.train.checkpoint import abstract_with_shardings
+        from sr_jax.train.step import TrainState, split_model
+
+        _, params, frozen, _ = split_model(self.model, self.cfg.train)
+        abstract = jax.eval_shape(
+            lambda p, f: TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p, frozen=f,
+                                    opt_state=self.optimizer.tx.init(p),
+                                    rng=jax.random.key_data(jax.random.key(0))), params, frozen)
+        return abstract_with_shardings(abstract, self.step.state_shardings)
+
+    def init_state(self):
+        from sr_jax.train.step import create_train_state
+
+        return create_train_state(self.model, self.optimizer, self.mesh, self.cfg.train)
+
+
+def build_for_restore(cfg, devices=None) -> Trainer:
+    """A trainer without weights (abstract model), enough to restore any stage's checkpoint into
+    (the state's layout depends only on the `model` and `train` sections)."""
+    return Trainer(cfg, devices=devices, abstract=True)
+
+
+def tokenizer_source(cfg) -> str | None:
+    """The tokenizer a config names: `data.tokenizer`, else `model.init_from` when it has one."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    if cfg.model.init_from and (Path(cfg.model.init_from) / "tokenizer.json").is_file():
+        return cfg.model.init_from
+    return None
+
+
+def save_tokenizer(cfg, processor, out: Path) -> None:
+    if out.is_dir():
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    source = tokenizer_source(cfg)
+    if source:
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "params"))
+    else:
+        processor.tokenizer.save_tokenizer_dir(tmp)
+    tmp.rename(out)
+
+
+class Stage(Protocol):
+    kind: str
+    trainer: Trainer
+    total_steps: int
+    processor: Any
+    progress_desc: str
+
+    def advance(self, state, step: int) -> tuple[Any, dict] | None: ...
+    def get_state(self) -> Any: ...
+    def set_state(self, state) -> None: ...
+    def meta(self) -> dict: ...
+    def skipped(self) -> dict: ...
+    def postfix(self, metrics: dict) -> dict: ...
+
+
+def run(cfg, make_stage: Callable[..., Stage], *, devices=None, stop_after: int | None = None) -> dict:
+    """Runs (or resumes) `cfg` with the stage `make_stage(cfg, devices)` builds; returns a summary.
+    `stop_after` ends the loop after that many steps of this call (tests use it to simulate an
+    interruption). The run directory is locked for the whole run (`sr_jax.train.runlock`): a
+    second trainer on it raises RunDirLocked."""
+    from sr_jax.sharding import maybe_initialize_distributed
+    from sr_jax.train.runlock import RunLock
+
+    maybe_initialize_distributed()
+    with RunLock(cfg.run.out_dir, jax.process_index()):
+        return _run_locked(cfg, make_stage, devices=devices, stop_after=stop_after)
+
+
+def _run_locked(cfg, make_stage, *, devices=None, stop_after: int | None = None) -> dict:
+    from tqdm import tqdm
+
+    from sr_jax.train.checkpoint import RUN_CONFIG, TrainCheckpointer, run_kind
+    from sr_jax.train.metrics import MetricsWriter
+
+    out = Path(cfg.run.out_dir)
+    is_main = jax.process_index() == 0
+    out.mkdir(parents=True, exist_ok=True)
+    stage = make_stage(cfg, devices)
+    trainer, total = stage.trainer, stage.total_steps
+    ckpt = TrainCheckpointer(out, save_every=cfg.run.checkpoint_every, keep=cfg.run.keep_checkpoints,
+                             async_save=cfg.run.async_checkpoint)
+    start = ckpt.latest_step()
+    if start is not None:
+        kind = run_kind(out, ckpt.read_meta(start))
+        if kind != stage.kind:  # the state would fit (same layout), the data position and config would not
+            ckpt.close()
+            raise ValueError(f"{out}: holds a {kind!r} run; this is a {stage.kind!r} run (use another run.out_dir)")
+    if is_main:
+        dump_yaml(cfg, out / RUN_CONFIG)
+        save_tokenizer(cfg, stage.processor, out / "tokenizer")
+    if start is not None:
+        state, data_state, _ = ckpt.restore(start, trainer.abstract_state())
+        stage.set_state(data_state)
+        log.info("resumed from step %d", start)
+    else:
+        state, start = trainer.init_state(), 0
+    writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard, enabled=is_main)
+    writer.truncate_after(start)
+    bar = tqdm(total=total, initial=start, disable=not (cfg.run.progress_bar and is_main),
+               desc=stage.progress_desc, dynamic_ncols=True)
+
+    def meta(step):
+        return {"kind": stage.kind, **stage.meta(), "step": step}
+
+    began, step, last = time.perf_counter(), start, {}
+    try:
+        while step < total:
+            made = stage.advance(state, step)
+            if made is None:
+                break  # data (prompts) used up
+            state, metrics = made
+            step += 1
+            writer.write(step, metrics)
+            last = metrics
+            bar.update(1)
+            bar.set_postfix(**stage.postfix(metrics))
+            ckpt.save(step, state, stage.get_state(), meta(step))
+            if stop_after is not None and step - start >= stop_after:
+                break
+            if cfg.run.max_seconds and time.perf_counter() - began > cfg.run.max_seconds:
+                log.info("wall-clock budget of %.0f s reached at step %d", cfg.run.max_seconds, step)
+                break
+        if step > start and ckpt.latest_step() != step:
+            ckpt.save(step, state, stage.get_state(), meta(step), force=True)
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    summary = {"step": step, "total_steps": total, "resumed_from": start, "last": last,
+               "skipped": stage.skipped(), "out_dir": str(out)}
+    finished = step >= total or stop_after is None
+    if cfg.run.save_model and finished and step > start:  # every process: the weights may span hosts
+        from sr_jax.convert.orbax_io import save_model
+        from sr_jax.lora import lora_layers, merge_lora
+
+        model = trainer.step.model(state)
+        if lora_layers(model):
+            merge_lora(model)
+        save_model(model, out / "model", hf_dir=out / "tokenizer", overwrite=True)
+        summary["model_dir"] = str(out / "model")
+    return summary
+
+
+# ---- CLI ----
+
+def register_command(sub, name: str, *, help: str, config_cls, train: Callable, example_config: str,
+                     example_overrides: str, errors: dict | None = None) -> None:
+    """`sr-jax <name> --config X.yaml [key=value ...]`: loads `config_cls`, runs `train(cfg)` and
+    prints its summary. Exit codes: 3 when the run directory is locked, `errors[type]` for a
+    stage's own refusals (message on stderr)."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--config", required=True, help=f"YAML file, e.g. {example_config}")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"e.g. {example_overrides}")
+    p.set_defaults(func=lambda args: _command(args, config_cls, train, errors or {}))
+
+
+def _command(args, config_cls, train, errors: dict) -> int:
+    import json
+    import sys
+
+    from sr_jax.train.runlock import RunDirLocked
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(config_cls, args.config, args.overrides)
+    codes = {RunDirLocked: 3, **errors}
+    try:
+        summary = train(cfg)
+    except tuple(codes) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return next(code for kind, code in codes.items() if isinstance(e, kind))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
