@@ -250,3 +250,19 @@ def test_relative_image_paths_can_start_from_an_image_root(tmp_path):
     assert list(read_grpo_json(tmp_path / "meta" / "data.json", stats)) == [] and stats.skipped == {"missing_image": 1}
     (record, _), = read_grpo_json(tmp_path / "meta" / "data.json", image_root=tmp_path / "pics")
     assert record.images == [(tmp_path / "pics" / "e.png").read_bytes()]
+
+
+def test_a_bad_image_path_costs_its_row_and_no_usable_row_keeps_the_old_output(tmp_path):
+    from sr_jax.data.grpo_import import import_grpo_json
+
+    _png(tmp_path / "a.png", 0)
+    good = {"id": "ok", "messages": [{"role": "user", "content": PQ_PROMPT}], "images": ["a.png"], "solution": "pq"}
+    nul = dict(good, id="nul", images=["a\u0000.png"])  # a NUL byte: the OS refuses the path (ValueError)
+    (tmp_path / "d.json").write_text(json.dumps([nul, good]))
+    stats = import_grpo_json(tmp_path / "d.json", tmp_path / "out.array_record")
+    assert (stats.read, stats.written, dict(stats.skipped)) == (2, 1, {"missing_image": 1})
+    before = (tmp_path / "out.array_record").read_bytes()
+    (tmp_path / "bad.json").write_text(json.dumps([nul]))
+    stats = import_grpo_json(tmp_path / "bad.json", tmp_path / "out.array_record")
+    assert stats.written == 0 and (tmp_path / "out.array_record").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []  # no temporary file left

@@ -26,16 +26,14 @@ temporary file, then renamed), so a failed import leaves an existing output unto
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import io
 import json
-import os
 import re
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Iterator
 
 from sr_jax.data.records import IMAGE_TAG, RecordError, SpatialExample
+from sr_jax.data.rows import RowStats, check_text, guarded, load_image, load_json_row, row_id
+from sr_jax.data.rows import fail as _fail
 
 FORMAT = "grpo-json"
 TASKS = ("sc", "pq")
@@ -43,19 +41,8 @@ _TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|"|[\[\]{},]', re.S)  # a whole st
 _KNOWN_COLUMNS = {"messages", "conversations", "query", "images", "image", "solution", "instruction", "id"}
 
 
-@dataclasses.dataclass
-class GRPOImportStats:
-    read: int = 0
-    written: int = 0
-    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-    def summary(self) -> str:
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"read {self.read}, kept {self.written}, skipped {sum(self.skipped.values())} ({reasons})"
-
-
-def _fail(reason: str, message: str, rid: str) -> NoReturn:
-    raise RecordError(reason, message, rid)
+class GRPOImportStats(RowStats):
+    """read / written / skipped (by reason) of one grpo-json import."""
 
 
 class _Lines:
@@ -171,34 +158,6 @@ def _conversation(row: dict, rid: str) -> tuple[str | None, list[tuple[str, str]
     return system, history, turns[-1][1], dropped
 
 
-def _image_bytes(entry, base: Path, index: int, rid: str) -> bytes:
-    from PIL import Image
-
-    if isinstance(entry, dict):
-        data, path = entry.get("bytes"), entry.get("path")
-    elif isinstance(entry, str):
-        data, path = None, entry
-    else:
-        _fail("bad_image", f"image {index}: expected a path or {{bytes, path}}, got {type(entry).__name__}", rid)
-    if data is not None and not isinstance(data, (bytes, bytearray)):
-        _fail("bad_image", f"image {index}: 'bytes' is not binary data", rid)
-    if not data:
-        if not isinstance(path, str) or not path:
-            _fail("missing_image", f"image {index} has neither bytes nor a path", rid)
-        file = Path(path) if Path(path).is_absolute() else base / path
-        try:
-            data = file.read_bytes()
-        except OSError:
-            _fail("missing_image", f"image {index} not found: {file}", rid)
-    data = bytes(data)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
-        _fail("bad_image", f"image {index} cannot be decoded ({type(e).__name__}: {e})", rid)
-    return data
-
-
 def _plain_columns(row: dict) -> dict:
     """Extra columns kept in meta (ms-swift hands every column to the reward functions)."""
     out = {}
@@ -245,12 +204,8 @@ def parse_grpo_row(row, base: Path, rid: str) -> SpatialExample:
         _fail("bad_text", "'instruction' must be text", rid)
     if task == "sc" and not instruction.strip():
         _fail("empty_instruction", "an SC prompt needs its editing instruction (the judge reads it)", rid)
-    for text in [prompt, instruction, system or ""] + [t for pair in history for t in pair]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            _fail("bad_utf8", f"text is not valid UTF-8 ({e.reason} at {e.start})", rid)
-    loaded = [_image_bytes(entry, base, i, rid) for i, entry in enumerate(images)]
+    check_text([prompt, instruction, system or ""] + [t for pair in history for t in pair], rid)
+    loaded = [load_image(entry, base, i, rid) for i, entry in enumerate(images)]
     meta = {"source": FORMAT, "verbatim": True, "prompt": prompt, "ground_truth": False, "solution": solution}
     if system:
         meta["system"] = system
@@ -266,11 +221,6 @@ def parse_grpo_row(row, base: Path, rid: str) -> SpatialExample:
     return SpatialExample(id=rid, task=task, images=loaded, instruction=instruction, meta=meta).validate()
 
 
-def _row_id(row, fallback: str) -> str:
-    rid = row.get("id") if isinstance(row, dict) else None
-    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else fallback
-
-
 def read_grpo_json(path: str | Path, stats: GRPOImportStats | None = None, *, strict: bool = False,
                    image_root: str | Path | None = None) -> Iterator[tuple[SpatialExample, bytes]]:
     """(record, its stored bytes) for every usable row; bad rows are counted in `stats.skipped`."""
@@ -282,50 +232,30 @@ def read_grpo_json(path: str | Path, stats: GRPOImportStats | None = None, *, st
     raw = path.read_bytes()
     # Undecodable bytes become lone surrogates, so only the rows holding them fail (bad_utf8).
     text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    for index, (_, chunk, where) in enumerate(split_rows(text)):
-        stats.read += 1
-        fallback = f"{path.name}#{index}"
-        try:
-            if chunk is None:
-                _fail("bad_json", f"the rest of the file is unreadable: {where}", fallback)
-            try:
-                row = json.loads(chunk)
-            except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than Python's stack
-                _fail("bad_json", f"row is not JSON ({type(e).__name__}: {str(e)[:200]})", fallback)
-            example = parse_grpo_row(row, base, _row_id(row, fallback))
-            data = example_to_bytes(example)
-        except RecordError as e:
-            if strict:
-                raise e.at(f"{path} {where}") from None
-            stats.skipped[e.reason] += 1
-            continue
-        yield example, data
+
+    def rows():
+        for index, (_, chunk, where) in enumerate(split_rows(text)):
+            def parse(chunk=chunk, where=where, fallback=f"{path.name}#{index}"):
+                if chunk is None:
+                    _fail("bad_json", f"the rest of the file is unreadable: {where}", fallback)
+                row = load_json_row(chunk, fallback)
+                example = parse_grpo_row(row, base, row_id(row, fallback))
+                return example, example_to_bytes(example)
+
+            yield f"{path} {where}", parse
+
+    yield from guarded(rows(), stats, strict)
 
 
 def import_grpo_json(src: str | Path, out: str | Path, *, strict: bool = False,
                      image_root: str | Path | None = None) -> GRPOImportStats:
-    """Streams `src` into the ArrayRecord file `out`, which appears only when the import completes."""
-    from array_record.python.array_record_module import ArrayRecordWriter
+    """Streams `src` into the ArrayRecord file `out`, which appears only when the import completes
+    with at least one row (no usable row leaves an existing `out` as it was)."""
+    from sr_jax.data.storage import write_records
 
-    from sr_jax.data.storage import ARRAY_RECORD_OPTIONS
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     stats = GRPOImportStats()
-    writer = ArrayRecordWriter(str(tmp), ARRAY_RECORD_OPTIONS)
-    try:
-        for _, data in read_grpo_json(src, stats, strict=strict, image_root=image_root):
-            writer.write(data)
-            stats.written += 1
-        writer.close()
-        writer = None
-        if stats.written:
-            os.replace(tmp, out)
-    finally:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
+    rows = read_grpo_json(src, stats, strict=strict, image_root=image_root)
+    stats.written = write_records(out, (data for _, data in rows), replace_empty=False)
     return stats
 
 

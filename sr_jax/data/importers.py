@@ -33,16 +33,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import json
 import math
 import re
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn
-
-from PIL import Image
+from typing import Callable, Iterator
 
 from sr_jax.data.records import IMAGE_TAG, SCORE_RANGE, RecordError, Region, SpatialExample
+from sr_jax.data.rows import RowStats, check_text, format_counts, guarded, load_image, load_json_row, row_id
+from sr_jax.data.rows import fail as _fail
 from sr_jax.data.storage import ArrayRecordSource, example_to_bytes, write_records
 
 # Quotes that may wrap a whole instruction: straight, curly double and curly single.
@@ -63,21 +62,15 @@ _FIELD_REASONS = ("bad_json", "bad_score", "bad_box", "bad_text", "score_range",
 
 
 @dataclasses.dataclass
-class ImportStats:
-    read: int = 0
-    written: int = 0
-    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+class ImportStats(RowStats):
     parsed: int = 0  # kept rows whose answer parsed into regions/score
     unparsed: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # kept anyway
 
     def summary(self) -> str:
-        def fmt(counter):
-            return ", ".join(f"{k}={v}" for k, v in sorted(counter.items())) or "none"
-
-        text = f"read {self.read}, kept {self.written}, skipped {sum(self.skipped.values())} ({fmt(self.skipped)})"
+        text = super().summary()
         if self.parsed or self.unparsed:
             text += (f"; answers parsed {self.parsed}, kept verbatim without parsing "
-                     f"{sum(self.unparsed.values())} ({fmt(self.unparsed)})")
+                     f"{sum(self.unparsed.values())} ({format_counts(self.unparsed)})")
         return text
 
 
@@ -87,39 +80,6 @@ class ImportOptions:
     instruction_patterns: tuple[str, ...] = DEFAULT_INSTRUCTION_PATTERNS
     check_images: bool = True  # fully decode every image once
     require_parsed: bool = False  # skip rows whose answer does not parse (they train verbatim otherwise)
-
-
-def _fail(reason: str, message: str, rid: str) -> NoReturn:
-    raise RecordError(reason, message, rid)
-
-
-def _load_image(entry, base: Path, index: int, rid: str, check: bool) -> bytes:
-    if isinstance(entry, dict):
-        data, path = entry.get("bytes"), entry.get("path")
-    elif isinstance(entry, (bytes, bytearray)):
-        data, path = entry, None
-    elif isinstance(entry, str):
-        data, path = None, entry
-    else:
-        _fail("bad_image", f"image {index}: expected a path, bytes or {{bytes, path}}, got {type(entry).__name__}", rid)
-    if not data:
-        if not path or not isinstance(path, str):
-            _fail("missing_image", f"image {index} has neither bytes nor a path", rid)
-        file = Path(path) if Path(path).is_absolute() else base / path
-        try:
-            data = file.read_bytes()
-        except (OSError, ValueError):  # ValueError: a NUL byte in the path
-            _fail("missing_image", f"image {index} not found: {file}", rid)
-    if not isinstance(data, (bytes, bytearray)):
-        _fail("bad_image", f"image {index}: bytes must be binary, got {type(data).__name__}", rid)
-    data = bytes(data)
-    if check:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... on bad data
-            _fail("bad_image", f"image {index} cannot be decoded ({type(e).__name__}: {e})", rid)
-    return data
 
 
 def _images(row: dict, rid: str) -> list:
@@ -257,12 +217,8 @@ def parse_conversation_row(row: dict, base: Path, rid: str, opts: ImportOptions)
         _fail("image_count", f"{n_tags} {IMAGE_TAG} tags but {len(images)} images", rid)
     if any(IMAGE_TAG in a for _, a in turns):
         _fail("image_count", f"an assistant turn holds an {IMAGE_TAG} tag", rid)
-    for text in [system or ""] + [t for turn in turns for t in turn]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate from a JSON \ud800 escape
-            _fail("bad_utf8", f"text is not valid Unicode ({e.reason} at {e.start})", rid)
-    loaded = [_load_image(entry, base, i, rid, opts.check_images) for i, entry in enumerate(images)]
+    check_text([system or ""] + [t for turn in turns for t in turn], rid)
+    loaded = [load_image(entry, base, i, rid, opts.check_images) for i, entry in enumerate(images)]
     meta = {"source": "import", "verbatim": True, "prompt": prompt, "answer": answer_text}
     if system:
         meta["system"] = system
@@ -287,38 +243,15 @@ def parse_conversation_row(row: dict, base: Path, rid: str, opts: ImportOptions)
     return SpatialExample(id=rid, images=loaded, instruction=instruction, meta=meta, **fields).validate()
 
 
-_DATA_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError)
-
-
 def _guarded(rows: Iterator[tuple[str, Callable[[], SpatialExample]]], stats: ImportStats, strict: bool):
-    """Runs each row's parser; counts and skips bad rows (any data error) unless strict."""
-    for where, parse in rows:
-        stats.read += 1
-        try:
-            example = parse()
-        except RecordError as e:
-            if strict:
-                raise e.at(where) from None
-            stats.skipped[e.reason] += 1
-            continue
-        except _DATA_ERRORS as e:  # a failure no check foresaw still costs only this row
-            if strict:
-                raise RecordError("bad_row", f"{type(e).__name__}: {e}", where) from None
-            stats.skipped["bad_row"] += 1
-            continue
+    """rows.guarded, counting whether each kept verbatim row's answer parsed."""
+    for example in guarded(rows, stats, strict):
         if example.meta.get("verbatim"):
             if example.meta.get("answer_parsed"):
                 stats.parsed += 1
             else:
                 stats.unparsed[example.meta.get("parse_error", "?")] += 1
         yield example
-
-
-def _row_id(row, fallback: str) -> str:
-    rid = row.get("id") if isinstance(row, dict) else None
-    if isinstance(rid, str) or isinstance(rid, int) and not isinstance(rid, bool) and abs(rid) < 10**18:
-        return str(rid)
-    return fallback
 
 
 def read_jsonl(path: str | Path, stats: ImportStats | None = None, opts: ImportOptions = ImportOptions()):
@@ -341,11 +274,8 @@ def read_jsonl(path: str | Path, stats: ImportStats | None = None, opts: ImportO
                         _fail("bad_utf8", f"line is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})", fallback)
                     if lineno == 1:
                         line = line.removeprefix("\ufeff")
-                    try:
-                        row = json.loads(line)
-                    except (ValueError, RecursionError) as e:  # too deep, too many digits, not JSON
-                        _fail("bad_json", f"line is not JSON ({type(e).__name__}: {str(e)[:120]})", fallback)
-                    return parse_conversation_row(row, path.parent, _row_id(row, fallback), opts)
+                    row = load_json_row(line, fallback, "line")
+                    return parse_conversation_row(row, path.parent, row_id(row, fallback), opts)
 
                 yield where, parse
 
@@ -362,7 +292,7 @@ def read_parquet(path: str | Path, stats: ImportStats | None = None, opts: Impor
         index = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
             for row in batch.to_pylist():
-                rid = _row_id(row, f"{path.name}#{index}")
+                rid = row_id(row, f"{path.name}#{index}")
                 yield f"{path} row {index}", (lambda row=row, rid=rid: parse_conversation_row(row, path.parent, rid, opts))
                 index += 1
 

@@ -93,11 +93,12 @@ def example_from_bytes(data: bytes, where: str = "?") -> SpatialExample:
         raise RecordError("bad_record", f"malformed record field ({type(e).__name__}: {e})", f"{rid} ({where})") from None
 
 
-def write_records(path: str | Path, payloads: Iterable[bytes]) -> int:
+def write_records(path: str | Path, payloads: Iterable[bytes], *, replace_empty: bool = True) -> int:
     """Writes serialised records to one ArrayRecord file, atomically; returns how many.
 
     The file is built under a temporary name in the same folder and renamed over `path` only
-    after the last record: an error midway leaves an existing `path` as it was.
+    after the last record: an error midway leaves an existing `path` as it was, and so does
+    writing no record at all when `replace_empty` is False.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -114,9 +115,12 @@ def write_records(path: str | Path, payloads: Iterable[bytes]) -> int:
                 count += 1
         finally:
             writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if count or replace_empty:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            Path(tmp).unlink()
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
