@@ -91,7 +91,7 @@ class Trainer:
 
         from sr_jax.lora import apply_lora
         from sr_jax.model.qwen3vl import Qwen3VLForConditionalGeneration
-        from sr_jax.sharding import make_mesh, tree_shardings
+        from sr_jax.sharding import make_mesh, tree_shardings, use_mesh
         from sr_jax.train.optim import make_optimizer
         from sr_jax.train.step import TrainStep
 
@@ -114,8 +114,8 @@ class Trainer:
         if abstract:
             model = nnx.merge(graphdef, abstract_state)
         else:
-            shardings = tree_shardings(abstract_state, self.mesh)
-            with jax.set_mesh(self.mesh):
+            shardings = tree_shardings(abstract_state, self.mesh, cfg.train.mesh.axis_rules())
+            with use_mesh(self.mesh, cfg.train.mesh.axis_rules()):
                 state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
             model = nnx.merge(graphdef, state)
             if cfg.model.init_from:
@@ -252,7 +252,7 @@ def _train_locked(cfg: SFTConfig, *, devices=None, stop_after: int | None = None
             stacked = stack_microbatches([model_inputs(b) for b in microbatches])
             label_counts = count_step_labels(stacked, all_processes=True) if cfg.train.loss.label_bucket else None
             if jax.process_count() > 1:
-                stacked = shard_batch(stacked, trainer.mesh)
+                stacked = shard_batch(stacked, trainer.mesh, cfg.train.mesh.axis_rules())
             t0 = time.perf_counter()
             state, metrics = trainer.step(state, stacked, label_counts)
             metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}
