@@ -614,7 +614,7 @@ def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = No
         "mesh": dict(zip(MESH_KEYS, spec._sizes())),
         "devices": n,
         "batch": dataclasses.asdict(spec.batch),
-        "rules": {k: list(v) for k, v in spec.rules.items()},  # changes to the default table
+        "rules": {k: list(trainer.step.rules[k]) for k in spec.rules},  # changes to the default table
         "rows_per_device": spec.batch.micro_rows // spec.batch_devices(),
         "lora": spec.lora, "remat": spec.remat, "dtype": spec.dtype, "param_dtype": spec.param_dtype,
         "scan_layers": bool(trainer.model_cfg.scan_layers),

@@ -156,12 +156,13 @@ def test_plan_config_rules_override_changes_the_per_device_bytes(capsys):
         assert code == 0, out.err
         return json.loads(out.out)
 
-    default, replicated = plan(), plan("train.mesh.rules.embed=[]", "train.mesh.rules.vision_embed=[]")
-    assert default["rules"] == {} and replicated["rules"] == {"embed": [], "vision_embed": []}
+    default, replicated = plan(), plan("train.mesh.rules.embed=[]", "train.mesh.rules.vision_embed=null",
+                                       "train.mesh.rules.mlp=fsdp")
+    assert default["rules"] == {} and replicated["rules"] == {"embed": [], "vision_embed": [], "mlp": ["fsdp"]}
     params, more = default["memory_per_device"]["params"], replicated["memory_per_device"]["params"]
     assert 1.6 * params < more <= 2.0 * params  # fsdp=2 halves what the rules shard
     assert replicated["memory_per_device"]["optimizer"] > 1.6 * default["memory_per_device"]["optimizer"]
-    assert "sharding rules changed from the default: embed -> [], vision_embed -> []" in format_report(
+    assert "sharding rules changed from the default: embed -> [], vision_embed -> [], mlp -> [fsdp]" in format_report(
         dict(replicated, _compiled=None))
 
 
