@@ -82,7 +82,10 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     if unknown:
         raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a __post_init__ check names its key relative to `cls`: make it whole
+        raise ConfigError(f"{where or cls.__name__}.{e}") from None
 
 
 def to_dict(obj: Any) -> Any:

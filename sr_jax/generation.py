@@ -21,7 +21,7 @@ from flax import nnx
 
 from sr_jax.model.rope_index import get_rope_index
 from sr_jax.model.vision import attention_slots, pad_patches
-from sr_jax.sharding import constrain
+from sr_jax.sharding import active_rules, constrain
 from sr_jax.special_tokens import DEFAULT_STOP_IDS, PAD_ID  # noqa: F401  (also imported from here)
 
 TRACE_COUNT: collections.Counter = collections.Counter()  # incremented when a program is (re)traced
@@ -169,13 +169,14 @@ def _decode_loop(model, carry, prompt_len, next_pos, rng, temperature, top_p, pe
     return jax.lax.while_loop(cond, body, carry)
 
 
+# `rules` (the enclosing `use_mesh`'s) only keys the cache: the trace bakes them into the program.
 @functools.lru_cache(maxsize=64)
-def _compiled(graphdef, static: _Static):
+def _compiled(graphdef, static: _Static, rules=None):
     return jax.jit(functools.partial(_generate_program, graphdef=graphdef, static=static))
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_continue(graphdef, static: _Static):
+def _compiled_continue(graphdef, static: _Static, rules=None):
     # The carry (KV cache included) is donated: a segment reuses its buffers instead of doubling them.
     return jax.jit(functools.partial(_continue_program, graphdef=graphdef, static=static), donate_argnums=(1,))
 
@@ -239,7 +240,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     rng, sampling = jax.random.PRNGKey(seed), (jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                                               jnp.float32(repetition_penalty), stops)
     first = max_new_tokens if should_stop is None else min(max_new_tokens, segment)
-    out = _compiled(graphdef, static)(
+    out = _compiled(graphdef, static, active_rules())(
         state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(positions, jnp.int32),
         next_pos, pixel_values, vision, layout, rng, *sampling, jnp.int32(first))
     if should_stop is None:
@@ -247,6 +248,6 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     # Segmented: between segments the host asks whether the caller still wants the answer; the
     # tokens of a stopped run end where it stopped (pad after).
     while (step := int(out[0])) < max_new_tokens and not bool(np.all(out[3])) and not should_stop():
-        out = _compiled_continue(graphdef, static)(state, out, next_pos, rng, *sampling,
+        out = _compiled_continue(graphdef, static, active_rules())(state, out, next_pos, rng, *sampling,
                                                    jnp.int32(min(step + segment, max_new_tokens)))
     return np.asarray(out[2])[:, :max_new_tokens]

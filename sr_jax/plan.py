@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-MESH_KEYS = ("data", "fsdp", "tensor")
+from sr_jax.sharding import MESH_AXES as MESH_KEYS  # importing JAX starts no backend: XLA_FLAGS still apply
 _CHILD_ENV = "SR_JAX_PLAN_CHILD"  # set in the re-executed process, so it never re-executes again
 
 
@@ -124,13 +124,14 @@ def _batch_dtypes(shape: BatchShape) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def abstract_batch(shape: BatchShape, mesh) -> dict[str, Any]:
+def abstract_batch(shape: BatchShape, mesh, rules=None) -> dict[str, Any]:
     """ShapeDtypeStructs of the step's batch (layout of `sr_jax.train.step`), with shardings."""
     import jax
 
     from sr_jax.sharding import logical_sharding, BATCH_AXES
 
-    return {key: jax.ShapeDtypeStruct(dims, np.dtype(dtype), sharding=logical_sharding(BATCH_AXES[key], dims, mesh))
+    return {key: jax.ShapeDtypeStruct(dims, np.dtype(dtype),
+                                      sharding=logical_sharding(BATCH_AXES[key], dims, mesh, rules))
             for key, (dims, dtype) in _batch_dtypes(shape).items()}
 
 
@@ -190,6 +191,7 @@ def analytic_flops(model_cfg, shape: BatchShape, *, vision_trainable: bool) -> f
 class PlanSpec:
     model: str = "8b"                   # preset name or model YAML path
     mesh: dict = dataclasses.field(default_factory=lambda: {"fsdp": 1})
+    rules: dict = dataclasses.field(default_factory=dict)  # changes to the logical-axis rules (MeshConfig.rules)
     batch: BatchShape = dataclasses.field(default_factory=lambda: BatchShape(rows=1, seq=1024))
     lora: bool = False
     lora_rank: int = 32
@@ -221,7 +223,12 @@ class PlanSpec:
         sizes = self._sizes()
         if any(s < 1 for s in sizes):
             raise ValueError(f"mesh axis sizes must be >= 1, got {self.mesh}")
-        return MeshConfig(*sizes)
+        return MeshConfig(*sizes, rules=dict(self.rules))
+
+    def batch_devices(self) -> int:
+        """Devices the batch rows split over: the mesh axes of the `batch` rule."""
+        sizes = dict(zip(MESH_KEYS, self._sizes()))
+        return math.prod(sizes[a] for a in self.mesh_config().axis_rules()["batch"])
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -312,15 +319,14 @@ def build_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = 
     cfg = sft_config(spec)
     mcfg = model_config(cfg.model)
     n = spec.mesh_size()
-    sizes = dict(zip(MESH_KEYS, spec._sizes()))
-    spec.batch.validate(sizes["data"] * sizes["fsdp"], mcfg.vision)
+    spec.batch.validate(spec.batch_devices(), mcfg.vision)
     devices = target_devices(spec) if devices is None else list(devices)[:n]
     if len(devices) < n:
         raise RuntimeError(f"the mesh {spec.mesh} needs {n} devices, {len(devices)} given")
     trainer = Trainer(cfg, devices=devices, abstract=True, total_steps=1000)
     if compiler_options:
         trainer.step.compiler_options = compiler_options
-    return trainer, trainer.abstract_state(), abstract_batch(spec.batch, trainer.mesh)
+    return trainer, trainer.abstract_state(), abstract_batch(spec.batch, trainer.mesh, trainer.step.rules)
 
 
 def memory_fields(stats) -> dict[str, int]:
@@ -405,7 +411,7 @@ def remedies(spec: PlanSpec) -> list[str]:
         out.append("more fsdp: --mesh fsdp=N (shards parameters, gradients and optimizer state over every device)")
     if spec.remat != "full":
         out.append("--remat full (keeps only each layer's input for the backward pass)")
-    rows = spec.batch.micro_rows // (sizes["data"] * sizes["fsdp"])
+    rows = spec.batch.micro_rows // spec.batch_devices()
     if rows > 1:
         out.append(f"a smaller microbatch: --grad-accum {spec.batch.grad_accum * 2} ({rows} rows per device now)")
     else:
@@ -425,7 +431,8 @@ class DoesNotFit(Exception):
 STAGES = ("sft", "rl", "generate")
 
 
-def abstract_rl_batch(shape: BatchShape, mesh, completion_tokens: int, *, ref_logp: bool) -> dict[str, Any]:
+def abstract_rl_batch(shape: BatchShape, mesh, completion_tokens: int, *, ref_logp: bool,
+                      rules=None) -> dict[str, Any]:
     """The GRPO update's batch (`sr_jax.rl.grpo` layout): rows of `shape.seq` tokens, the last
     `completion_tokens` of them the completion."""
     import jax
@@ -439,7 +446,7 @@ def abstract_rl_batch(shape: BatchShape, mesh, completion_tokens: int, *, ref_lo
     if ref_logp:
         dims["ref_logp"] = ((k, b, n), "float32")
     plain = {key: jax.ShapeDtypeStruct(d, np.dtype(t)) for key, (d, t) in dims.items()}
-    shardings = rl_batch_shardings(plain, mesh)
+    shardings = rl_batch_shardings(plain, mesh, rules)
     return {key: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[key]) for key, v in plain.items()}
 
 
@@ -452,7 +459,7 @@ def _rl_program(trainer, spec: PlanSpec, state):
     if n >= spec.batch.seq - spec.batch.image_tokens_per_row:
         raise ValueError(f"--completion-tokens {n} leaves no room for the prompt in rows of {spec.batch.seq} tokens")
     step = GRPOStep(trainer.model, trainer.optimizer, trainer.mesh, trainer.cfg.train, grpo)
-    batch = abstract_rl_batch(spec.batch, trainer.mesh, n, ref_logp=grpo.beta > 0)
+    batch = abstract_rl_batch(spec.batch, trainer.mesh, n, ref_logp=grpo.beta > 0, rules=step.rules)
     cfg = trainer.cfg.train
     vision_trainable = not (cfg.freeze_vision or (cfg.lora.enabled and not cfg.lora.vision))
     from sr_jax.train.metrics import train_flops
@@ -471,14 +478,14 @@ def _generate_programs(trainer, spec: PlanSpec):
     import jax.numpy as jnp
     from flax import nnx
 
-    from sr_jax.sharding import logical_sharding, tree_shardings
+    from sr_jax.sharding import logical_sharding, tree_shardings, use_mesh
     from sr_jax.train.checkpoint import abstract_with_shardings
     from sr_jax.train.metrics import train_flops
 
-    mesh, mcfg = trainer.mesh, trainer.model_cfg
+    mesh, mcfg, rules = trainer.mesh, trainer.model_cfg, trainer.step.rules
     tcfg = mcfg.text
     graphdef, params = nnx.split(trainer.model)
-    params = abstract_with_shardings(params, tree_shardings(params, mesh))
+    params = abstract_with_shardings(params, tree_shardings(params, mesh, rules))
     b, total = spec.batch.micro_rows, spec.batch.seq
     width = total - spec.completion_tokens
     if width <= spec.batch.image_tokens_per_row:
@@ -486,13 +493,13 @@ def _generate_programs(trainer, spec: PlanSpec):
     prompt = BatchShape(rows=b, seq=width, images_per_example=spec.batch.images_per_example,
                         image_size=spec.batch.image_size)
     inputs = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype, sharding=_drop_lead(v.sharding))
-              for k, v in abstract_batch(prompt, mesh).items() if k != "labels"}
+              for k, v in abstract_batch(prompt, mesh, rules).items() if k != "labels"}
     dtype = jnp.dtype(spec.dtype)
     cache_sharding = logical_sharding(("batch", None, "kv_heads", "head_dim"),
-                                      (b, total, tcfg.num_key_value_heads, tcfg.head_dim), mesh)
+                                      (b, total, tcfg.num_key_value_heads, tcfg.head_dim), mesh, rules)
     cache_one = jax.ShapeDtypeStruct((b, total, tcfg.num_key_value_heads, tcfg.head_dim), dtype, sharding=cache_sharding)
     cache = [(cache_one, cache_one) for _ in range(tcfg.num_hidden_layers)]
-    row = lambda *axes: logical_sharding(("batch",) + axes, (b,) + (total,) * len(axes), mesh)
+    row = lambda *axes: logical_sharding(("batch",) + axes, (b,) + (total,) * len(axes), mesh, rules)
 
     def prefill(params, inp):
         model = nnx.merge(graphdef, params)
@@ -516,7 +523,7 @@ def _generate_programs(trainer, spec: PlanSpec):
     tok = jax.ShapeDtypeStruct((b,), np.dtype("int32"), sharding=row())
     key_valid = jax.ShapeDtypeStruct((b, total), np.dtype("bool"), sharding=row(None))
     slot = jax.ShapeDtypeStruct((), np.dtype("int32"), sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    with jax.set_mesh(mesh):
+    with use_mesh(mesh, rules):
         lowered_prefill = jax.jit(prefill).lower(params, inputs)
         lowered_decode = jax.jit(decode, donate_argnums=(1,)).lower(params, cache, tok, key_valid, slot)
     grids = np.array([prompt.grid] * (b * prompt.images_per_example)).reshape(-1, 3)
@@ -607,7 +614,8 @@ def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = No
         "mesh": dict(zip(MESH_KEYS, spec._sizes())),
         "devices": n,
         "batch": dataclasses.asdict(spec.batch),
-        "rows_per_device": spec.batch.micro_rows // (trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]),
+        "rules": {k: list(trainer.step.rules[k]) for k in spec.rules},  # changes to the default table
+        "rows_per_device": spec.batch.micro_rows // spec.batch_devices(),
         "lora": spec.lora, "remat": spec.remat, "dtype": spec.dtype, "param_dtype": spec.param_dtype,
         "scan_layers": bool(trainer.model_cfg.scan_layers),
         "num_params": num_params,
@@ -735,6 +743,9 @@ def format_report(r: dict) -> str:
         f"compile: {r['seconds']['compile']:.1f} s (lower {r['seconds']['lower']:.1f} s, build "
         f"{r['seconds']['build']:.1f} s)",
     ]
+    if r.get("rules"):
+        lines.insert(lines.index("memory per device:"), "      sharding rules changed from the default: " + ", ".join(
+            f"{name} -> [{', '.join(axes)}]" for name, axes in r["rules"].items()))
     if t["hbm_bytes_per_device"]:
         lines.insert(lines.index("FLOPs per step:"),
                      f"  HBM per device           {_gib(t['hbm_bytes_per_device'])}   (published; "
@@ -863,6 +874,7 @@ def _from_config(args) -> tuple[dict, list[str]]:
     if n is None:
         n = cfg.run.num_devices or math.prod(s for s in (t.mesh.data, t.mesh.fsdp, t.mesh.tensor) if s > 0)
     fields["mesh"] = dict(zip(MESH_KEYS, t.mesh.resolve(n)))
+    fields["rules"] = dict(t.mesh.rules)
     hosts = _hosts(args.topology)
     d = cfg.data
     fields["rows"] = d.batch_size * hosts * t.grad_accum_steps
@@ -883,6 +895,8 @@ def _from_config(args) -> tuple[dict, list[str]]:
 
 def spec_from_args(args) -> PlanSpec:
     topology = getattr(args, "topology", None)
+    if getattr(args, "config_overrides", None) and not getattr(args, "config", None):
+        raise ValueError(f"overrides {list(args.config_overrides)} apply to a training config: give --config")
     fields, notes = _from_config(args) if getattr(args, "config", None) else ({}, [])
     args._notes = notes
 
@@ -905,7 +919,8 @@ def spec_from_args(args) -> PlanSpec:
     batch = BatchShape(rows=rows, seq=pick("seq"), grad_accum=grad_accum,
                        images_per_example=pick("images_per_example"), image_size=pick("image_size"),
                        label_tokens=pick("label_tokens"))
-    return PlanSpec(model=getattr(args, "model", None) or fields.get("model") or "8b", mesh=mesh, batch=batch,
+    return PlanSpec(model=getattr(args, "model", None) or fields.get("model") or "8b", mesh=mesh,
+                    rules=fields.get("rules", {}), batch=batch,
                     lora=bool(args.lora or fields.get("lora")), lora_rank=pick("lora_rank"), remat=pick("remat"),
                     dtype=pick("dtype"), param_dtype=pick("param_dtype"),
                     freeze_vision=bool(args.freeze_vision or fields.get("freeze_vision")),

@@ -2,7 +2,8 @@
 
 The model names every parameter dimension with a logical axis (`nnx.Param(..., logical_axes=...)`)
 and marks a few activations with `constrain(x, logical_axes)`. `LOGICAL_AXIS_RULES` is the only
-place that maps those names onto the mesh axes `data`, `fsdp` and `tensor`:
+place that maps those names onto the mesh axes `data`, `fsdp` and `tensor` by default; a run
+changes any entry from its training YAML (`train.mesh.rules`, see `MeshConfig`):
 
 - `data`: pure data parallelism (parameters replicated);
 - `fsdp`: data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3 style;
@@ -11,26 +12,83 @@ place that maps those names onto the mesh axes `data`, `fsdp` and `tensor`:
 
 A dimension whose size is not divisible by its mesh axes is replicated instead (logged at debug
 level), so tiny test models run on any mesh.
+
+Placement functions take `rules=` explicitly. Model code cannot (it only names axes), so
+`constrain` and the attention kernels read the rules of the enclosing `use_mesh(mesh, rules)`,
+which the trainers and `sr-jax plan` enter around every trace; outside one, the default table.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sr_jax.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
 
-LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
+
+
+class AxisRules(Mapping[str, tuple[str, ...]]):
+    """An immutable, hashable logical axis -> mesh axes table (hashable so that program caches can
+    key on it: the same model traced under other rules is another program)."""
+
+    def __init__(self, table: Mapping[str, Sequence[str]]):
+        self._table = {name: tuple(axes) for name, axes in table.items()}
+        self._hash = hash(tuple(sorted(self._table.items())))
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        return self._table[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and dict(self.items()) == {k: tuple(v) for k, v in other.items()}
+
+    def __repr__(self) -> str:
+        return f"AxisRules({self._table})"
+
+    def replace(self, changes: Mapping[str, Any], where: str = "rules") -> "AxisRules":
+        """This table with some entries replaced; `changes` maps a logical axis to a list of mesh
+        axes (a single name for one axis; empty or null: replicated). Names that are not logical
+        axes of this table or mesh axes are a `ConfigError` naming `where.<axis>`."""
+        table = dict(self._table)
+        for name, axes in changes.items():
+            key = f"{where}.{name}"
+            if name not in table:
+                raise ConfigError(f"{key}: unknown logical axis {name!r}; known: {sorted(table)}")
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            if not isinstance(axes, (list, tuple)) or not all(isinstance(a, str) for a in axes):
+                raise ConfigError(f"{key}: expected a list of mesh axes {list(MESH_AXES)}, got {axes!r}")
+            bad = [a for a in axes if a not in MESH_AXES]
+            if bad:
+                raise ConfigError(f"{key}: unknown mesh axis {bad[0]!r}; mesh axes are {list(MESH_AXES)}")
+            if len(set(axes)) != len(axes):
+                raise ConfigError(f"{key}: mesh axis listed twice in {list(axes)}")
+            table[name] = tuple(axes)
+        return AxisRules(table)
+
+
+DEFAULT_RULES = AxisRules({
     # --- activations ---
     "batch": BATCH,               # example rows
     "seq": (),                    # token positions
@@ -55,16 +113,47 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "patch": (),
     # --- adapters ---
     "lora_rank": (),
-}
+})
+LOGICAL_AXIS_RULES = DEFAULT_RULES  # the name older code and tests import
+
+# The rules `constrain` applies: set only by `use_mesh` (scoped to a `with` block), read at trace time.
+_ACTIVE_RULES: contextvars.ContextVar[AxisRules | None] = contextvars.ContextVar("sr_jax_axis_rules", default=None)
+
+
+def active_rules() -> AxisRules:
+    """The rules of the enclosing `use_mesh`, else the default table."""
+    return _ACTIVE_RULES.get() or DEFAULT_RULES
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Mapping[str, Sequence[str]] | None = None):
+    """`jax.set_mesh(mesh)` plus the logical-axis rules that the model's activation constraints
+    use while tracing inside the block (None: the default table)."""
+    token = _ACTIVE_RULES.set(DEFAULT_RULES if rules is None else AxisRules(rules))
+    try:
+        with jax.set_mesh(mesh):
+            yield mesh
+    finally:
+        _ACTIVE_RULES.reset(token)
 
 
 @dataclasses.dataclass
 class MeshConfig:
-    """Mesh axis sizes; one of them may be -1 to take all remaining devices."""
+    """Mesh axis sizes (one of them may be -1 to take all remaining devices) and the run's changes
+    to the default logical-axis rules: `rules: {mlp: [fsdp], embed: []}` in YAML, or
+    `train.mesh.rules.mlp=[fsdp]` as an override (`[]` or `null`: replicated). Entries not named
+    keep `DEFAULT_RULES`; `axis_rules()` is the resulting table."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    rules: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.axis_rules()  # unknown logical or mesh axes fail when the config is read, naming the key
+
+    def axis_rules(self) -> AxisRules:
+        return DEFAULT_RULES.replace(self.rules or {})
 
     def resolve(self, num_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
@@ -141,9 +230,11 @@ def _axis_sizes(mesh) -> Mapping[str, int]:
 
 
 def logical_to_spec(axes: Sequence[str | None], *, shape: Sequence[int] | None = None, mesh=None,
-                    rules: Mapping[str, tuple[str, ...]] = LOGICAL_AXIS_RULES) -> PartitionSpec:
-    """PartitionSpec for logical `axes`. With `shape` and `mesh`, a dimension that its mesh axes
-    do not divide is replicated; a mesh axis already used by an earlier dimension is dropped."""
+                    rules: Mapping[str, Sequence[str]] | None = None) -> PartitionSpec:
+    """PartitionSpec for logical `axes` under `rules` (None: `active_rules()`). With `shape` and
+    `mesh`, a dimension that its mesh axes do not divide is replicated; a mesh axis already used
+    by an earlier dimension is dropped."""
+    rules = active_rules() if rules is None else rules
     if shape is not None and len(shape) != len(axes):
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
     sizes = _axis_sizes(mesh) if mesh is not None else None
@@ -154,7 +245,7 @@ def logical_to_spec(axes: Sequence[str | None], *, shape: Sequence[int] | None =
             spec.append(None)
             continue
         if name not in rules:
-            raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
+            raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
         mesh_axes = tuple(a for a in rules[name] if a not in used and (sizes is None or a in sizes))
         if sizes is not None and shape is not None and mesh_axes:
             parts = math.prod(sizes[a] for a in mesh_axes)
@@ -167,13 +258,14 @@ def logical_to_spec(axes: Sequence[str | None], *, shape: Sequence[int] | None =
     return PartitionSpec(*spec)
 
 
-def logical_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(axes, shape=shape, mesh=mesh))
+def logical_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                     rules: Mapping[str, Sequence[str]] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape=shape, mesh=mesh, rules=rules))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint by logical axes on an activation; a no-op when no mesh is set
-    (`jax.set_mesh`), so model code runs unchanged outside sharded training."""
+    """Sharding constraint by logical axes on an activation, under the rules of the enclosing
+    `use_mesh`; a no-op when no mesh is set, so model code runs unchanged outside sharded training."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return x
@@ -190,7 +282,7 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def tree_shardings(tree, mesh: Mesh):
+def tree_shardings(tree, mesh: Mesh, rules: Mapping[str, Sequence[str]] | None = None):
     """Shardings for any pytree holding `nnx.Variable`s (a model state, an optax state built on
     one, a train state): a Variable with `logical_axes` metadata is placed by the rules, every
     other array is replicated. Variables stay Variables, so the result matches `tree`."""
@@ -202,26 +294,26 @@ def tree_shardings(tree, mesh: Mesh):
             shape = getattr(value, "shape", ())
             if axes is None or len(axes) != len(shape):
                 return leaf.replace(NamedSharding(mesh, PartitionSpec()))
-            return leaf.replace(logical_sharding(axes, shape, mesh))
+            return leaf.replace(logical_sharding(axes, shape, mesh, rules))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, tree, is_leaf=_is_variable)
 
 
-def param_shardings(model_or_state, mesh: Mesh):
+def param_shardings(model_or_state, mesh: Mesh, rules: Mapping[str, Sequence[str]] | None = None):
     """NamedSharding per parameter (an `nnx.State` mirroring the model's state)."""
     from flax import nnx
 
     state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
-    return tree_shardings(state, mesh)
+    return tree_shardings(state, mesh, rules)
 
 
-def shard_model(model, mesh: Mesh):
+def shard_model(model, mesh: Mesh, rules: Mapping[str, Sequence[str]] | None = None):
     """Places the model's variables on the mesh, in place; returns the model."""
     from flax import nnx
 
     state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
+    nnx.update(model, jax.device_put(state, param_shardings(state, mesh, rules)))
     return model
 
 
@@ -244,21 +336,23 @@ BATCH_AXES: dict[str, tuple[str | None, ...]] = {
 }
 
 
-def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+def batch_shardings(batch: Mapping[str, Any], mesh: Mesh,
+                    rules: Mapping[str, Sequence[str]] | None = None) -> dict[str, NamedSharding]:
     out = {}
     for key, value in batch.items():
         if key not in BATCH_AXES:
             raise KeyError(f"batch key {key!r} has no sharding rule; known: {sorted(BATCH_AXES)}")
         shape = np.shape(value)
-        out[key] = logical_sharding(BATCH_AXES[key], shape, mesh)
+        out[key] = logical_sharding(BATCH_AXES[key], shape, mesh, rules)
     return out
 
 
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh,
+                rules: Mapping[str, Sequence[str]] | None = None) -> dict[str, jax.Array]:
     """Host arrays -> global arrays on the mesh. Each process passes its own slice of the batch
     dimensions (on one host: the whole batch)."""
     if jax.process_count() == 1:
-        shardings = batch_shardings(batch, mesh)
+        shardings = batch_shardings(batch, mesh, rules)
         return {k: jax.device_put(np.asarray(v), shardings[k]) for k, v in batch.items()}
     # Several hosts: no replication fallback (the global shape is not known here); the batch
     # dimensions must divide over the data axes.
@@ -271,7 +365,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
             # Image ids count from 0 on every host: offset them so that images (and padding) of
             # different hosts never share a vision-attention block. A host's ids are < its patch count.
             v = v + jax.process_index() * v.shape[-1]
-        sharding = NamedSharding(mesh, logical_to_spec(BATCH_AXES[k], mesh=mesh))
+        sharding = NamedSharding(mesh, logical_to_spec(BATCH_AXES[k], mesh=mesh, rules=rules))
         out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
 

@@ -140,3 +140,35 @@ def test_fake_device_flag_replaces_an_existing_count():
     flags = "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"
     assert _with_device_count(flags, 64) == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=64"
     assert _with_device_count("", 2) == "--xla_force_host_platform_device_count=2"
+
+
+def test_plan_config_rules_override_changes_the_per_device_bytes(capsys):
+    """`sr-jax plan --config` sizes the layout of the training YAML's `train.mesh.rules`: replicating
+    the embedding dimension (sharded over fsdp by default) puts most weights whole on every device."""
+    vocab = "[" + ",".join(SMALL_VOCAB) + "]"
+    base = ["plan", "--config", "configs/sft/demo_cpu.yaml", "--mesh", "fsdp=2", "--json", "data.seq_lens=[128]",
+            "data.patch_budgets=[64]", "data.batch_size=2", "data.max_pixels=4096", "train.loss.max_label_tokens=null",
+            f"model.overrides={vocab}"]
+
+    def plan(*overrides):
+        code = main(base + list(overrides))
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return json.loads(out.out)
+
+    default, replicated = plan(), plan("train.mesh.rules.embed=[]", "train.mesh.rules.vision_embed=null",
+                                       "train.mesh.rules.mlp=fsdp")
+    assert default["rules"] == {} and replicated["rules"] == {"embed": [], "vision_embed": [], "mlp": ["fsdp"]}
+    params, more = default["memory_per_device"]["params"], replicated["memory_per_device"]["params"]
+    assert 1.6 * params < more <= 2.0 * params  # fsdp=2 halves what the rules shard
+    assert replicated["memory_per_device"]["optimizer"] > 1.6 * default["memory_per_device"]["optimizer"]
+    assert "sharding rules changed from the default: embed -> [], vision_embed -> [], mlp -> [fsdp]" in format_report(
+        dict(replicated, _compiled=None))
+
+
+def test_plan_refuses_a_bad_rule_by_name(capsys):
+    code = main(["plan", "--config", "configs/sft/demo_cpu.yaml", "train.mesh.rules.mlp=[fsdp,pipe]"])
+    assert code == 2
+    assert "train.mesh.rules.mlp: unknown mesh axis 'pipe'" in capsys.readouterr().err
+    assert main(["plan", "--model", "tiny", "train.mesh.rules.mlp=[fsdp]"]) == 2  # overrides need --config
+    assert "give --config" in capsys.readouterr().err

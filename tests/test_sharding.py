@@ -1,6 +1,8 @@
 """Mesh construction, the logical-axis rules, parameter/batch placement and activation constraints
 (8 fake CPU devices, see conftest.py)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +13,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sr_jax import sharding
 from sr_jax.lora import LoRAConfig, apply_lora
 from sr_jax.model import init_model
-from sr_jax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, batch_shardings, constrain, logical_to_spec, make_mesh,
-                             maybe_initialize_distributed, param_shardings, shard_batch, shard_model)
+from sr_jax.config import ConfigError, load_config
+from sr_jax.sharding import (DEFAULT_RULES, LOGICAL_AXIS_RULES, MeshConfig, active_rules, batch_shardings, constrain,
+                             logical_to_spec, make_mesh, maybe_initialize_distributed, param_shardings, shard_batch,
+                             shard_model, use_mesh)
+from sr_jax.train.sft import SFTConfig
 from test_train_step import tiny_config
 
 BATCH = ("data", "fsdp")
@@ -152,3 +157,41 @@ def test_maybe_initialize_distributed(monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "1")
     assert maybe_initialize_distributed() is True and calls[-1] == {"num_processes": 2, "process_id": 1}
     assert sharding.MESH_AXES == ("data", "fsdp", "tensor")
+
+
+def test_use_mesh_sets_the_rules_constrain_applies_and_restores_them():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    x = jnp.ones((8, 4, 16))
+    rules = MeshConfig(rules={"batch": ["data"], "mlp": "fsdp"}).axis_rules()
+    with use_mesh(mesh, rules):
+        assert active_rules() is not DEFAULT_RULES and active_rules()["batch"] == ("data",)
+        y = jax.jit(lambda a: constrain(a * 2, ("batch", "seq", "mlp")))(x)
+    assert y.sharding.spec == P("data", None, "fsdp")
+    assert active_rules() is DEFAULT_RULES  # the block's rules end with it
+    with use_mesh(mesh):  # no rules: today's table
+        y = jax.jit(lambda a: constrain(a * 3, ("batch", "seq", "mlp")))(x)
+    assert y.sharding.spec == P(BATCH, None, "tensor")
+    # Parameter and batch placement take the rules explicitly.
+    model = init_model(tiny_config(), seed=0)
+    specs = {k: v.get_value().spec for k, v in nnx.to_flat_state(param_shardings(model, mesh, rules))}
+    assert specs[("model", "language_model", "layers", 0, "mlp", "down_proj", "kernel")] == P("fsdp", None)
+    assert batch_shardings({"input_ids": np.zeros((1, 8, 4), np.int32)}, mesh, rules)["input_ids"].spec \
+        == P(None, "data", None)
+
+
+def test_rule_overrides_are_checked_by_name():
+    rules = MeshConfig(rules={"embed": [], "vocab": None, "mlp": "fsdp", "batch": ["fsdp", "data"]}).axis_rules()
+    assert (rules["embed"], rules["vocab"], rules["mlp"], rules["batch"]) == ((), (), ("fsdp",), ("fsdp", "data"))
+    assert rules["q_heads"] == LOGICAL_AXIS_RULES["q_heads"] and len(rules) == len(LOGICAL_AXIS_RULES)
+    assert MeshConfig().axis_rules() == DEFAULT_RULES and hash(MeshConfig().axis_rules()) == hash(DEFAULT_RULES)
+    for override, message in [
+        ("train.mesh.rules.mlpp=[fsdp]", "train.mesh.rules.mlpp: unknown logical axis 'mlpp'"),
+        ("train.mesh.rules.mlp=[fsdp,pipeline]", "train.mesh.rules.mlp: unknown mesh axis 'pipeline'"),
+        ("train.mesh.rules.mlp=[fsdp,fsdp]", "train.mesh.rules.mlp: mesh axis listed twice"),
+        ("train.mesh.rules.mlp=3", "train.mesh.rules.mlp: expected a list of mesh axes"),
+        ("train.mesh.rules=[fsdp]", "train.mesh.rules: expected a mapping"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(SFTConfig, None, [override])
+    cfg = load_config(SFTConfig, None, ["train.mesh.rules.embed=[]", "train.mesh.fsdp=4"])
+    assert cfg.train.mesh.rules == {"embed": []} and cfg.train.mesh.fsdp == 4

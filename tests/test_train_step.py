@@ -13,7 +13,7 @@ from flax import nnx
 
 from hf_oracle import hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels, tiny_hf_config
 from sr_jax.model import ModelConfig, init_model
-from sr_jax.sharding import MeshConfig, make_mesh
+from sr_jax.sharding import MeshConfig, batch_shardings, make_mesh
 from sr_jax.train.config import LossConfig, OptimConfig, TrainConfig
 from sr_jax.train.loss import IGNORE, count_label_tokens, label_loss
 from sr_jax.train.optim import lr_schedule, make_optimizer
@@ -374,6 +374,34 @@ def test_sharded_step_equals_single_device(data, reference, mesh_shape):
     # The state really is sharded by the rules: q_proj kernel (embed, q_heads) -> (fsdp, tensor).
     q = dict(nnx.to_flat_state(result[2].params))[("model", "language_model", "layers", 0, "self_attn", "q_proj", "kernel")]
     assert q.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_rules_from_the_training_yaml_move_the_weights_not_the_step(data, reference, tmp_path):
+    """`train.mesh.rules` (YAML, then a key=value override) re-lays the parameters, the optimizer
+    moments and the batch; the step itself is the same."""
+    import dataclasses
+
+    from sr_jax.config import load_config
+    from sr_jax.train.sft import SFTConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mesh:\n    rules:\n      mlp: [fsdp]\n      embed: []\n")
+    cfg = load_config(SFTConfig, path, ["train.mesh.rules.vocab=[data]", "train.mesh.rules.batch=[fsdp]"]).train
+    result = run_step(dataclasses.replace(cfg, **STEP_CFG), data[0], (2, 2, 2))
+    assert_same_step(reference, result)
+    P = jax.sharding.PartitionSpec
+    layer = ("model", "language_model", "layers", 0)
+    specs = {k: v.get_value().sharding.spec for k, v in nnx.to_flat_state(result[2].params)}
+    assert specs[layer + ("mlp", "gate_proj", "kernel")] == P(None, "fsdp")        # default (fsdp, tensor)
+    assert specs[layer + ("self_attn", "q_proj", "kernel")] == P(None, "tensor")   # default (fsdp, tensor)
+    assert specs[("model", "language_model", "embed_tokens", "embedding")] == P("data", None)  # default (tensor, fsdp)
+    gate = dict(nnx.to_flat_state(result[2].params))[layer + ("mlp", "gate_proj", "kernel")].get_value()
+    moments = [x for x in jax.tree.leaves(result[2].opt_state) if x.shape == gate.shape]
+    assert moments and all(x.sharding.spec == P(None, "fsdp") for x in moments)  # Adam's mu and nu follow
+    step = result[3]
+    assert step.rules["mlp"] == ("fsdp",) and step.rules["head_dim"] == ()
+    sharded = {k: s.spec for k, s in batch_shardings(data[0], step.mesh, step.rules).items()}
+    assert sharded["input_ids"] == P(None, "fsdp", None)
 
 
 def test_grad_accumulation_equals_one_big_batch(data, reference):

@@ -112,7 +112,7 @@ def measure(point: Point, steps: int, peak_override: float | None, cache: dict) 
     shape.validate(spec.mesh.get("data", 1) * spec.mesh.get("fsdp", 1), model_config(cfg.model).vision)
     trainer = Trainer(cfg, devices=jax.devices()[:n], total_steps=1000)
     state = trainer.init_state()
-    batch = shard_batch(synthetic_batch(trainer.model_cfg, shape), trainer.mesh)
+    batch = shard_batch(synthetic_batch(trainer.model_cfg, shape), trainer.mesh, trainer.step.rules)
 
     t0 = time.perf_counter()
     compiled = trainer.step.lower(state, batch).compile()

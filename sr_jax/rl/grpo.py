@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sr_jax.lora import set_lora_dropout
-from sr_jax.sharding import batch_shardings, constrain, global_from_full, logical_sharding
+from sr_jax.sharding import batch_shardings, constrain, global_from_full, logical_sharding, use_mesh
 from sr_jax.batch import POLICY_KEYS as MODEL_KEYS, VISION_KEYS
 from sr_jax.train.step import TrainState, TrainStep, trainable_filter
 RL_AXES = {
@@ -150,8 +150,8 @@ class GRPOLoss:
         return {"loss": stats.loss_sum / denom, "kl": stats.kl_sum / denom, "clip_fraction": stats.clipped / denom,
                 "ratio_mean": stats.ratio_sum / denom, "completion_tokens": stats.tokens}
 
-    def batch_shardings(self, batch, mesh) -> dict:
-        return rl_batch_shardings(batch, mesh)
+    def batch_shardings(self, batch, mesh, rules=None) -> dict:
+        return rl_batch_shardings(batch, mesh, rules)
 
 
 def _logprob_program(graphdef, temperature, chunk, params, frozen, rest, mb):
@@ -159,14 +159,14 @@ def _logprob_program(graphdef, temperature, chunk, params, frozen, rest, mb):
     return completion_logprobs(model, mb, temperature, chunk)
 
 
-def rl_batch_shardings(batch: Mapping[str, Any], mesh) -> dict:
-    model_part = batch_shardings({k: v for k, v in batch.items() if k in MODEL_KEYS}, mesh)
+def rl_batch_shardings(batch: Mapping[str, Any], mesh, rules=None) -> dict:
+    model_part = batch_shardings({k: v for k, v in batch.items() if k in MODEL_KEYS}, mesh, rules)
     for key, value in batch.items():
         if key in MODEL_KEYS:
             continue
         if key not in RL_AXES:
             raise KeyError(f"GRPO batch key {key!r} has no sharding rule; known: {sorted(MODEL_KEYS + tuple(RL_AXES))}")
-        model_part[key] = logical_sharding(RL_AXES[key], np.shape(value), mesh)
+        model_part[key] = logical_sharding(RL_AXES[key], np.shape(value), mesh, rules)
     return model_part
 
 
@@ -188,7 +188,7 @@ class GRPOStep(TrainStep):
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any], label_counts=None):
         # Every process holds the whole rollout (see `sr_jax.rl.trainer`): global arrays from it.
-        return super().__call__(state, global_from_full(batch, rl_batch_shardings(batch, self.mesh)))
+        return super().__call__(state, global_from_full(batch, rl_batch_shardings(batch, self.mesh, self.rules)))
 
     def logprobs(self, params, frozen, microbatch: Mapping[str, Any]) -> jax.Array:
         signature = _signature(microbatch)
@@ -197,12 +197,12 @@ class GRPOStep(TrainStep):
                                                      self.cfg.loss.chunk_size, p, f, r, b)
             shardings = {k: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:]))
                          for k, s in rl_batch_shardings({k: jax.ShapeDtypeStruct((1,) + np.shape(v), np.int8)
-                                                         for k, v in microbatch.items()}, self.mesh).items()}
+                                                         for k, v in microbatch.items()}, self.mesh, self.rules).items()}
             self._logprob_compiled[signature] = shardings, jax.jit(
                 fn, in_shardings=(self.state_shardings.params, self.state_shardings.frozen, self.rest_shardings,
                                   shardings),
                 out_shardings=NamedSharding(self.mesh, PartitionSpec()),  # readable on every process
                 compiler_options=self.compiler_options)
         shardings, program = self._logprob_compiled[signature]
-        with jax.set_mesh(self.mesh):
+        with use_mesh(self.mesh, self.rules):
             return program(params, frozen, self.rest, global_from_full(microbatch, shardings))

@@ -30,6 +30,7 @@ import numpy as np
 
 from sr_jax.rl.config import RLConfig
 from sr_jax.train.loop import Trainer, register_command, run
+from sr_jax.sharding import use_mesh
 
 
 def make_processor(cfg: RLConfig):
@@ -59,7 +60,7 @@ class RLTrainer(Trainer):
             # LoRA: adapters at zero = the base model. Full fine-tune: a copy, since the step donates the live weights.
             make = (lambda p: jax.tree.map(jnp.zeros_like, p)) if cfg.train.lora.enabled \
                 else (lambda p: jax.tree.map(jnp.copy, p))
-            with jax.set_mesh(self.mesh):
+            with use_mesh(self.mesh, self.step.rules):
                 self.ref_params = jax.jit(make, out_shardings=shardings)(params)
 
 
@@ -83,7 +84,7 @@ def rollout(trainer: RLTrainer, state, stream, rewards, processor, step: int):
     records = [r for r, _ in pairs for _ in range(g)]
     prompts = [p for _, p in pairs for _ in range(g)]
     model = trainer.step.model(state)
-    with jax.set_mesh(trainer.mesh):  # rows split over the batch axes: each device samples its share
+    with use_mesh(trainer.mesh, trainer.step.rules):  # rows split over the batch axes: each device samples its share
         tokens = sample_completions(model, prompts, cfg.grpo, seed=cfg.train.seed * 1_000_003 + step)
     mask = completion_mask(tokens, cfg.grpo.stop_ids)
     texts = decode_completions(processor.tokenizer, tokens, mask)

@@ -69,7 +69,7 @@ class Trainer:
 
         from sr_jax.lora import apply_lora
         from sr_jax.model.qwen3vl import Qwen3VLForConditionalGeneration
-        from sr_jax.sharding import make_mesh, tree_shardings
+        from sr_jax.sharding import make_mesh, tree_shardings, use_mesh
         from sr_jax.train.optim import make_optimizer
         from sr_jax.train.step import TrainStep
 
@@ -92,8 +92,9 @@ class Trainer:
         if abstract:
             model = nnx.merge(graphdef, abstract_state)
         else:
-            shardings = tree_shardings(abstract_state, self.mesh)
-            with jax.set_mesh(self.mesh):
+            rules = cfg.train.mesh.axis_rules()
+            shardings = tree_shardings(abstract_state, self.mesh, rules)
+            with use_mesh(self.mesh, rules):
                 state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
             model = nnx.merge(graphdef, state)
             if cfg.model.init_from:

@@ -91,7 +91,7 @@ class SFTStage:
         stacked = stack_microbatches([model_inputs(b) for b in microbatches])
         label_counts = count_step_labels(stacked, all_processes=True) if cfg.train.loss.label_bucket else None
         if jax.process_count() > 1:
-            stacked = shard_batch(stacked, trainer.mesh)
+            stacked = shard_batch(stacked, trainer.mesh, cfg.train.mesh.axis_rules())
         t0 = time.perf_counter()
         state, metrics = trainer.step(state, stacked, label_counts)
         metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sr_jax.batch import SFT_REQUIRED_KEYS as REQUIRED_KEYS, VISION_KEYS
 from sr_jax.lora import LoRAParam, set_lora_dropout
-from sr_jax.sharding import BATCH_AXES, batch_shardings, tree_shardings
+from sr_jax.sharding import BATCH_AXES, batch_shardings, tree_shardings, use_mesh
 from sr_jax.train.config import LossConfig, TrainConfig
 from sr_jax.train.loss import LossStats, count_label_tokens, label_loss
 from sr_jax.train.optim import Optimizer
@@ -106,9 +106,10 @@ def create_train_state(model, optimizer: Optimizer, mesh: Mesh, cfg: TrainConfig
     """Splits the model and places params, frozen weights and a fresh optimizer state on the mesh.
     The returned state shares (and the step then donates) the model's arrays."""
     _, params, frozen, _ = split_model(model, cfg)
-    params = jax.device_put(params, tree_shardings(params, mesh))
-    frozen = jax.device_put(frozen, tree_shardings(frozen, mesh))
-    opt_shardings = tree_shardings(jax.eval_shape(optimizer.tx.init, params), mesh)
+    rules = cfg.mesh.axis_rules()
+    params = jax.device_put(params, tree_shardings(params, mesh, rules))
+    frozen = jax.device_put(frozen, tree_shardings(frozen, mesh, rules))
+    opt_shardings = tree_shardings(jax.eval_shape(optimizer.tx.init, params), mesh, rules)
     opt_state = jax.jit(optimizer.tx.init, out_shardings=opt_shardings)(params)
     replicated = NamedSharding(mesh, PartitionSpec())
     return TrainState(
@@ -161,8 +162,8 @@ class SFTLoss:
         return {"loss": stats.loss_sum / denom, "token_accuracy": stats.correct / jnp.maximum(stats.tokens, 1.0),
                 "label_tokens": stats.tokens, "label_tokens_dropped": stats.dropped, "loss_weight": stats.weight}
 
-    def batch_shardings(self, batch, mesh) -> dict:
-        return batch_shardings(batch, mesh)
+    def batch_shardings(self, batch, mesh, rules=None) -> dict:
+        return batch_shardings(batch, mesh, rules)
 
 
 def _train_step(graphdef, optimizer: Optimizer, loss, state: TrainState, rest, batch):
@@ -214,14 +215,15 @@ class TrainStep:
                  compiler_options: dict | None = None, loss=None):
         self.mesh, self.cfg, self.optimizer = mesh, cfg, optimizer
         self.loss = SFTLoss(cfg.loss) if loss is None else loss
+        self.rules = cfg.mesh.axis_rules()  # the run's logical-axis rules (train.mesh.rules)
         self.compiler_options = compiler_options  # XLA options, e.g. a lower CPU optimisation level in tests
         self.graphdef, params, frozen, self.rest = split_model(model, cfg)
         abstract = jax.eval_shape(
             lambda p, f: TrainState(step=jnp.zeros((), jnp.int32), params=p, frozen=f,
                                     opt_state=optimizer.tx.init(p),
                                     rng=jax.random.key_data(jax.random.key(0))), params, frozen)
-        self.state_shardings = tree_shardings(abstract, mesh)
-        self.rest_shardings = tree_shardings(self.rest, mesh)
+        self.state_shardings = tree_shardings(abstract, mesh, self.rules)
+        self.rest_shardings = tree_shardings(self.rest, mesh, self.rules)
         self._compiled: dict[tuple, Any] = {}
 
     def _jitted(self, batch, label_capacity: int | None = None):
@@ -233,7 +235,7 @@ class TrainStep:
             fn = lambda state, rest, b: _train_step(self.graphdef, self.optimizer, loss, state, rest, b)
             self._compiled[signature] = jax.jit(
                 fn,
-                in_shardings=(self.state_shardings, self.rest_shardings, self.loss.batch_shardings(batch, self.mesh)),
+                in_shardings=(self.state_shardings, self.rest_shardings, self.loss.batch_shardings(batch, self.mesh, self.rules)),
                 out_shardings=(self.state_shardings, replicated),
                 donate_argnums=(0,),
                 compiler_options=self.compiler_options,
@@ -255,14 +257,14 @@ class TrainStep:
         capacity = None
         if getattr(self.loss, "has_label_buffer", False) and self.cfg.loss.label_bucket:
             capacity = self.label_capacity(count_step_labels(batch) if label_counts is None else label_counts)
-        with jax.set_mesh(self.mesh):
+        with use_mesh(self.mesh, self.rules):
             return self._jitted(batch, capacity)(state, self.rest, dict(batch))
 
     def lower(self, state, batch: Mapping[str, Any]):
         """The step lowered for this state and batch without running it; both may be abstract
         (`jax.ShapeDtypeStruct`s with shardings). `.compile()` gives XLA's memory and cost
         analyses (used by `sr_jax.plan`); the buffer is the fixed `max_label_tokens`."""
-        with jax.set_mesh(self.mesh):
+        with use_mesh(self.mesh, self.rules):
             return self._jitted(batch).lower(state, self.rest, dict(batch))
 
     def model(self, state: TrainState):
