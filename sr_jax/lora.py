@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sr_jax.model.layers import Linear
+from sr_jax.models.layers import Linear
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -176,7 +176,7 @@ def merge_lora(model):
 
 
 def _our_path(hf_module: str) -> tuple:
-    from sr_jax.convert.names import normalize_hf_key
+    from sr_jax.models.qwen3_vl.names import normalize_hf_key
 
     key = normalize_hf_key(hf_module + ".weight")[: -len(".weight")]
     return tuple(int(p) if p.isdigit() else p for p in key.split("."))
@@ -252,7 +252,7 @@ def export_peft_adapter(model, directory: str | Path) -> Path:
     """Writes the model's adapters in PEFT's format (loadable by `PeftModel.from_pretrained`)."""
     from safetensors.numpy import save_file
 
-    from sr_jax.convert.names import hf_key
+    from sr_jax.models.qwen3_vl.names import hf_key
 
     layers = lora_layers(model)
     if not layers:

@@ -138,7 +138,7 @@ def synthetic_batch(model_cfg, shape: BatchShape, seed: int = 0) -> dict[str, np
     """Random host arrays with exactly `abstract_batch`'s shapes: every row full of real tokens,
     its images at the start (with M-RoPE positions as the model derives them), labels on the last
     `label_tokens` positions."""
-    from sr_jax.model.rope_index import get_rope_index
+    from sr_jax.models.qwen3_vl.rope_index import get_rope_index
     from sr_jax.train.loss import IGNORE
     from sr_jax.train.step import stack_microbatches, vision_arrays
 
@@ -658,7 +658,7 @@ def resolve_attention(trainer) -> str:
     """The attention kernel the compiled program uses (the step resolves it under its mesh too)."""
     import jax
 
-    from sr_jax.model.attention import resolve_backend
+    from sr_jax.models.attention import resolve_backend
 
     with jax.set_mesh(trainer.mesh):
         return resolve_backend(trainer.model_cfg.attention_backend)

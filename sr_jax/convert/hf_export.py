@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sr_jax.convert.names import hf_key, hf_shape_of, to_hf
+from sr_jax.models.qwen3_vl.names import hf_key, hf_shape_of, to_hf
 from sr_jax.convert.orbax_io import atomic_directory, sidecar_files
 from sr_jax.special_tokens import DEFAULT_STOP_IDS, ENDOFTEXT_ID, PAD_ID
 

@@ -24,8 +24,8 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from sr_jax.convert.names import from_hf, hf_key, hf_shape_of, normalize_hf_key
-from sr_jax.model.config import ModelConfig
+from sr_jax.models.qwen3_vl.names import from_hf, hf_key, hf_shape_of, normalize_hf_key
+from sr_jax.models.qwen3_vl.config import ModelConfig
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -304,7 +304,7 @@ def import_params(directory: str | Path, dtype: str | None, place: Callable[[tup
     """
     from flax import nnx
 
-    from sr_jax.model import abstract_model, resolve_dtype
+    from sr_jax.models.qwen3_vl import abstract_model, resolve_dtype
 
     ckpt = HFCheckpoint(directory)
     cfg = ckpt.config

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sr_jax.config import dump_yaml, load_config
-from sr_jax.model.config import ModelConfig
+from sr_jax.models.qwen3_vl.config import ModelConfig
 
 FORMAT, FORMAT_VERSION = "sr_jax.orbax", 1
 MARKER, CONFIG_YAML, HF_CONFIG, PARAMS = "sr_jax_model.json", "model_config.yaml", "config.json", "params"
@@ -224,7 +224,7 @@ def read_model_dir(path: str | Path, dtype: str | None = None, sharding=None):
     import jax
     from flax import nnx
 
-    from sr_jax.model import abstract_model
+    from sr_jax.models.qwen3_vl import abstract_model
 
     path = Path(path).absolute()
     cfg = read_model_config(path)

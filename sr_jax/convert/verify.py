@@ -124,7 +124,7 @@ def model_logits(model, inputs: dict) -> np.ndarray:
     import jax
     from flax import nnx
 
-    from sr_jax.model import VisionInputs
+    from sr_jax.models.qwen3_vl import VisionInputs
 
     graph, state = nnx.split(model)
     key = repr(model.config)
@@ -162,7 +162,7 @@ def run_verify(hf_dir: str | Path, jax_dir: str | Path | None = None, dtype: str
     import jax
 
     from sr_jax.loading import load_model
-    from sr_jax.model.config import ModelConfig
+    from sr_jax.models.qwen3_vl.config import ModelConfig
 
     cfg = ModelConfig.from_hf_dir(hf_dir)
     inputs = verify_inputs(hf_dir, cfg)

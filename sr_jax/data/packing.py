@@ -15,7 +15,7 @@ chosen bucket, so a train step compiles once per bucket):
     pixel_values (P, 1536) float32
     vision_interp_index (P, 4) int32, vision_interp_weight (P, 4) float32,
     vision_rope_hw (P, 2) int32, vision_segment (P,) int32
-                                  `sr_jax.model.vision.vision_inputs` tables, padded as
+                                  `sr_jax.models.qwen3_vl.vision.vision_inputs` tables, padded as
                                   `pad_patches` does (padding patches form their own segment)
     image_grid_thw (n, 3) int32   the batch's real images (n varies: host-side use only)
     record_index (B, S) int64     source index of each segment, -1 for empty slots
@@ -188,7 +188,7 @@ class BatchBuilder:
 
 def vision_tables(grid: np.ndarray, num_patches: int, budget: int, vision_config) -> dict[str, np.ndarray]:
     """Per-patch vision tables of the batch's images, padded to the budget like `pad_patches`."""
-    from sr_jax.model.vision import VisionInputs, pad_patches, vision_inputs  # JAX is loaded by Grain anyway
+    from sr_jax.models.qwen3_vl.vision import VisionInputs, pad_patches, vision_inputs  # JAX is loaded by Grain anyway
 
     if len(grid):
         inputs = vision_inputs(grid, vision_config)

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def model_config(section):
     """The ModelConfig of a `model` section (`ModelSection`)."""
-    from sr_jax.model import ModelConfig
+    from sr_jax.models.qwen3_vl import ModelConfig
 
     if section.init_from:
         from sr_jax.convert.orbax_io import is_model_dir, read_model_config
@@ -68,7 +68,7 @@ class Trainer:
         from flax import nnx
 
         from sr_jax.lora import apply_lora
-        from sr_jax.model.qwen3vl import Qwen3VLForConditionalGeneration
+        from sr_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
         from sr_jax.sharding import make_mesh, tree_shardings
         from sr_jax.train.optim import make_optimizer
         from sr_jax.train.step import TrainStep

@@ -284,7 +284,7 @@ def make_train_step(model, optimizer: Optimizer, mesh: Mesh, cfg: TrainConfig,
 
 def vision_arrays(pixel_values, image_grid_thw, patch_budget: int, vision_cfg) -> dict[str, np.ndarray]:
     """The vision entries of one microbatch: patches and tables padded to `patch_budget` rows."""
-    from sr_jax.model.vision import pad_patches, vision_inputs
+    from sr_jax.models.qwen3_vl.vision import pad_patches, vision_inputs
 
     pixel_values = np.asarray(pixel_values, np.float32)
     tables = vision_inputs(image_grid_thw, vision_cfg)

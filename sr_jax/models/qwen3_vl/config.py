@@ -10,7 +10,7 @@ from typing import Any
 from sr_jax.config import from_dict, load_yaml, apply_overrides, to_dict
 from sr_jax.special_tokens import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+PRESET_DIR = Path(__file__).resolve().parents[3] / "configs" / "model"
 
 
 def _config_hash(self) -> int:
@@ -78,7 +78,7 @@ class ModelConfig:
     # Runtime numerics, not architecture: compute dtype and stored-parameter dtype.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    # auto | cpu | splash | cudnn: the attention kernel (sr_jax.model.attention); auto picks the
+    # auto | cpu | splash | cudnn: the attention kernel (sr_jax.models.attention); auto picks the
     # one for the platform the step is compiled for.
     attention_backend: str = "auto"
     # Full passes run the decoder layers (after the deepstack ones) and the vision blocks between
@@ -234,7 +234,7 @@ class ModelConfig:
             raise ValueError(f"deepstack_visual_indexes {v.deepstack_visual_indexes} outside vision depth {v.depth}")
         if len(v.deepstack_visual_indexes) > t.num_hidden_layers:
             raise ValueError("more deepstack features than decoder layers")
-        from sr_jax.model.attention import BACKENDS
+        from sr_jax.models.attention import BACKENDS
 
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend {self.attention_backend!r} is not one of {list(BACKENDS)}")
