@@ -6,7 +6,7 @@ A model batch (B rows, T tokens, P patches) holds
         where no loss is taken (prompt, padding, the first token of a packed segment),
     position_ids (3, B, T) int32: M-RoPE positions, segment_ids (B, T) int32: packed rows,
     pixel_values (P, patch_dim) and the vision tables named by VISION_KEYS, in the field order of
-        `sr_jax.model.vision.VisionInputs` (so `tuple(batch[k] for k in VISION_KEYS)` is the
+        `sr_jax.models.qwen3_vl.vision.VisionInputs` (so `tuple(batch[k] for k in VISION_KEYS)` is the
         model's `vision=` argument).
 The data pipeline builds it (`sr_jax.data.packing`), the SFT step stacks microbatches of it
 (`sr_jax.train.step`), and GRPO builds the same without labels and segments (`sr_jax.rl.grpo`).

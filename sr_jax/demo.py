@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from sr_jax.convert.hf_export import export_hf
     from sr_jax.data.tokenizer import load_tokenizer
     from sr_jax.loading import load_model
-    from sr_jax.model import ModelConfig, init_model
+    from sr_jax.models.qwen3_vl import ModelConfig, init_model
 
     hf_dir, jax_dir = work / "tiny_hf", work / "tiny_jax"
     model = init_model(ModelConfig.preset("tiny"), seed=args.seed)

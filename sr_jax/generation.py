@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sr_jax.model.rope_index import get_rope_index
-from sr_jax.model.vision import attention_slots, pad_patches
+from sr_jax.models.qwen3_vl.rope_index import get_rope_index
+from sr_jax.models.qwen3_vl.vision import attention_slots, pad_patches
 from sr_jax.sharding import active_rules, constrain
 from sr_jax.special_tokens import DEFAULT_STOP_IDS, PAD_ID  # noqa: F401  (also imported from here)
 

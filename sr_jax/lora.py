@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sr_jax.model.layers import Linear
+from sr_jax.models import family_of
+from sr_jax.models.layers import Linear
 
-DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
 
 
@@ -89,22 +89,20 @@ def lora_layers(model) -> dict[tuple, Linear]:
     return {p: m for p, m in linear_layers(model).items() if m.lora is not None}
 
 
-def _is_vision(path) -> bool:
-    return "visual" in path
-
-
 def select_targets(model, targets: list[str], *, vision: bool) -> list[tuple]:
     """Paths of the Linear layers that `targets` names (see LoRAConfig.targets)."""
+    family = family_of(model)
     chosen = []
     for path, _ in linear_layers(model).items():
-        name, in_vision = str(path[-1]), _is_vision(path)
+        name, in_vision = str(path[-1]), family.vision_scope in path
+        in_decoder = family.decoder_scope in path
         if path[-2:-1] == ("patch_embed",):  # a Conv3d in HF; PEFT adapters there use another layout
             continue
         for t in targets:
             if t == "all":
-                hit = (name in DECODER_LINEARS and "language_model" in path) or (vision and in_vision)
+                hit = (name in family.lora_targets and in_decoder) or (vision and in_vision)
             elif re.fullmatch(r"\w+", t):
-                hit = name == t and ("language_model" in path or (vision and in_vision))
+                hit = name == t and (in_decoder or (vision and in_vision))
             else:
                 hit = re.fullmatch(t, _dotted(path)) is not None
             if hit:
@@ -175,10 +173,8 @@ def merge_lora(model):
 # PEFT interop
 
 
-def _our_path(hf_module: str) -> tuple:
-    from sr_jax.convert.names import normalize_hf_key
-
-    key = normalize_hf_key(hf_module + ".weight")[: -len(".weight")]
+def _our_path(hf_module: str, names) -> tuple:
+    key = names.normalize_hf_key(hf_module + ".weight")[: -len(".weight")]
     return tuple(int(p) if p.isdigit() else p for p in key.split("."))
 
 
@@ -229,7 +225,7 @@ def import_peft_adapter(model, directory: str | Path, *, dropout: float | None =
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{weights}: {module} has lora_{''.join(ab)} without its pair")
-        path = _our_path(module)
+        path = _our_path(module, family_of(model).names)
         if path not in linears:
             raise ValueError(f"{weights}: adapter for {module!r} has no matching linear layer in the model")
         linear = linears[path]
@@ -252,8 +248,7 @@ def export_peft_adapter(model, directory: str | Path) -> Path:
     """Writes the model's adapters in PEFT's format (loadable by `PeftModel.from_pretrained`)."""
     from safetensors.numpy import save_file
 
-    from sr_jax.convert.names import hf_key
-
+    hf_key = family_of(model).names.hf_key
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters to export")

@@ -48,7 +48,10 @@ from typing import Any
 
 import numpy as np
 
+from sr_jax.models import get_family
 from sr_jax.sharding import MESH_AXES as MESH_KEYS  # importing JAX starts no backend: XLA_FLAGS still apply
+
+IMAGE = get_family().image  # patch geometry of the planned model family
 _CHILD_ENV = "SR_JAX_PLAN_CHILD"  # set in the re-executed process, so it never re-executes again
 
 
@@ -87,7 +90,7 @@ class BatchShape:
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        side = self.image_size // 16
+        side = self.image_size // IMAGE.patch_size
         return (1, side, side)
 
     @property
@@ -97,7 +100,7 @@ class BatchShape:
     @property
     def image_tokens_per_row(self) -> int:
         # <|vision_start|> + one token per 2x2 patches + <|vision_end|>, per image
-        return self.images_per_example * (self.patches_per_image // 4 + 2)
+        return self.images_per_example * (self.patches_per_image // IMAGE.merge_unit + 2)
 
     @property
     def max_label_tokens(self) -> int | None:
@@ -115,7 +118,7 @@ def _batch_dtypes(shape: BatchShape) -> dict[str, tuple[tuple[int, ...], str]]:
     if shape.images_per_example:
         p = b * shape.images_per_example * shape.patches_per_image
         out.update({
-            "pixel_values": ((k, p, 1536), "float32"),
+            "pixel_values": ((k, p, IMAGE.patch_dim), "float32"),
             "vision_interp_index": ((k, p, 4), "int32"),
             "vision_interp_weight": ((k, p, 4), "float32"),
             "vision_rope_hw": ((k, p, 2), "int32"),
@@ -139,7 +142,7 @@ def synthetic_batch(model_cfg, shape: BatchShape, seed: int = 0) -> dict[str, np
     """Random host arrays with exactly `abstract_batch`'s shapes: every row full of real tokens,
     its images at the start (with M-RoPE positions as the model derives them), labels on the last
     `label_tokens` positions."""
-    from sr_jax.model.rope_index import get_rope_index
+    get_rope_index = get_family(model_cfg.model_type).module("rope_index").get_rope_index
     from sr_jax.train.loss import IGNORE
     from sr_jax.train.step import stack_microbatches, vision_arrays
 
@@ -147,7 +150,7 @@ def synthetic_batch(model_cfg, shape: BatchShape, seed: int = 0) -> dict[str, np
     b, t = shape.micro_rows, shape.seq
     vocab = min(model_cfg.text.vocab_size, model_cfg.image_token_id, model_cfg.vision_start_token_id,
                 model_cfg.vision_end_token_id, model_cfg.video_token_id)
-    n_tok = shape.patches_per_image // 4
+    n_tok = shape.patches_per_image // IMAGE.merge_unit
     image_span = [model_cfg.vision_start_token_id] + [model_cfg.image_token_id] * n_tok + [model_cfg.vision_end_token_id]
     microbatches = []
     for _ in range(shape.grad_accum):
@@ -167,7 +170,7 @@ def synthetic_batch(model_cfg, shape: BatchShape, seed: int = 0) -> dict[str, np
             pos = np.broadcast_to(np.arange(t, dtype=np.int32), (3, b, t))
         mb = dict(input_ids=ids, attention_mask=mask, labels=labels, position_ids=np.asarray(pos, np.int32))
         if shape.images_per_example:
-            pixels = rng.uniform(-1, 1, (len(grids) * shape.patches_per_image, 1536)).astype(np.float32)
+            pixels = rng.uniform(-1, 1, (len(grids) * shape.patches_per_image, IMAGE.patch_dim)).astype(np.float32)
             mb.update(vision_arrays(pixels, grids, len(pixels), model_cfg.vision))
         microbatches.append(mb)
     return stack_microbatches(microbatches)
@@ -666,7 +669,7 @@ def resolve_attention(trainer) -> str:
     """The attention kernel the compiled program uses (the step resolves it under its mesh too)."""
     import jax
 
-    from sr_jax.model.attention import resolve_backend
+    from sr_jax.models.attention import resolve_backend
 
     with jax.set_mesh(trainer.mesh):
         return resolve_backend(trainer.model_cfg.attention_backend)
@@ -879,13 +882,13 @@ def _from_config(args) -> tuple[dict, list[str]]:
     d = cfg.data
     fields["rows"] = d.batch_size * hosts * t.grad_accum_steps
     fields["seq"] = max(d.seq_lens)
-    side = max(32, int(math.isqrt(d.max_pixels)) // 32 * 32)
+    side = max(IMAGE.factor, int(math.isqrt(d.max_pixels)) // IMAGE.factor * IMAGE.factor)
     budget = max(b.patch_budget for b in d.buckets())
     per_row = budget // d.batch_size
     fields["image_size"] = side
-    fields["images_per_example"] = per_row // (side // 16) ** 2
+    fields["images_per_example"] = per_row // (side // IMAGE.patch_size) ** 2
     if t.loss.max_label_tokens:
-        room = fields["seq"] - fields["images_per_example"] * ((side // 16) ** 2 // 4 + 2)
+        room = fields["seq"] - fields["images_per_example"] * ((side // IMAGE.patch_size) ** 2 // IMAGE.merge_unit + 2)
         fields["label_tokens"] = max(1, min(t.loss.max_label_tokens // (d.batch_size * hosts), room))
     notes.append(f"from {args.config}: {hosts} host(s) x data.batch_size {d.batch_size} x grad_accum "
                  f"{t.grad_accum_steps} rows of {fields['seq']} tokens; the patch budget {budget} per host batch "

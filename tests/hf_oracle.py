@@ -7,8 +7,8 @@ import torch
 from flax import nnx
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration as HFModel
 
-from sr_jax.convert.names import from_hf, hf_key, normalize_hf_key
-from sr_jax.model import ModelConfig, abstract_model
+from sr_jax.models.qwen3_vl.names import from_hf, hf_key, normalize_hf_key
+from sr_jax.models.qwen3_vl import ModelConfig, abstract_model
 
 IMAGE, VSTART, VEND = 151655, 151652, 151653
 

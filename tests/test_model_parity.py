@@ -11,7 +11,7 @@ from flax import nnx
 
 from hf_oracle import (IMAGE, hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels,
                        tiny_hf_config)
-from sr_jax.model import ModelConfig, get_rope_index
+from sr_jax.models.qwen3_vl import ModelConfig, get_rope_index
 
 TOL = 1e-4
 
@@ -90,8 +90,8 @@ def test_causal_attention_equals_masked_attention_with_gradients():
     import jax
     import jax.numpy as jnp
 
-    from sr_jax.model.layers import causal_attention, masked_softmax_attention
-    from sr_jax.model.text import attention_mask_3d
+    from sr_jax.models.layers import causal_attention, masked_softmax_attention
+    from sr_jax.models.qwen3_vl.text import attention_mask_3d
 
     rng = np.random.default_rng(12)
     q = jnp.asarray(rng.standard_normal((2, 512, 2, 3, 16)), jnp.float32)
@@ -179,7 +179,7 @@ def test_per_image_vision_attention_matches_hf(tied):
     generation uses for big batches) equals HF's per-image attention."""
     import jax
 
-    from sr_jax.model.vision import attention_slots, pad_patches
+    from sr_jax.models.qwen3_vl.vision import attention_slots, pad_patches
 
     hf, ours = tied
     rng = np.random.default_rng(6)
@@ -242,7 +242,7 @@ def test_host_blocks_side_by_side_match_hf(untied):
     """A multi-host batch is the hosts' batches side by side, each with its own patch padding and
     image ids counted from 0 (`shard_batch` offsets the ids): host 1's image tokens must take host
     1's features, not host 0's padding. Each row equals HF on that row's own inputs."""
-    from sr_jax.model.vision import pad_patches
+    from sr_jax.models.qwen3_vl.vision import pad_patches
 
     hf, ours = untied
     rng = np.random.default_rng(11)

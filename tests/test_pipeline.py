@@ -16,7 +16,7 @@ from sr_jax.data.pipeline import DataConfig, DataPipeline, truncate
 from sr_jax.data.processor import IGNORE_INDEX
 from sr_jax.data.storage import ARRAY_RECORD_OPTIONS, example_to_bytes, write_array_record
 from sr_jax.data.synthetic import generate_examples
-from sr_jax.model.config import VisionConfig
+from sr_jax.models.qwen3_vl.config import VisionConfig
 from sr_jax.special_tokens import IMAGE_PAD_ID
 
 N_GOOD = 24
@@ -97,7 +97,7 @@ def check_batch_against_encodes(batch, encoded, vision_cfg):
     np.testing.assert_array_equal(batch["image_grid_thw"], grid)
     assert int((batch["input_ids"] == IMAGE_PAD_ID).sum()) * 4 == p == int(grid.prod(1).sum())
     # Vision tables: those of the images in order, padding patches in one extra segment.
-    from sr_jax.model.vision import vision_inputs
+    from sr_jax.models.qwen3_vl.vision import vision_inputs
 
     want = vision_inputs(grid, vision_cfg)
     for key, table in zip(VISION_KEYS, want.as_tuple()):
@@ -143,7 +143,7 @@ def test_packed_rows_equal_separately_encoded_examples(proc, record_file, encode
     assert any(b["segment_ids"].max() == 4 for b in batches), "max_segments should bind"
 
     # The model's attention mask built from these ids joins tokens of one segment only.
-    from sr_jax.model.text import attention_mask_3d
+    from sr_jax.models.qwen3_vl.text import attention_mask_3d
 
     b = batches[0]
     mask = np.asarray(attention_mask_3d(b["attention_mask"], b["segment_ids"]))
@@ -391,7 +391,7 @@ def test_packed_batch_gives_the_per_example_loss_of_unpacked_examples(proc, exam
     import jax.numpy as jnp
     from flax import nnx
 
-    from sr_jax.model import ModelConfig, init_model, pad_patches, vision_inputs
+    from sr_jax.models.qwen3_vl import ModelConfig, init_model, pad_patches, vision_inputs
 
     mcfg = ModelConfig.preset("tiny")
     model = init_model(mcfg, seed=0)
@@ -493,7 +493,7 @@ def test_batch_layout_names_the_vision_tables_in_model_order():
 
     from sr_jax import batch
     from sr_jax.data import packing
-    from sr_jax.model.vision import VisionInputs
+    from sr_jax.models.qwen3_vl.vision import VisionInputs
     from sr_jax.rl import grpo
     from sr_jax.train import step
 

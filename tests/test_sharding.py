@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sr_jax import sharding
 from sr_jax.lora import LoRAConfig, apply_lora
-from sr_jax.model import init_model
+from sr_jax.models.qwen3_vl import init_model
 from sr_jax.config import ConfigError, load_config
 from sr_jax.sharding import (DEFAULT_RULES, LOGICAL_AXIS_RULES, MeshConfig, active_rules, batch_shardings, constrain,
                              logical_to_spec, make_mesh, maybe_initialize_distributed, param_shardings, shard_batch,

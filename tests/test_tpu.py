@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sr_jax.model.attention import Segments, resolve_backend, text_attention, vision_attention
-from sr_jax.model.text import attention_mask_3d
-from sr_jax.model.vision import attention_slots
+from sr_jax.models.attention import Segments, resolve_backend, text_attention, vision_attention
+from sr_jax.models.qwen3_vl.text import attention_mask_3d
+from sr_jax.models.qwen3_vl.vision import attention_slots
 from sr_jax.sharding import MeshConfig, make_mesh
 from sr_jax.tpu import libtpu_available, parse_topology
 

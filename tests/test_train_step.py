@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 
 from hf_oracle import hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels, tiny_hf_config
-from sr_jax.model import ModelConfig, init_model
+from sr_jax.models.qwen3_vl import ModelConfig, init_model
 from sr_jax.sharding import MeshConfig, batch_shardings, make_mesh
 from sr_jax.train.config import LossConfig, OptimConfig, TrainConfig
 from sr_jax.train.loss import IGNORE, count_label_tokens, label_loss
@@ -202,7 +202,7 @@ def test_loss_matches_hf():
 def test_gradients_match_hf():
     """d(loss)/d(every weight) == HF's loss.backward() on the same weights and batch: two images
     (vision attention and deepstack), a padded row, rows long enough for the blocked causal path."""
-    from sr_jax.convert.names import hf_key, normalize_hf_key, to_hf
+    from sr_jax.models.qwen3_vl.names import hf_key, normalize_hf_key, to_hf
 
     hf = random_hf_model(tiny_hf_config(text_layers=2, vision_depth=2, deepstack=(0, 1)), seed=7)
     ours = our_model_from_hf(hf)
@@ -460,8 +460,8 @@ def test_validate_batch_errors(data):
 
 
 def test_remat_policies_keep_gradients():
-    from sr_jax.model.layers import call_layer
-    from sr_jax.model.text import TextDecoderLayer, attention_mask_3d, text_rope
+    from sr_jax.models.layers import call_layer
+    from sr_jax.models.qwen3_vl.text import TextDecoderLayer, attention_mask_3d, text_rope
     cfg = tiny_config().text
     layer = TextDecoderLayer(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 8, cfg.hidden_size))

@@ -54,8 +54,8 @@ def write_checkpoint(directory: Path, layers: int, shard_bytes: int) -> int:
     from flax import nnx
     from safetensors.numpy import save_file
 
-    from sr_jax.convert.names import hf_key, hf_shape_of
-    from sr_jax.model import ModelConfig, abstract_model
+    from sr_jax.models.qwen3_vl.names import hf_key, hf_shape_of
+    from sr_jax.models.qwen3_vl import ModelConfig, abstract_model
 
     directory.mkdir(parents=True)
     hf_config = bench_config(layers)

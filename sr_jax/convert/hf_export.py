@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sr_jax.convert.names import hf_key, hf_shape_of, to_hf
+from sr_jax.models import family_of
 from sr_jax.convert.orbax_io import atomic_directory, sidecar_files
 from sr_jax.special_tokens import DEFAULT_STOP_IDS, ENDOFTEXT_ID, PAD_ID
 
@@ -35,6 +35,7 @@ def _plan(model, dtype):
     from sr_jax.lora import LoRAParam
 
     cfg = model.config
+    hf_key, hf_shape_of = family_of(cfg).names.hf_key, family_of(cfg).names.hf_shape_of
     # Adapters are not base weights: they are merged first (--merge-lora) or written in PEFT's format.
     _, state, _ = nnx.split(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)), ...)
     entries = []
@@ -51,7 +52,7 @@ def _nbytes(shape, name) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(name).itemsize
 
 
-def _write_safetensors(path: Path, entries) -> None:
+def _write_safetensors(path: Path, entries, to_hf) -> None:
     header, offset = {}, 0
     for key, _, _, shape, name in entries:
         size = _nbytes(shape, name)
@@ -91,12 +92,12 @@ def export_hf(model, out: str | Path, *, dtype: str | None = None, max_shard_byt
     hf_config["dtype"] = dtype or cfg.param_dtype
     with atomic_directory(out, overwrite) as tmp:
         if len(shards) == 1:
-            _write_safetensors(tmp / "model.safetensors", shards[0])
+            _write_safetensors(tmp / "model.safetensors", shards[0], family_of(cfg).names.to_hf)
         else:
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                _write_safetensors(tmp / name, shard)
+                _write_safetensors(tmp / name, shard, family_of(cfg).names.to_hf)
                 weight_map.update({e[0]: name for e in shard})
             total = sum(_nbytes(e[3], e[4]) for e in entries)
             (tmp / "model.safetensors.index.json").write_text(

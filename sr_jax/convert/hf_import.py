@@ -24,8 +24,7 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from sr_jax.convert.names import from_hf, hf_key, hf_shape_of, normalize_hf_key
-from sr_jax.model.config import ModelConfig
+from sr_jax.models import ModelFamily, family_of, get_family
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -152,6 +151,19 @@ class _TorchBinFile:
         return t.numpy()
 
 
+def hf_family(directory: Path) -> ModelFamily:
+    """The registered family of a HF checkpoint, by its config.json's `model_type` (none: the default
+    family; an unreadable config.json is reported by the family's config reader)."""
+    try:
+        model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        model_type = None
+    try:
+        return get_family(model_type)
+    except ValueError as e:
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
+
+
 class HFCheckpoint:
     """The tensors of a HF checkpoint directory, indexed by normalized HF name."""
 
@@ -160,7 +172,8 @@ class HFCheckpoint:
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: not a directory")
         try:
-            self.config = ModelConfig.from_hf_dir(self.directory)
+            self.family = hf_family(self.directory)
+            self.config = self.family.config_class.from_hf_dir(self.directory)
         except ValueError as e:  # from_hf_dir names config.json in its message
             raise CheckpointError(str(e)) from None
         self.kind, files = weight_files(self.directory)
@@ -170,7 +183,7 @@ class HFCheckpoint:
         duplicates = []
         for path, handle in self.files.items():
             for key, shape in handle.shapes.items():
-                name = normalize_hf_key(key)
+                name = self.family.names.normalize_hf_key(key)
                 if name in self.entries:
                     duplicates.append(f"{name} ({self.entries[name].file.name} and {path.name})")
                 self.entries[name] = TensorEntry(key, path, shape, handle.dtypes[key])
@@ -183,14 +196,16 @@ class HFCheckpoint:
         return self.files[entry.file].read(entry.key)
 
 
-def param_specs(abstract_flat) -> dict[str, tuple[tuple, tuple]]:
-    """HF name -> (our parameter path, our shape) for every parameter of the abstract model."""
-    return {hf_key(path): (path, tuple(var.get_value().shape)) for path, var in abstract_flat}
+def param_specs(abstract_flat, names) -> dict[str, tuple[tuple, tuple]]:
+    """HF name -> (our parameter path, our shape) for every parameter of the abstract model
+    (`names`: the family's name map)."""
+    return {names.hf_key(path): (path, tuple(var.get_value().shape)) for path, var in abstract_flat}
 
 
-def check_keys(ckpt: HFCheckpoint, cfg: ModelConfig, abstract_flat) -> None:
+def check_keys(ckpt: HFCheckpoint, cfg, abstract_flat) -> None:
     """Raises one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
-    expected = param_specs(abstract_flat)
+    names = family_of(cfg).names
+    expected = param_specs(abstract_flat, names)
     available = dict(ckpt.entries)
     if cfg.tie_word_embeddings and LM_HEAD in available:
         tied_head = available.pop(LM_HEAD)  # allowed when equal to the embedding (checked on read)
@@ -204,7 +219,7 @@ def check_keys(ckpt: HFCheckpoint, cfg: ModelConfig, abstract_flat) -> None:
     mismatched = []
     for name in sorted(set(expected) & set(available)):
         path, shape = expected[name]
-        want = hf_shape_of(path, shape, cfg)
+        want = names.hf_shape_of(path, shape, cfg)
         got = available[name].shape
         if tuple(got) != tuple(want):
             mismatched.append(f"{name}: checkpoint {list(got)}, model expects {list(want)} "
@@ -225,7 +240,7 @@ def check_keys(ckpt: HFCheckpoint, cfg: ModelConfig, abstract_flat) -> None:
     raise CheckpointError("\n".join(parts))
 
 
-def check_tied_head(ckpt: HFCheckpoint, cfg: ModelConfig) -> None:
+def check_tied_head(ckpt: HFCheckpoint, cfg) -> None:
     if not (cfg.tie_word_embeddings and LM_HEAD in ckpt.entries):
         return
     if not np.array_equal(ckpt.read(LM_HEAD), ckpt.read(EMBED)):
@@ -265,14 +280,15 @@ def nonfinite_count(array: np.ndarray) -> int:
     return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
-def converted_tensors(ckpt: HFCheckpoint, cfg: ModelConfig, abstract_flat, dtype,
+def converted_tensors(ckpt: HFCheckpoint, cfg, abstract_flat, dtype,
                       nonfinite: dict | None = None) -> Iterator[tuple[tuple, np.ndarray]]:
     """(our path, contiguous array in our layout and `dtype`) for every parameter, one at a time.
     With `nonfinite` (a dict), each tensor holding NaN/Inf after conversion is recorded in it as
     name -> (count, whether the checkpoint itself had them or the conversion to `dtype` overflowed)."""
-    for name, (path, shape) in param_specs(abstract_flat).items():
+    names = family_of(cfg).names
+    for name, (path, shape) in param_specs(abstract_flat, names).items():
         raw = ckpt.read(name)
-        tensor = from_hf(path, raw)
+        tensor = names.from_hf(path, raw)
         array = contiguous(tensor, dtype)  # one copy: layout and dtype together
         del tensor
         if array.shape != shape:  # names.from_hf and the header check disagree: a bug, not bad input
@@ -304,18 +320,16 @@ def import_params(directory: str | Path, dtype: str | None, place: Callable[[tup
     """
     from flax import nnx
 
-    from sr_jax.model import abstract_model, resolve_dtype
-
     ckpt = HFCheckpoint(directory)
-    cfg = ckpt.config
+    cfg, family = ckpt.config, ckpt.family
     if dtype is not None:
         cfg.dtype = cfg.param_dtype = dtype
-    graph, params = nnx.split(abstract_model(cfg), nnx.Param)
+    graph, params = nnx.split(family.abstract_model(cfg), nnx.Param)
     flat = list(nnx.to_flat_state(params))
     check_keys(ckpt, cfg, flat)
     check_tied_head(ckpt, cfg)
     variables = dict(flat)
-    target = resolve_dtype(cfg.param_dtype)
+    target = family.resolve_dtype(cfg.param_dtype)
     nonfinite: dict = {}
     for path, array in converted_tensors(ckpt, cfg, flat, target, nonfinite):
         variables[path].set_value(place(path, array))

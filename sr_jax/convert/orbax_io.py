@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sr_jax.config import dump_yaml, load_config
-from sr_jax.model.config import ModelConfig
+from sr_jax.models import family_of, get_family
 
 FORMAT, FORMAT_VERSION = "sr_jax.orbax", 1
 MARKER, CONFIG_YAML, HF_CONFIG, PARAMS = "sr_jax_model.json", "model_config.yaml", "config.json", "params"
@@ -178,14 +178,14 @@ def _save_params(directory: Path, params: dict) -> None:
         checkpointer.close()
 
 
-def write_model_dir(out: str | Path, cfg: ModelConfig, params: dict, *, hf_dir: str | Path | None = None,
+def write_model_dir(out: str | Path, cfg, params: dict, *, hf_dir: str | Path | None = None,
                     overwrite: bool = False, source: str = "") -> Path:
     """Writes `params` (nested dict of arrays, as from nnx.to_pure_dict) and configs atomically to `out`."""
     import jax
 
     leaves = jax.tree.leaves(params)
     dtypes = sorted({str(np.dtype(leaf.dtype)) for leaf in leaves})
-    summary = {"format": FORMAT, "version": FORMAT_VERSION, "param_dtype": cfg.param_dtype, "leaf_dtypes": dtypes,
+    summary = {"format": FORMAT, "version": FORMAT_VERSION, "model_type": cfg.model_type, "param_dtype": cfg.param_dtype, "leaf_dtypes": dtypes,
                "num_params": int(sum(int(np.prod(leaf.shape)) for leaf in leaves)), "source": source}
     with atomic_directory(out, overwrite) as tmp:
         with _quiet_orbax():
@@ -195,7 +195,7 @@ def write_model_dir(out: str | Path, cfg: ModelConfig, params: dict, *, hf_dir: 
     return Path(out)
 
 
-def _write_sidecars(tmp: Path, cfg: ModelConfig, hf_dir, summary: dict) -> None:
+def _write_sidecars(tmp: Path, cfg, hf_dir, summary: dict) -> None:
     dump_yaml(cfg, tmp / CONFIG_YAML)
     hf_dir = Path(hf_dir) if hf_dir is not None else None
     if hf_dir is not None and (hf_dir / HF_CONFIG).is_file():
@@ -207,13 +207,18 @@ def _write_sidecars(tmp: Path, cfg: ModelConfig, hf_dir, summary: dict) -> None:
     (tmp / MARKER).write_text(json.dumps(summary, indent=2))  # last: its presence means complete
 
 
-def read_model_config(path: str | Path) -> ModelConfig:
+def read_model_config(path: str | Path):
+    """The model config (its family's config class) of a directory written by `write_model_dir`."""
     path = Path(path)
     marker = json.loads((path / MARKER).read_text())
     if marker.get("format") != FORMAT or marker.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path / MARKER}: unsupported format {marker.get('format')!r} "
                          f"version {marker.get('version')!r} (expected {FORMAT!r} {FORMAT_VERSION})")
-    return load_config(ModelConfig, path / CONFIG_YAML)
+    try:  # directories written before the registry carry no model_type: the default family's
+        family = get_family(marker.get("model_type"))
+    except ValueError as e:
+        raise ValueError(f"{path / MARKER}: {e}") from None
+    return load_config(family.config_class, path / CONFIG_YAML)
 
 
 def read_model_dir(path: str | Path, dtype: str | None = None, sharding=None):
@@ -224,13 +229,11 @@ def read_model_dir(path: str | Path, dtype: str | None = None, sharding=None):
     import jax
     from flax import nnx
 
-    from sr_jax.model import abstract_model
-
     path = Path(path).absolute()
     cfg = read_model_config(path)
     if dtype is not None:
         cfg.dtype = cfg.param_dtype = dtype
-    graph, params = nnx.split(abstract_model(cfg), nnx.Param)
+    graph, params = nnx.split(family_of(cfg).abstract_model(cfg), nnx.Param)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           nnx.to_pure_dict(params))

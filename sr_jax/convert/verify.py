@@ -124,7 +124,9 @@ def model_logits(model, inputs: dict) -> np.ndarray:
     import jax
     from flax import nnx
 
-    from sr_jax.model import VisionInputs
+    from sr_jax.models import family_of
+
+    VisionInputs = family_of(model).module("vision").VisionInputs
 
     graph, state = nnx.split(model)
     key = repr(model.config)
@@ -162,9 +164,9 @@ def run_verify(hf_dir: str | Path, jax_dir: str | Path | None = None, dtype: str
     import jax
 
     from sr_jax.loading import load_model
-    from sr_jax.model.config import ModelConfig
+    from sr_jax.convert.hf_import import hf_family
 
-    cfg = ModelConfig.from_hf_dir(hf_dir)
+    cfg = hf_family(Path(hf_dir)).config_class.from_hf_dir(hf_dir)
     inputs = verify_inputs(hf_dir, cfg)
     reference = hf_logits(hf_dir, inputs)
     jax_device = jax.devices(device)[0] if device else jax.devices()[0]

@@ -29,6 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sr_jax.models import get_family
+
+_PATCHES = get_family().image  # the default family's patch geometry
+
 MAX_ASPECT_RATIO = 200
 # Pixel budgets (height * width after the resize), each default defined here once:
 MIN_PIXELS = 3136  # 56 * 56, HF's Qwen2-VL processor default; our floor in every stage
@@ -54,9 +58,9 @@ class ImageError(ValueError):
 class ImageConfig:
     min_pixels: int = MIN_PIXELS
     max_pixels: int = MAX_PIXELS
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    merge_size: int = 2
+    patch_size: int = _PATCHES.patch_size
+    temporal_patch_size: int = _PATCHES.temporal_patch_size
+    merge_size: int = _PATCHES.merge_size
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     pre_resize: tuple[int, int] | None = None  # (max_pixels, min_pixels) of LLaMA-Factory's step

@@ -2,7 +2,7 @@
 
 An encoded example (what the pipeline's workers emit) is a dict of numpy arrays
     input_ids (L,) int32, labels (L,) int32, position_ids (3, L) int32,
-    pixel_values (N, 1536) float32, image_grid_thw (n, 3) int32, index () int64 (source index)
+    pixel_values (N, patch_dim) float32, image_grid_thw (n, 3) int32, index () int64 (source index)
 and a record that could not be used is a dict with `SKIP_KEY` (its reason), `id` and `message`.
 
 Batch layout (B rows, T tokens, P patches, S segment slots per row; T and P come from the
@@ -12,10 +12,10 @@ chosen bucket, so a train step compiles once per bucket):
     labels (B, T) int32           IGNORE_INDEX = no loss (`sr_jax.batch` names the keys)
     position_ids (3, B, T) int32  each example's own M-RoPE positions (0 on padding)
     segment_ids (B, T) int32      0 = padding, 1..S = the examples of the row, left to right
-    pixel_values (P, 1536) float32
+    pixel_values (P, patch_dim) float32
     vision_interp_index (P, 4) int32, vision_interp_weight (P, 4) float32,
     vision_rope_hw (P, 2) int32, vision_segment (P,) int32
-                                  `sr_jax.model.vision.vision_inputs` tables, padded as
+                                  `sr_jax.models.qwen3_vl.vision.vision_inputs` tables, padded as
                                   `pad_patches` does (padding patches form their own segment)
     image_grid_thw (n, 3) int32   the batch's real images (n varies: host-side use only)
     record_index (B, S) int64     source index of each segment, -1 for empty slots
@@ -50,9 +50,10 @@ import numpy as np
 
 from sr_jax.batch import IGNORE_INDEX, SFT_KEYS, VISION_KEYS
 from sr_jax.data.records import RecordError
+from sr_jax.models import get_family
 
 SKIP_KEY = "skip"
-MERGE_UNIT = 4  # patches per merged visual token (spatial_merge_size 2, squared)
+MERGE_UNIT = get_family().image.merge_unit  # patches per merged visual token
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,8 @@ class BatchBuilder:
 
 def vision_tables(grid: np.ndarray, num_patches: int, budget: int, vision_config) -> dict[str, np.ndarray]:
     """Per-patch vision tables of the batch's images, padded to the budget like `pad_patches`."""
-    from sr_jax.model.vision import VisionInputs, pad_patches, vision_inputs  # JAX is loaded by Grain anyway
+    vision = get_family(getattr(vision_config, "model_type", None)).module("vision")  # JAX is loaded by Grain anyway
+    VisionInputs, pad_patches, vision_inputs = vision.VisionInputs, vision.pad_patches, vision.vision_inputs
 
     if len(grid):
         inputs = vision_inputs(grid, vision_config)

@@ -325,7 +325,7 @@ class DataPipeline:
 
     def __init__(self, config: DataConfig, *, processor: Processor | None = None, vision=None,
                  process_index: int | None = None, process_count: int | None = None):
-        from sr_jax.model.config import VisionConfig
+        from sr_jax.models.qwen3_vl.config import VisionConfig
 
         self.config = config.validate()
         self.processor = processor or Processor(

@@ -138,7 +138,9 @@ class Processor:
         return out
 
     def position_ids(self, input_ids: np.ndarray, grids: np.ndarray) -> np.ndarray:
-        from sr_jax.model.rope_index import get_rope_index  # the one shared M-RoPE implementation
+        from sr_jax.models import get_family
+
+        get_rope_index = get_family().module("rope_index").get_rope_index  # the one M-RoPE implementation
 
         tok = self.tokenizer
         positions, _ = get_rope_index(

@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sr_jax.lora import set_lora_dropout
 from sr_jax.sharding import batch_shardings, constrain, global_from_full, logical_sharding, use_mesh
 from sr_jax.batch import POLICY_KEYS as MODEL_KEYS, VISION_KEYS
+from sr_jax.models import family_of
 from sr_jax.train.step import TrainState, TrainStep, trainable_filter
 RL_AXES = {
     "completion_ids": (None, "batch", None),
@@ -183,7 +184,7 @@ class GRPOStep(TrainStep):
         super().__init__(model, optimizer, mesh, cfg, compiler_options, loss=GRPOLoss(grpo, cfg.loss.chunk_size))
         self.grpo = grpo
         set_lora_dropout(model, False)
-        self.eval_graphdef = nnx.split(model, trainable_filter(cfg), nnx.Param, ...)[0]
+        self.eval_graphdef = nnx.split(model, trainable_filter(cfg, family_of(model)), nnx.Param, ...)[0]
         self._logprob_compiled: dict[tuple, Any] = {}
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any], label_counts=None):

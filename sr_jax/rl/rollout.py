@@ -104,7 +104,7 @@ def _pixels(prompts: list[dict]):
 
 def _positions(model, ids, mask, grids) -> np.ndarray:
     """M-RoPE ids that skip the left padding (as `generate` numbers the prompt and completion)."""
-    from sr_jax.model.rope_index import get_rope_index
+    from sr_jax.models.qwen3_vl.rope_index import get_rope_index
 
     positions, _ = get_rope_index(ids, grids, mask, spatial_merge_size=model.config.vision.spatial_merge_size,
                                   image_token_id=model.config.image_token_id)

@@ -69,7 +69,7 @@ class ModelSection:
     dtype: str = "float32"              # compute dtype
     param_dtype: str = "float32"        # stored parameter dtype
     overrides: list[str] = dataclasses.field(default_factory=list)  # key=value on the ModelConfig
-    attention_backend: str | None = None  # auto | cpu | splash | cudnn (sr_jax.model.attention); None: the preset's
+    attention_backend: str | None = None  # auto | cpu | splash | cudnn (sr_jax.models.attention); None: the preset's
     scan_layers: bool | None = None     # run layers as lax.scans (ModelConfig.scan_layers); None: the preset's
 
 

@@ -38,18 +38,21 @@ log = logging.getLogger(__name__)
 
 
 def model_config(section):
-    """The ModelConfig of a `model` section (`ModelSection`)."""
-    from sr_jax.model import ModelConfig
+    """The model config of a `model` section (`ModelSection`), of the family its weights name
+    (HF config.json's `model_type`) or, for a preset, of the default family."""
+    from sr_jax.models import get_family
 
     if section.init_from:
+        from sr_jax.convert.hf_import import hf_family
         from sr_jax.convert.orbax_io import is_model_dir, read_model_config
 
-        cfg = read_model_config(section.init_from) if is_model_dir(section.init_from) \
-            else ModelConfig.from_hf_dir(section.init_from)
+        init_from = Path(section.init_from)
+        cfg = read_model_config(init_from) if is_model_dir(init_from) \
+            else hf_family(init_from).config_class.from_hf_dir(init_from)
         if section.overrides:
             raise ValueError("model.overrides apply to presets, not to model.init_from weights")
     else:
-        cfg = ModelConfig.preset(section.preset, section.overrides)
+        cfg = get_family().config_class.preset(section.preset, section.overrides)
     cfg.dtype, cfg.param_dtype = section.dtype, section.param_dtype
     if section.attention_backend is not None:
         cfg.attention_backend = section.attention_backend
@@ -68,20 +71,21 @@ class Trainer:
         from flax import nnx
 
         from sr_jax.lora import apply_lora
-        from sr_jax.model.qwen3vl import Qwen3VLForConditionalGeneration
+        from sr_jax.models import family_of
         from sr_jax.sharding import make_mesh, tree_shardings, use_mesh
         from sr_jax.train.optim import make_optimizer
         from sr_jax.train.step import TrainStep
 
         self.cfg = cfg
         self.model_cfg = model_config(cfg.model)
+        model_class = family_of(self.model_cfg).model_class
         if devices is None and cfg.run.num_devices:
             devices = jax.devices()[: cfg.run.num_devices]
         self.mesh = make_mesh(cfg.train.mesh, devices)
         self.num_devices = self.mesh.size
 
         def build():
-            model = Qwen3VLForConditionalGeneration(self.model_cfg, rngs=nnx.Rngs(cfg.train.seed))
+            model = model_class(self.model_cfg, rngs=nnx.Rngs(cfg.train.seed))
             if cfg.train.lora.enabled:
                 apply_lora(model, cfg.train.lora)
             return model

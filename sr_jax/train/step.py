@@ -7,7 +7,7 @@ Batch layout (host arrays; every array has a leading microbatch axis k = grad_ac
   position_ids    (k, 3, B, T) int32 M-RoPE positions (`model.prepare_positions`, per example)
   segment_ids     (k, B, T) int32    optional: packed rows; attention and the label shift stay
                                      inside a segment; ids in [0, T)
-  pixel_values    (k, P, 1536) float optional: all patches of the microbatch, padded to a fixed
+  pixel_values    (k, P, patch_dim) float optional: all patches of the microbatch, padded to a fixed
                                      budget P (multiple of 4) with `vision_arrays`
   vision_interp_index (k, P, 4) int32, vision_interp_weight (k, P, 4) float32,
   vision_rope_hw (k, P, 2) int32, vision_segment (k, P) int32: the `VisionInputs` tables
@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sr_jax.batch import SFT_REQUIRED_KEYS as REQUIRED_KEYS, VISION_KEYS
 from sr_jax.lora import LoRAParam, set_lora_dropout
+from sr_jax.models import family_of, get_family
 from sr_jax.sharding import BATCH_AXES, batch_shardings, tree_shardings, use_mesh
 from sr_jax.train.config import LossConfig, TrainConfig
 from sr_jax.train.loss import LossStats, count_label_tokens, label_loss
@@ -57,11 +58,11 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def trainable_filter(cfg: TrainConfig):
-    """nnx filter of the parameters the optimizer updates."""
+def trainable_filter(cfg: TrainConfig, family=None):
+    """nnx filter of the parameters the optimizer updates (`family`: the model's, for its vision tower)."""
     frozen = [re.compile(p) for p in cfg.freeze]
     if cfg.freeze_vision:
-        frozen.append(re.compile(r"model\.visual\..*"))
+        frozen.append(re.compile((family or get_family()).freeze_vision))
 
     def is_trainable(path, value) -> bool:
         if not isinstance(value, nnx.Param):
@@ -73,17 +74,13 @@ def trainable_filter(cfg: TrainConfig):
     return is_trainable
 
 
-def set_remat(model, policy: str) -> None:
-    model.model.language_model.remat = policy
-    model.model.visual.remat = policy
-
-
 def split_model(model, cfg: TrainConfig):
     """(graphdef, trainable, frozen, rest) with training-time settings (remat, LoRA dropout on)."""
-    set_remat(model, cfg.remat)
+    family = family_of(model)
+    family.set_remat(model, cfg.remat)
     set_lora_dropout(model, True)
     try:
-        graphdef, trainable, frozen, rest = nnx.split(model, trainable_filter(cfg), nnx.Param, ...)
+        graphdef, trainable, frozen, rest = nnx.split(model, trainable_filter(cfg, family), nnx.Param, ...)
     finally:
         set_lora_dropout(model, False)
     if not jax.tree.leaves(trainable):
@@ -286,8 +283,8 @@ def make_train_step(model, optimizer: Optimizer, mesh: Mesh, cfg: TrainConfig,
 
 def vision_arrays(pixel_values, image_grid_thw, patch_budget: int, vision_cfg) -> dict[str, np.ndarray]:
     """The vision entries of one microbatch: patches and tables padded to `patch_budget` rows."""
-    from sr_jax.model.vision import pad_patches, vision_inputs
-
+    vision = get_family(getattr(vision_cfg, "model_type", None)).module("vision")
+    pad_patches, vision_inputs = vision.pad_patches, vision.vision_inputs
     pixel_values = np.asarray(pixel_values, np.float32)
     tables = vision_inputs(image_grid_thw, vision_cfg)
     if tables.segment.shape[0] != pixel_values.shape[0]:

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sr_jax.model.attention import Segments, resolve_backend, text_attention
-from sr_jax.model.config import TextConfig
-from sr_jax.model.layers import (Embed, Linear, RMSNorm, activation, apply_rope, call_layer,
+from sr_jax.models.attention import Segments, resolve_backend, text_attention
+from sr_jax.models.qwen3_vl.config import TextConfig
+from sr_jax.models.layers import (Embed, Linear, RMSNorm, activation, apply_rope, call_layer,
                                  masked_softmax_attention, scan_layers)
 from sr_jax.sharding import constrain
 

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sr_jax.model.config import VisionConfig
-from sr_jax.model.attention import vision_attention
-from sr_jax.model.layers import LayerNorm, Linear, activation, apply_rope, call_layer, scan_layers
+from sr_jax.models.qwen3_vl.config import VisionConfig
+from sr_jax.models.attention import vision_attention
+from sr_jax.models.layers import LayerNorm, Linear, activation, apply_rope, call_layer, scan_layers
 from sr_jax.sharding import constrain
 
 PATCH_AXES = ("patches", "act_vision_embed")

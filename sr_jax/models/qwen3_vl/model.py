@@ -2,7 +2,7 @@
 
 Module tree (and so parameter paths) mirrors Hugging Face's `Qwen3VLForConditionalGeneration`:
 `model.visual.*`, `model.language_model.*`, `lm_head` (absent when embeddings are tied). The
-converter (`sr_jax.convert.names`) is therefore a rename plus a transpose for linear kernels.
+converter (`sr_jax.models.qwen3_vl.names`) is therefore a rename plus a transpose for linear kernels.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sr_jax.model.config import ModelConfig
-from sr_jax.model.layers import Linear
-from sr_jax.model.rope_index import get_rope_index, text_position_ids
-from sr_jax.model.text import TextModel
-from sr_jax.model.vision import VisionInputs, VisionModel, vision_inputs
+from sr_jax.models.qwen3_vl.config import ModelConfig
+from sr_jax.models.layers import Linear
+from sr_jax.models.qwen3_vl.rope_index import get_rope_index, text_position_ids
+from sr_jax.models.qwen3_vl.text import TextModel
+from sr_jax.models.qwen3_vl.vision import VisionInputs, VisionModel, vision_inputs
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

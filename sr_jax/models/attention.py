@@ -4,7 +4,7 @@ attention within each image) that picks the kernel for the platform the program 
 Backends (`ModelConfig.attention_backend`):
   auto    tpu -> splash, gpu -> cudnn, cpu -> cpu (the platform of the mesh in context, so an
           ahead-of-time compile for a TPU topology on a CPU host gets the TPU kernel)
-  cpu     the portable kernels of `sr_jax.model.layers` (dense boolean mask; query blocks and
+  cpu     the portable kernels of `sr_jax.models.layers` (dense boolean mask; query blocks and
           the causal block skipping tuned for XLA:CPU). Runs anywhere.
   splash  Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) with
           segment ids: causal within each packed segment for text, bidirectional within each
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from sr_jax.model.layers import causal_attention, compile_platform, query_blocked_attention, to_heads_major
+from sr_jax.models.layers import causal_attention, compile_platform, query_blocked_attention, to_heads_major
 from sr_jax.sharding import MESH_AXES, logical_to_spec
 
 BACKENDS = ("auto", "cpu", "splash", "cudnn")

@@ -5,12 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sr_jax.config import from_dict, load_yaml, apply_overrides, to_dict
+from sr_jax.models import ImageConstants
 from sr_jax.special_tokens import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+MODEL_TYPE = "qwen3_vl"  # HF config.json's, the key of this family in `sr_jax.models`
+IMAGE = ImageConstants(patch_size=16, temporal_patch_size=2, merge_size=2)
+
+PRESET_DIR = Path(__file__).resolve().parents[3] / "configs" / "model"
 
 
 def _config_hash(self) -> int:
@@ -27,9 +31,9 @@ class VisionConfig:
     intermediate_size: int = 4304
     num_heads: int = 16
     in_channels: int = 3
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
+    patch_size: int = IMAGE.patch_size
+    temporal_patch_size: int = IMAGE.temporal_patch_size
+    spatial_merge_size: int = IMAGE.merge_size
     out_hidden_size: int = 4096
     num_position_embeddings: int = 2304
     deepstack_visual_indexes: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 24])
@@ -67,6 +71,7 @@ class TextConfig:
 @dataclasses.dataclass
 class ModelConfig:
     __hash__ = _config_hash
+    model_type: ClassVar[str] = MODEL_TYPE
 
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
@@ -78,7 +83,7 @@ class ModelConfig:
     # Runtime numerics, not architecture: compute dtype and stored-parameter dtype.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    # auto | cpu | splash | cudnn: the attention kernel (sr_jax.model.attention); auto picks the
+    # auto | cpu | splash | cudnn: the attention kernel (sr_jax.models.attention); auto picks the
     # one for the platform the step is compiled for.
     attention_backend: str = "auto"
     # Full passes run the decoder layers (after the deepstack ones) and the vision blocks between
@@ -141,7 +146,7 @@ class ModelConfig:
         t, v = self.text, self.vision
         return {
             "architectures": ["Qwen3VLForConditionalGeneration"],
-            "model_type": "qwen3_vl",
+            "model_type": MODEL_TYPE,
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,
@@ -234,7 +239,7 @@ class ModelConfig:
             raise ValueError(f"deepstack_visual_indexes {v.deepstack_visual_indexes} outside vision depth {v.depth}")
         if len(v.deepstack_visual_indexes) > t.num_hidden_layers:
             raise ValueError("more deepstack features than decoder layers")
-        from sr_jax.model.attention import BACKENDS
+        from sr_jax.models.attention import BACKENDS
 
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend {self.attention_backend!r} is not one of {list(BACKENDS)}")
