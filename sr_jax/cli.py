@@ -15,7 +15,7 @@ _COMMAND_MODULES = [
     "sr_jax.convert.cli",
     "sr_jax.data.cli",
     "sr_jax.serve",
-    "sr_jax.scorer",
+    "sr_jax.reward.scorer",
     "sr_jax.train.sft",
     "sr_jax.rl.trainer",
     "sr_jax.eval.cli",

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = _step("4. score: the trained model on held-out edits")
     from sr_jax.data.image import open_image
-    from sr_jax.scorer import Scorer
+    from sr_jax.reward.scorer import Scorer
 
     scorer = Scorer.from_pretrained(summary["model_dir"], max_new_tokens=96, max_pixels=16384)
     items = [val[i] for i in range(len(val)) if val[i].task == "sc"][:2]

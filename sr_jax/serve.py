@@ -1004,7 +1004,7 @@ def _serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if factory is None:
-        from sr_jax.scorer import Scorer
+        from sr_jax.reward.scorer import Scorer
 
         factory = Scorer.from_pretrained
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

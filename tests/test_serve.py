@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from sr_jax.client import RewardClient, RewardServerError
-from sr_jax.grounding import changed_mask, grounding_report, mask_bbox, pixels_to_grid
+from sr_jax.reward.grounding import changed_mask, grounding_report, mask_bbox, pixels_to_grid
 from sr_jax.reward import AGGREGATION_MODES, aggregate
 from sr_jax.serve import BackgroundServer, ServeConfig, parse_request, to_jsonable
 
@@ -750,7 +750,7 @@ def test_load_valid_and_hostile_requests_concurrently(tmp_path):
 def tiny_scorer(tmp_path_factory):
     from hf_oracle import random_hf_model, tiny_hf_config
     from sr_jax.data.tokenizer import load_tokenizer
-    from sr_jax.scorer import Scorer
+    from sr_jax.reward.scorer import Scorer
 
     model_dir = tmp_path_factory.mktemp("tiny_sr")
     random_hf_model(tiny_hf_config(), seed=3).save_pretrained(model_dir)

@@ -50,13 +50,13 @@ def _jsonable(value: Any) -> Any:
 
 def score_pq_only(scorer, edited: Sequence[Any]) -> list[dict]:
     """PQ prompt alone for each image (no original exists). Uses `scorer.score_pq` when the scorer
-    has one; a `sr_jax.scorer.Scorer` is driven through its processor and generator."""
+    has one; a `sr_jax.reward.scorer.Scorer` is driven through its processor and generator."""
     if hasattr(scorer, "score_pq"):
         return list(scorer.score_pq(list(edited)))
     from sr_jax.data.image import open_image
     from sr_jax.data.records import SpatialExample
     from sr_jax.reward import aggregate, parse_output
-    from sr_jax.scorer import Scorer
+    from sr_jax.reward.scorer import Scorer
 
     if not isinstance(scorer, Scorer):
         raise TypeError(f"{type(scorer).__name__} cannot score PQ-only items: give it a score_pq(edited) method")

@@ -13,7 +13,7 @@ Built-in functions (configure by name in YAML, `options` go to the factory):
                unmatched boxes count 0, both lists empty = 1)
   score_error  1 - mean |predicted - true| / score_range over the two scores
   empty_list   1 if "no region" agrees with the truth (the failed-edit case), else 0 (SC)
-  grounding    F1 of box precision and changed-pixel coverage (`sr_jax.grounding`; SC, needs
+  grounding    F1 of box precision and changed-pixel coverage (`sr_jax.reward.grounding`; SC, needs
                the original and edited images only)
   judge        an external evaluator over HTTP (`JudgeReward`), with a timeout and a fallback
 
@@ -132,7 +132,7 @@ class GroundingReward:
 
     def _mask(self, record: SpatialExample) -> np.ndarray:
         from sr_jax.data.image import open_image
-        from sr_jax.grounding import changed_mask
+        from sr_jax.reward.grounding import changed_mask
 
         digest = hashlib.sha1()
         for image in (record.images[0], record.images[-1]):
@@ -146,7 +146,7 @@ class GroundingReward:
         return self._masks[key]
 
     def __call__(self, record: SpatialExample, completion: str, parsed: dict) -> float | None:
-        from sr_jax.grounding import grounding_report
+        from sr_jax.reward.grounding import grounding_report
 
         if record.task != "sc":
             return None

@@ -3,7 +3,7 @@
 For each (original(s), edited, instruction) item the model answers two prompts: SC on
 [originals..., edited] with the instruction, and PQ on [edited]. Answers are parsed leniently
 (`sr_jax.reward.parse_output`), turned into a reward (`aggregate`) and, beyond the original
-method, checked against the pixels that actually changed (`sr_jax.grounding`).
+method, checked against the pixels that actually changed (`sr_jax.reward.grounding`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from sr_jax.data.processor import Processor
 from sr_jax.data.records import SpatialExample
 from sr_jax.data.templates import PromptTemplates
 from sr_jax.generation import DEFAULT_STOP_IDS, PAD_ID, generate
-from sr_jax.grounding import grounding_check
-from sr_jax.reward import AGGREGATION_MODES, PARSE_MODES, RewardWeights, aggregate, parse_output
+from sr_jax.reward.aggregate import AGGREGATION_MODES, RewardWeights, aggregate
+from sr_jax.reward.grounding import grounding_check
+from sr_jax.reward.parse import PARSE_MODES, parse_output
 
 _REWARD = RewardWeights()  # the reward options' defaults live in RewardWeights only
 
