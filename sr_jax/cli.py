@@ -14,7 +14,7 @@ _COMMAND_MODULES = [
     "sr_jax.demo",
     "sr_jax.convert.cli",
     "sr_jax.data.cli",
-    "sr_jax.serve",
+    "sr_jax.serve.server",
     "sr_jax.reward.scorer",
     "sr_jax.train.sft",
     "sr_jax.rl.trainer",
