@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from sr_jax.cli import main as cli
     from sr_jax.convert.hf_export import export_hf
     from sr_jax.data.tokenizer import load_tokenizer
-    from sr_jax.loading import load_model
+    from sr_jax.convert.loading import load_model
     from sr_jax.models.qwen3_vl import ModelConfig, init_model
 
     hf_dir, jax_dir = work / "tiny_hf", work / "tiny_jax"

@@ -70,7 +70,7 @@ def parse_size(text: str) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from sr_jax.convert.hf_export import export_hf
     from sr_jax.convert.hf_import import CheckpointError
-    from sr_jax.loading import load_checkpoint_model
+    from sr_jax.convert.loading import load_checkpoint_model
 
     start = time.perf_counter()
     try:

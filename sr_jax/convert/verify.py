@@ -163,7 +163,7 @@ def run_verify(hf_dir: str | Path, jax_dir: str | Path | None = None, dtype: str
     """Report for ours (from `jax_dir`, else imported from `hf_dir`) against HF on the fixed prompt."""
     import jax
 
-    from sr_jax.loading import load_model
+    from sr_jax.convert.loading import load_model
     from sr_jax.convert.hf_import import hf_family
 
     cfg = hf_family(Path(hf_dir)).config_class.from_hf_dir(hf_dir)

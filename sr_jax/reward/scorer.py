@@ -108,7 +108,7 @@ class Scorer:
     @classmethod
     def from_pretrained(cls, path: str | Path, **options) -> "Scorer":
         """`path`: a HF checkpoint dir or a converted sr_jax dir; tokenizer files there are used when present."""
-        from sr_jax.loading import load_model
+        from sr_jax.convert.loading import load_model
 
         opts = ScorerOptions().replace(**options)
         path = Path(path)

@@ -112,7 +112,7 @@ class Trainer:
         """Base weights from `init_from`, placed tensor by tensor into the sharded model."""
         from flax import nnx
 
-        from sr_jax.loading import load_model
+        from sr_jax.convert.loading import load_model
 
         loaded = load_model(self.cfg.model.init_from, dtype=self.cfg.model.param_dtype, device=jax.devices("cpu")[0])
         source = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
