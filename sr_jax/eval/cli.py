@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from sr_jax.config import load_config
 from sr_jax.eval.benchmarks import BENCHMARKS, load_benchmark, parse_synthetic_spec
 from sr_jax.eval.runner import run
 from sr_jax.eval.tables import BenchmarkError
@@ -43,7 +44,6 @@ EVAL_DEFAULTS = {"max_new_tokens": 4096, "parse_mode": "official_eval"}
 
 
 def _scorer_options(overrides: list[str], batch_size: int):
-    from sr_jax.config import load_config
     from sr_jax.reward.scorer import ScorerOptions
 
     opts = load_config(ScorerOptions, None, overrides)

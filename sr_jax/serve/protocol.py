@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from sr_jax.config import from_dict
+
 ITEM_FIELDS = ("original", "edited", "instruction")
 REQUEST_FIELDS = ("items", "options", "timeout_s")
 _DATA_URL_PREFIX = "data:"
@@ -153,8 +155,6 @@ def option_validator(scorer: Any) -> Callable[[dict], Any] | None:
         return validate
     defaults = getattr(scorer, "options", None)
     if dataclasses.is_dataclass(defaults) and not isinstance(defaults, type):
-        from sr_jax.config import from_dict
-
         return lambda options: from_dict(type(defaults), options, "options")
     return None
 

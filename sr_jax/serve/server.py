@@ -51,25 +51,29 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sr_jax.config import ConfigError, load_config
 from sr_jax.serve.batching import Batcher, ClientGone, MemoryBudget, Metrics, Reservation, ScorerFailure
 from sr_jax.serve.protocol import (
     BODY_COPIES,
     MB,
     REASONS,
-    WORK_BYTES_PER_PIXEL,
     RequestError,
     ServeConfig,
+    WORK_BYTES_PER_PIXEL,
     accepted_options,
     option_validator,
     parse_request,
@@ -280,8 +284,6 @@ class BackgroundServer:
 
 def _load_object(spec: str):
     """'package.module:attribute' -> the attribute."""
-    import importlib
-
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
         raise ValueError(f"--scorer-factory {spec!r} is not of the form package.module:function")
@@ -289,12 +291,6 @@ def _load_object(spec: str):
 
 
 def _serve(args) -> int:
-    import sys
-
-    import yaml
-
-    from sr_jax.config import ConfigError, load_config
-
     overrides = list(args.set or [])
     for name in ("host", "port", "max_batch", "max_wait_ms", "max_queue", "max_items_per_request",
                  "max_body_mb", "max_image_pixels", "request_timeout_s", "body_timeout_s", "memory_budget_mb",
