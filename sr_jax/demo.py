@@ -19,6 +19,18 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
+from sr_jax.config import load_config
+from sr_jax.convert.hf_export import export_hf
+from sr_jax.convert.loading import load_model
+from sr_jax.convert.verify import run_verify
+from sr_jax.data.image import open_image
+from sr_jax.data.storage import ArrayRecordSource, write_array_record
+from sr_jax.data.synthetic import generate_examples
+from sr_jax.data.tokenizer import load_tokenizer
+from sr_jax.train.metrics import plot_metrics, read_metrics
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the main job end to end on a tiny model (CPU friendly)")
@@ -39,11 +51,6 @@ def _done(t0: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from sr_jax.data.storage import ArrayRecordSource, write_array_record
-    from sr_jax.data.synthetic import generate_examples
-
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
 
@@ -67,10 +74,7 @@ def run(args: argparse.Namespace) -> int:
     _done(t0)
 
     t0 = _step("2. model: HF checkpoint -> sr_jax, parity")
-    from sr_jax.cli import main as cli
-    from sr_jax.convert.hf_export import export_hf
-    from sr_jax.data.tokenizer import load_tokenizer
-    from sr_jax.loading import load_model
+    from sr_jax.cli import main as cli  # sr_jax.cli imports this module to register `sr-jax demo`
     from sr_jax.models.qwen3_vl import ModelConfig, init_model
 
     hf_dir, jax_dir = work / "tiny_hf", work / "tiny_jax"
@@ -88,15 +92,11 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("   (PyTorch not installed: skipping the transformers parity report; `pip install -e .[test]`)")
     else:
-        from sr_jax.convert.verify import run_verify
-
         report = run_verify(hf_dir, jax_dir)
         print(f"   parity vs transformers (PyTorch): {report.summary()}")
     _done(t0)
 
     t0 = _step("3. train: SFT of the tiny model on the synthetic examples")
-    from sr_jax.config import load_config
-    from sr_jax.train.metrics import plot_metrics, read_metrics
     from sr_jax.train.sft import SFTConfig, train
 
     run_dir = work / "sft"
@@ -117,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
     _done(t0)
 
     t0 = _step("4. score: the trained model on held-out edits")
-    from sr_jax.data.image import open_image
-    from sr_jax.scorer import Scorer
+    from sr_jax.reward.scorer import Scorer
 
     scorer = Scorer.from_pretrained(summary["model_dir"], max_new_tokens=96, max_pixels=16384)
     items = [val[i] for i in range(len(val)) if val[i].task == "sc"][:2]

@@ -46,10 +46,27 @@ import sys
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from sr_jax import tpu
+from sr_jax.config import load_config
+from sr_jax.lora import LoRAConfig
 from sr_jax.models import get_family
+from sr_jax.models.attention import resolve_backend
+from sr_jax.rl.config import GRPOConfig
+from sr_jax.rl.grpo import GRPOStep, rl_batch_shardings
+from sr_jax.sharding import BATCH_AXES, MeshConfig, logical_sharding, tree_shardings, use_mesh
 from sr_jax.sharding import MESH_AXES as MESH_KEYS  # importing JAX starts no backend: XLA_FLAGS still apply
+from sr_jax.tpu import parse_topology
+from sr_jax.train.checkpoint import abstract_with_shardings
+from sr_jax.train.config import LossConfig, TrainConfig
+from sr_jax.train.loss import IGNORE
+from sr_jax.train.metrics import train_flops
+from sr_jax.train.sft import ModelSection, SFTConfig, Trainer, model_config
+from sr_jax.train.step import stack_microbatches, vision_arrays
 
 IMAGE = get_family().image  # patch geometry of the planned model family
 _CHILD_ENV = "SR_JAX_PLAN_CHILD"  # set in the re-executed process, so it never re-executes again
@@ -129,10 +146,6 @@ def _batch_dtypes(shape: BatchShape) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def abstract_batch(shape: BatchShape, mesh, rules=None) -> dict[str, Any]:
     """ShapeDtypeStructs of the step's batch (layout of `sr_jax.train.step`), with shardings."""
-    import jax
-
-    from sr_jax.sharding import logical_sharding, BATCH_AXES
-
     return {key: jax.ShapeDtypeStruct(dims, np.dtype(dtype),
                                       sharding=logical_sharding(BATCH_AXES[key], dims, mesh, rules))
             for key, (dims, dtype) in _batch_dtypes(shape).items()}
@@ -143,8 +156,6 @@ def synthetic_batch(model_cfg, shape: BatchShape, seed: int = 0) -> dict[str, np
     its images at the start (with M-RoPE positions as the model derives them), labels on the last
     `label_tokens` positions."""
     get_rope_index = get_family(model_cfg.model_type).module("rope_index").get_rope_index
-    from sr_jax.train.loss import IGNORE
-    from sr_jax.train.step import stack_microbatches, vision_arrays
 
     rng = np.random.default_rng(seed)
     b, t = shape.micro_rows, shape.seq
@@ -177,8 +188,6 @@ def synthetic_batch(model_cfg, shape: BatchShape, seed: int = 0) -> dict[str, np
 
 
 def analytic_flops(model_cfg, shape: BatchShape, *, vision_trainable: bool) -> float:
-    from sr_jax.train.metrics import train_flops
-
     grids = [shape.grid] * (shape.micro_rows * shape.images_per_example)
     labels = shape.micro_rows * (shape.seq if shape.label_tokens is None else shape.label_tokens)
     per_micro = train_flops(model_cfg, np.full(shape.micro_rows, shape.seq), labels, np.array(grids).reshape(-1, 3),
@@ -218,8 +227,6 @@ class PlanSpec:
         return [int(self.mesh.get(k, 1)) for k in MESH_KEYS]
 
     def mesh_config(self):
-        from sr_jax.sharding import MeshConfig
-
         unknown = sorted(set(self.mesh) - set(MESH_KEYS))
         if unknown:
             raise ValueError(f"unknown mesh axes {unknown}; use {list(MESH_KEYS)}")
@@ -252,10 +259,6 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def sft_config(spec: PlanSpec):
     """The `SFTConfig` a real training run of this plan would use (model + train sections)."""
-    from sr_jax.lora import LoRAConfig
-    from sr_jax.train.config import LossConfig, TrainConfig
-    from sr_jax.train.sft import ModelSection, SFTConfig
-
     if spec.train is None:
         train = TrainConfig(mesh=spec.mesh_config(), loss=LossConfig(max_label_tokens=spec.batch.max_label_tokens),
                             lora=LoRAConfig(enabled=spec.lora, rank=spec.lora_rank),
@@ -279,8 +282,6 @@ def sft_config(spec: PlanSpec):
 def shard_bytes(tree) -> int:
     """Bytes one device holds of `tree` (abstract or real arrays with shardings): the largest
     per-device total, as uneven shardings may load one device more."""
-    import jax
-
     per_device: dict[Any, int] = {}
     for leaf in jax.tree.leaves(tree):
         sharding = leaf.sharding
@@ -291,8 +292,6 @@ def shard_bytes(tree) -> int:
 
 
 def plan_devices(n: int):
-    import jax
-
     devices = jax.devices("cpu")
     if len(devices) < n:
         raise RuntimeError(f"the mesh needs {n} devices but this process has {len(devices)} CPU devices; run "
@@ -304,8 +303,6 @@ def plan_devices(n: int):
 def target_devices(spec: PlanSpec):
     """The devices the plan compiles for: the TPU topology's when one is given and libtpu is
     installed, else fake CPU devices."""
-    from sr_jax import tpu
-
     if spec.topology and tpu.libtpu_available():
         devices = tpu.topology_devices(tpu.parse_topology(spec.topology))
         if len(devices) != spec.mesh_size():
@@ -317,8 +314,6 @@ def target_devices(spec: PlanSpec):
 
 def build_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = None):
     """(trainer, abstract state, abstract batch) for the spec: nothing is allocated."""
-    from sr_jax.train.sft import Trainer, model_config
-
     cfg = sft_config(spec)
     mcfg = model_config(cfg.model)
     n = spec.mesh_size()
@@ -438,10 +433,6 @@ def abstract_rl_batch(shape: BatchShape, mesh, completion_tokens: int, *, ref_lo
                       rules=None) -> dict[str, Any]:
     """The GRPO update's batch (`sr_jax.rl.grpo` layout): rows of `shape.seq` tokens, the last
     `completion_tokens` of them the completion."""
-    import jax
-
-    from sr_jax.rl.grpo import rl_batch_shardings
-
     k, b, n = shape.grad_accum, shape.micro_rows, completion_tokens
     dims = {key: value for key, value in _batch_dtypes(shape).items() if key != "labels"}
     dims.update({"completion_ids": ((k, b, n), "int32"), "completion_mask": ((k, b, n), "int32"),
@@ -454,9 +445,6 @@ def abstract_rl_batch(shape: BatchShape, mesh, completion_tokens: int, *, ref_lo
 
 
 def _rl_program(trainer, spec: PlanSpec, state):
-    from sr_jax.rl.config import GRPOConfig
-    from sr_jax.rl.grpo import GRPOStep
-
     grpo = GRPOConfig()
     n = spec.completion_tokens
     if n >= spec.batch.seq - spec.batch.image_tokens_per_row:
@@ -465,7 +453,6 @@ def _rl_program(trainer, spec: PlanSpec, state):
     batch = abstract_rl_batch(spec.batch, trainer.mesh, n, ref_logp=grpo.beta > 0, rules=step.rules)
     cfg = trainer.cfg.train
     vision_trainable = not (cfg.freeze_vision or (cfg.lora.enabled and not cfg.lora.vision))
-    from sr_jax.train.metrics import train_flops
 
     grids = [spec.batch.grid] * (spec.batch.micro_rows * spec.batch.images_per_example)
     flops = spec.batch.grad_accum * train_flops(trainer.model_cfg, np.full(spec.batch.micro_rows, spec.batch.seq),
@@ -477,14 +464,6 @@ def _rl_program(trainer, spec: PlanSpec, state):
 def _generate_programs(trainer, spec: PlanSpec):
     """A prefill of prompts of `seq - completion_tokens` tokens into a KV cache of `seq` slots,
     and one decode step against that cache (as `sr_jax.generation` runs them)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from sr_jax.sharding import logical_sharding, tree_shardings, use_mesh
-    from sr_jax.train.checkpoint import abstract_with_shardings
-    from sr_jax.train.metrics import train_flops
-
     mesh, mcfg, rules = trainer.mesh, trainer.model_cfg, trainer.step.rules
     tcfg = mcfg.text
     graphdef, params = nnx.split(trainer.model)
@@ -538,8 +517,6 @@ def _generate_programs(trainer, spec: PlanSpec):
 
 
 def _drop_lead(sharding):
-    import jax
-
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
 
 
@@ -564,8 +541,6 @@ def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = No
     """Compiles the stage's program(s) ahead of time and returns the report (see module doc); all
     byte counts are per device. Raises `DoesNotFit` before compiling when the parameters,
     optimizer state and batch alone exceed a TPU target's HBM."""
-    import jax
-
     if spec.stage not in STAGES:
         raise ValueError(f"unknown stage {spec.stage!r}; use one of {list(STAGES)}")
     t0 = time.perf_counter()
@@ -635,8 +610,6 @@ def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = No
         report["decode"] = decode
         report["decode"]["tokens"] = spec.batch.rows
     if target["platform"] == "tpu":
-        from sr_jax.tpu import parse_topology
-
         chip = parse_topology(spec.topology).chip
         report["roofline"] = roofline(report, chip)
         if decode is not None:
@@ -652,8 +625,6 @@ def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = No
 
 def target_info(spec: PlanSpec, mesh) -> dict:
     """What the plan compiled for: platform, device kind, and the chip's HBM when known."""
-    from sr_jax.tpu import parse_topology
-
     device = mesh.devices.flat[0]
     info = {"platform": device.platform, "device_kind": device.device_kind, "devices": mesh.size,
             "topology": None, "chips": mesh.size, "devices_per_chip": 1, "hbm_bytes_per_device": None}
@@ -667,10 +638,6 @@ def target_info(spec: PlanSpec, mesh) -> dict:
 
 def resolve_attention(trainer) -> str:
     """The attention kernel the compiled program uses (the step resolves it under its mesh too)."""
-    import jax
-
-    from sr_jax.models.attention import resolve_backend
-
     with jax.set_mesh(trainer.mesh):
         return resolve_backend(trainer.model_cfg.attention_backend)
 
@@ -835,7 +802,6 @@ def register(sub) -> None:
 def _target_device_count(topology: str | None) -> int | None:
     if not topology:
         return None
-    from sr_jax.tpu import parse_topology
 
     topo = parse_topology(topology)
     return topo.chips * (2 if topo.chip.name == "v4" else 1)  # v4 topologies list each TensorCore
@@ -843,8 +809,6 @@ def _target_device_count(topology: str | None) -> int | None:
 
 def _hosts(topology: str | None) -> int:
     """Processes (hosts) of the slice: from libtpu's description, else 4 chips per host."""
-    from sr_jax import tpu
-
     if not topology:
         return 1
     if tpu.libtpu_available():
@@ -854,9 +818,6 @@ def _hosts(topology: str | None) -> int:
 
 def _from_config(args) -> tuple[dict, list[str]]:
     """PlanSpec fields from a training YAML, and notes on what was assumed."""
-    from sr_jax.config import load_config
-    from sr_jax.train.sft import SFTConfig
-
     cfg = load_config(SFTConfig, args.config, list(getattr(args, "config_overrides", None) or []))
     notes, fields = [], {}
     m = cfg.model
@@ -934,7 +895,7 @@ def spec_from_args(args) -> PlanSpec:
 
 
 def _jax_started() -> bool:
-    from jax._src import xla_bridge
+    from jax._src import xla_bridge  # JAX's private module: only this check depends on it
 
     return xla_bridge.backends_are_initialized()
 
@@ -945,8 +906,6 @@ def _with_device_count(flags: str, n: int) -> str:
 
 
 def _plan_command(args) -> int:
-    from sr_jax import tpu
-
     try:
         spec = spec_from_args(args)
         n = spec.mesh_size()
@@ -965,8 +924,6 @@ def _plan_command(args) -> int:
         # JAX reads the fake device count when its CPU backend starts: set it now, in-process.
         os.environ["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""), n)
     else:
-        import jax
-
         if len(jax.devices("cpu")) < n and not os.environ.get(_CHILD_ENV):
             # Too late for this process: run the same plan in a fresh one with the flag set.
             env = dict(os.environ, XLA_FLAGS=_with_device_count(os.environ.get("XLA_FLAGS", ""), n),

@@ -743,7 +743,7 @@ def test_eval_cli_end_to_end_with_tiny_model(model_dir, tmp_path, monkeypatch):
     from sr_jax.cli import main
     from sr_jax.data.synthetic import generate_examples
     from sr_jax.eval.runner import score_pq_only
-    from sr_jax.scorer import Scorer
+    from sr_jax.reward.scorer import Scorer
 
     n = 2
     examples = list(generate_examples(n, seed=0, split="test"))

@@ -208,6 +208,6 @@ def test_sharded_params_generate_the_same_tokens(pair):
 
 def test_public_entry_point_is_the_function():
     import sr_jax
-    import sr_jax.scorer  # noqa: F401  (importing other modules must not shadow the function)
+    import sr_jax.reward.scorer  # noqa: F401  (importing other modules must not shadow the function)
 
     assert sr_jax.generate is generate

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sr_jax.grounding import (
+from sr_jax.reward.grounding import (
     changed_mask,
     grid_to_pixels,
     grounding_check,

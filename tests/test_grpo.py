@@ -301,7 +301,7 @@ def _export_round_trip(run, out):
     from transformers import Qwen3VLForConditionalGeneration
 
     from sr_jax.cli import main
-    from sr_jax.train.checkpoint import model_from_checkpoint
+    from sr_jax.train.loop import model_from_checkpoint
 
     ours, _ = model_from_checkpoint(run)
     assert main(["convert", "jax-to-hf", "--ckpt", str(run), "--out", str(out)]) == 0

@@ -13,8 +13,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from hf_oracle import hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels, tiny_hf_config
-from sr_jax.lora import (LoRA, LoRAConfig, LoRAParam, apply_lora, export_peft_adapter, import_peft_adapter,
-                         lora_layers, merge_lora)
+from sr_jax.convert.peft import export_peft_adapter, import_peft_adapter
+from sr_jax.lora import LoRA, LoRAConfig, LoRAParam, apply_lora, lora_layers, merge_lora
 from sr_jax.models.qwen3_vl import init_model
 from sr_jax.train.config import LossConfig, OptimConfig, TrainConfig
 from test_train_step import (build_batch, compiled_logits, make_examples, patch_count, run_step, stack_microbatches,

@@ -345,7 +345,7 @@ def test_reward_weights_one_home():
     """aggregate takes the settings as a RewardWeights, a mode name or keywords, all alike;
     keywords override the dataclass; the scorer's options build the same weights, with the
     official_eval reading dropping the cap at 10 (clamp follows the parse mode)."""
-    from sr_jax.scorer import ScorerOptions
+    from sr_jax.reward.scorer import ScorerOptions
 
     w = RewardWeights(w1=0.3, w2=0.7, w3=0.9, w4=0.1, a=0.6, score_range=10.0)
     kw = dict(w1=0.3, w2=0.7, w3=0.9, w4=0.1, a=0.6, score_range=10.0)

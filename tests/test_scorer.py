@@ -12,7 +12,7 @@ from hf_oracle import random_hf_model, tiny_hf_config
 from sr_jax.data.image import open_image
 from sr_jax.generation import DEFAULT_STOP_IDS, PAD_ID, generate
 from sr_jax.reward import aggregate, parse_output
-from sr_jax.scorer import Scorer
+from sr_jax.reward.scorer import Scorer
 
 
 def picture(w, h, seed, square=None):
@@ -111,7 +111,7 @@ def test_bad_option_values_are_rejected(scorer):
 
 def test_option_numbers_are_finite_and_bounded():
     """Issue 16: NaN weights gave a null reward and huge seeds a 500; every number is bounded."""
-    from sr_jax.scorer import ScorerOptions
+    from sr_jax.reward.scorer import ScorerOptions
 
     nan, inf = float("nan"), float("inf")
     for bad in [{"w1": nan}, {"w3": inf}, {"score_range": inf}, {"score_range": nan}, {"temperature": nan},

@@ -27,10 +27,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sr_jax.client import RewardClient, RewardServerError
-from sr_jax.grounding import changed_mask, grounding_report, mask_bbox, pixels_to_grid
+from sr_jax.serve.client import RewardClient, RewardServerError
+from sr_jax.reward.grounding import changed_mask, grounding_report, mask_bbox, pixels_to_grid
 from sr_jax.reward import AGGREGATION_MODES, aggregate
-from sr_jax.serve import BackgroundServer, ServeConfig, parse_request, to_jsonable
+from sr_jax.serve.protocol import ServeConfig, parse_request, to_jsonable
+from sr_jax.serve.server import BackgroundServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -536,7 +537,7 @@ def test_memory_budget_refuses_from_headers_and_reserves_until_done():
 
 
 def test_json_depth_skips_strings_and_escapes():
-    from sr_jax.serve import json_depth, load_json
+    from sr_jax.serve.protocol import json_depth, load_json
 
     assert json_depth(b'{"items": [{"original": ["a", "b"]}]}') == 4
     assert json_depth(rb'{"a": "[[[[\"[[[{{{", "b": ["\\"]}') == 2  # brackets in strings, escaped quotes
@@ -549,7 +550,7 @@ def test_json_depth_skips_strings_and_escapes():
 
 
 def test_default_budget_is_sized_to_the_machine():
-    from sr_jax.serve import machine_memory_bytes
+    from sr_jax.serve.protocol import machine_memory_bytes
 
     total, per_request = ServeConfig().budget_bytes()
     assert total == machine_memory_bytes() // 4 and per_request == total // 4
@@ -750,7 +751,7 @@ def test_load_valid_and_hostile_requests_concurrently(tmp_path):
 def tiny_scorer(tmp_path_factory):
     from hf_oracle import random_hf_model, tiny_hf_config
     from sr_jax.data.tokenizer import load_tokenizer
-    from sr_jax.scorer import Scorer
+    from sr_jax.reward.scorer import Scorer
 
     model_dir = tmp_path_factory.mktemp("tiny_sr")
     random_hf_model(tiny_hf_config(), seed=3).save_pretrained(model_dir)

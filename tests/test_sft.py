@@ -107,7 +107,7 @@ def test_lora_run_exports_merged_weights_to_hf(tmp_path):
     from transformers import Qwen3VLForConditionalGeneration
 
     from sr_jax.cli import main
-    from sr_jax.train.checkpoint import model_from_checkpoint
+    from sr_jax.train.loop import model_from_checkpoint
 
     cfg = small(tmp_path / "run", **{"run.total_steps": 2, "train.lora.enabled": "true", "train.lora.rank": 4,
                                      "train.lora.alpha": 8, "train.lora.dropout": 0.0})

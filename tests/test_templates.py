@@ -166,7 +166,7 @@ def test_default_templates_render_without_braces_doubled():
 
 def test_scorer_options_take_template_files_from_a_cli_mapping(tmp_path):
     from sr_jax.config import load_config
-    from sr_jax.scorer import ScorerOptions
+    from sr_jax.reward.scorer import ScorerOptions
 
     path = tmp_path / "sc.txt"
     path.write_text(SERVER_LIKE_SC)

@@ -122,7 +122,7 @@ def child_convert(hf: Path, out: Path) -> dict:
 def child_load(path: Path) -> dict:
     import jax
 
-    from sr_jax.loading import load_model
+    from sr_jax.convert.loading import load_model
 
     model = load_model(path, "bfloat16")
     jax.block_until_ready(jax.tree.leaves(model))

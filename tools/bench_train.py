@@ -66,7 +66,7 @@ def main() -> None:
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    from sr_jax.loading import load_model
+    from sr_jax.convert.loading import load_model
     from sr_jax.sharding import MeshConfig, make_mesh
     from sr_jax.train.config import LossConfig, OptimConfig, TrainConfig
     from sr_jax.train.metrics import measured_matmul_peak, train_flops

@@ -35,7 +35,7 @@ def evaluate(model_dir: str, cfg, n: int, *, seed: int = 20261128, batch_size: i
     from sr_jax.data.processor import Processor
     from sr_jax.data.synthetic import generate_example
     from sr_jax.generation import generate
-    from sr_jax.loading import load_model
+    from sr_jax.convert.loading import load_model
     from sr_jax.rl.rewards import RewardSet, build_reward
     from sr_jax.rl.rollout import (_pixels, completion_mask, decode_completions, left_pad, parse_completions,
                                    sample_completions)

@@ -106,8 +106,8 @@ def main() -> None:
     from sr_jax.data.processor import Processor
     from sr_jax.data.synthetic import generate_examples
     from sr_jax.eval import evaluate_synthetic
-    from sr_jax.loading import load_model
-    from sr_jax.scorer import Scorer, ScorerOptions
+    from sr_jax.convert.loading import load_model
+    from sr_jax.reward.scorer import Scorer, ScorerOptions
     from sr_jax.train.metrics import plot_metrics
     from sr_jax.train.sft import SFTConfig, train
 

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
+from pathlib import Path
+
+from sr_jax.convert.hf_export import export_hf
+from sr_jax.convert.hf_import import CheckpointError, convert_hf_to_jax
+from sr_jax.convert.loading import load_model
+from sr_jax.convert.orbax_io import MARKER
+from sr_jax.convert.verify import DEFAULT_THRESHOLDS, run_verify
 
 DTYPES = ("float32", "bfloat16")
 
@@ -45,8 +54,6 @@ def register(subparsers) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from sr_jax.convert.hf_import import CheckpointError, convert_hf_to_jax
-
     start = time.perf_counter()
     try:
         out = convert_hf_to_jax(args.hf, args.out, args.dtype, overwrite=args.overwrite,
@@ -67,11 +74,26 @@ def parse_size(text: str) -> int:
     return int(t)
 
 
-def run_export(args: argparse.Namespace) -> int:
-    from sr_jax.convert.hf_export import export_hf
-    from sr_jax.convert.hf_import import CheckpointError
-    from sr_jax.loading import load_checkpoint_model
+def load_checkpoint_model(path: str | Path, *, merge_lora: bool = False):
+    """(model, directory holding tokenizer/processor files) for export.
 
+    `path` is a training run (`sr_jax.train.loop.model_from_checkpoint`), a converted sr_jax
+    directory or a HF directory.
+    """
+    from sr_jax.train.checkpoint import is_train_checkpoint  # JAX: `sr-jax convert hf-to-jax` runs without it
+    from sr_jax.train.loop import model_from_checkpoint
+
+    path = Path(path)
+    if is_train_checkpoint(path):
+        return model_from_checkpoint(path, merge_lora=merge_lora)
+    model = load_model(path)
+    if merge_lora:
+        raise CheckpointError(f"{path}: --merge-lora needs a training checkpoint with LoRA adapters; this "
+                              "directory holds plain weights")
+    return model, path
+
+
+def run_export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         model, sidecar_dir = load_checkpoint_model(args.ckpt, merge_lora=args.merge_lora)
@@ -85,11 +107,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_verify_command(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from sr_jax.convert.hf_import import CheckpointError
-    from sr_jax.convert.verify import DEFAULT_THRESHOLDS, run_verify
-
     limits = DEFAULT_THRESHOLDS[args.dtype]
     overrides = {"max_rel": args.rtol, "max_kl": args.max_kl, "min_agreement": args.min_agreement,
                  "max_abs": args.atol}
@@ -112,10 +129,5 @@ def run_verify_command(args: argparse.Namespace) -> int:
 
 
 def _stored_dtype(directory: str) -> str | None:
-    import json
-    from pathlib import Path
-
-    from sr_jax.convert.orbax_io import MARKER
-
     marker = Path(directory) / MARKER
     return json.loads(marker.read_text()).get("param_dtype") if marker.is_file() else None

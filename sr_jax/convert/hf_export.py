@@ -104,7 +104,8 @@ def export_hf(model, out: str | Path, *, dtype: str | None = None, max_shard_byt
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
-        from sr_jax.lora import export_peft_adapter, lora_layers
+        from sr_jax.convert.peft import export_peft_adapter
+        from sr_jax.lora import lora_layers
 
         if lora_layers(model):  # unmerged adapters travel beside the base weights, PEFT-loadable
             export_peft_adapter(model, tmp)

@@ -23,7 +23,9 @@ from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
+from sr_jax.convert.orbax_io import check_output_dir, write_model_dir
 from sr_jax.models import ModelFamily, family_of, get_family
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -90,8 +92,6 @@ class SafetensorsFile:
     file is closed, doubling peak memory on a full-checkpoint import."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = path
         try:
             with safe_open(str(path), framework="numpy") as handle:
@@ -361,8 +361,6 @@ def convert_hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = N
                       allow_nonfinite: bool = False) -> Path:
     """HF checkpoint directory -> our converted directory (see `sr_jax.convert.orbax_io`)."""
     from flax import nnx
-
-    from sr_jax.convert.orbax_io import check_output_dir, write_model_dir
 
     check_output_dir(out, overwrite)  # before reading gigabytes, not after
     dtype = dtype or source_dtype(hf_dir)

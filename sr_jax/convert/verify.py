@@ -12,6 +12,13 @@ import gc
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from sr_jax.convert.hf_import import hf_family
+from sr_jax.convert.loading import load_model
+from sr_jax.data import Processor
+from sr_jax.data.image import ImageConfig
+from sr_jax.models import family_of
 
 PROMPT = ("<|im_start|>user\nHere is the original photo: <|vision_start|><|image_pad|><|vision_end|>"
           " and this is the edited one: <|vision_start|><|image_pad|><|vision_end|>"
@@ -59,8 +66,6 @@ class Report:
 
 def synthetic_images():
     """Two deterministic RGB images, 64x96 and 128x64 (height x width): gradients plus shapes."""
-    from PIL import Image
-
     def gradient(h, w):
         y, x = np.mgrid[0:h, 0:w]
         return np.stack([255 * x / (w - 1), 255 * y / (h - 1), 128 + 100 * np.sin(x / 7.0 + y / 11.0)], -1)
@@ -75,9 +80,6 @@ def synthetic_images():
 
 def verify_inputs(hf_dir: str | Path, cfg) -> dict[str, np.ndarray]:
     """input_ids, attention_mask, pixel_values, image_grid_thw for the fixed prompt."""
-    from sr_jax.data import Processor
-    from sr_jax.data.image import ImageConfig
-
     hf_dir = Path(hf_dir)
     # The checkpoint's own tokenizer when it ships one, else the offline Qwen tokenizer (same ids).
     processor = Processor(hf_dir if (hf_dir / "tokenizer.json").is_file() else None)
@@ -124,8 +126,6 @@ def model_logits(model, inputs: dict) -> np.ndarray:
     import jax
     from flax import nnx
 
-    from sr_jax.models import family_of
-
     VisionInputs = family_of(model).module("vision").VisionInputs
 
     graph, state = nnx.split(model)
@@ -162,9 +162,6 @@ def run_verify(hf_dir: str | Path, jax_dir: str | Path | None = None, dtype: str
                device: str | None = None) -> Report:
     """Report for ours (from `jax_dir`, else imported from `hf_dir`) against HF on the fixed prompt."""
     import jax
-
-    from sr_jax.loading import load_model
-    from sr_jax.convert.hf_import import hf_family
 
     cfg = hf_family(Path(hf_dir)).config_class.from_hf_dir(hf_dir)
     inputs = verify_inputs(hf_dir, cfg)

@@ -18,8 +18,15 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from sr_jax.config import ConfigError, load_config, to_dict
+from sr_jax.data.grpo_import import import_command
+from sr_jax.data.importers import DEFAULT_INSTRUCTION_PATTERNS, ImportOptions, import_records
+from sr_jax.data.processor import IGNORE_INDEX, Processor
 from sr_jax.data.records import RecordError
+from sr_jax.data.storage import ArrayRecordSource, write_array_record
+from sr_jax.data.synthetic import GENERATOR, SynthConfig, generate_examples
 
 DEFAULT_SPLITS = "train=0.9,validation=0.05,test=0.05"
 
@@ -44,9 +51,6 @@ def parse_splits(text: str, n: int) -> dict[str, int]:
 
 
 def _synth(args) -> int:
-    from sr_jax.data.storage import write_array_record
-    from sr_jax.data.synthetic import GENERATOR, SynthConfig, generate_examples
-
     overrides = list(args.set or [])
     if args.image_size:
         overrides.append(f"image_size=[{args.image_size}]")
@@ -83,10 +87,8 @@ def _synth(args) -> int:
 
 def _import(args) -> int:
     if args.format == "grpo-json":  # GRPO prompt rows: their own module
-        from sr_jax.data.grpo_import import import_command
 
         return import_command(args)
-    from sr_jax.data.importers import DEFAULT_INSTRUCTION_PATTERNS, ImportOptions, import_records
 
     patterns = tuple(args.instruction_regex or ()) + DEFAULT_INSTRUCTION_PATTERNS
     opts = ImportOptions(strict=args.strict, instruction_patterns=patterns, require_parsed=args.require_parsed)
@@ -110,8 +112,6 @@ def _histogram(values, edges) -> str:
 
 
 def _image_size(data) -> tuple[int, int]:
-    from PIL import Image
-
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
         return im.size
 
@@ -119,8 +119,6 @@ def _image_size(data) -> tuple[int, int]:
 def _token_lengths(examples, limit: int) -> tuple[list[int], str]:
     """Total and answer token counts from the Processor on up to `limit` examples."""
     try:
-        from sr_jax.data.processor import IGNORE_INDEX, Processor
-
         processor = Processor()
     except Exception as e:  # no processor yet, or no tokenizer files: report, do not fail
         return [], f"token lengths unavailable ({type(e).__name__}: {e})"
@@ -140,8 +138,6 @@ def _token_lengths(examples, limit: int) -> tuple[list[int], str]:
 
 
 def _inspect(args) -> int:
-    from sr_jax.data.storage import ArrayRecordSource
-
     keys = {
         "task": lambda e: e.task,
         "edit type": lambda e: e.meta.get("edit_type", "-"),

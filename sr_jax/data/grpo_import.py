@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Iterator
 
 from sr_jax.data.records import IMAGE_TAG, RecordError, SpatialExample
-from sr_jax.data.rows import RowStats, check_text, guarded, load_image, load_json_row, row_id
-from sr_jax.data.rows import fail as _fail
+from sr_jax.data.rows import RowStats, check_text, fail as _fail, guarded, load_image, load_json_row, row_id
+from sr_jax.data.storage import example_to_bytes, write_records
 
 FORMAT = "grpo-json"
 TASKS = ("sc", "pq")
@@ -224,8 +225,6 @@ def parse_grpo_row(row, base: Path, rid: str) -> SpatialExample:
 def read_grpo_json(path: str | Path, stats: GRPOImportStats | None = None, *, strict: bool = False,
                    image_root: str | Path | None = None) -> Iterator[tuple[SpatialExample, bytes]]:
     """(record, its stored bytes) for every usable row; bad rows are counted in `stats.skipped`."""
-    from sr_jax.data.storage import example_to_bytes
-
     path = Path(path)
     stats = stats if stats is not None else GRPOImportStats()
     base = Path(image_root) if image_root else path.parent
@@ -251,8 +250,6 @@ def import_grpo_json(src: str | Path, out: str | Path, *, strict: bool = False,
                      image_root: str | Path | None = None) -> GRPOImportStats:
     """Streams `src` into the ArrayRecord file `out`, which appears only when the import completes
     with at least one row (no usable row leaves an existing `out` as it was)."""
-    from sr_jax.data.storage import write_records
-
     stats = GRPOImportStats()
     rows = read_grpo_json(src, stats, strict=strict, image_root=image_root)
     stats.written = write_records(out, (data for _, data in rows), replace_empty=False)
@@ -261,8 +258,6 @@ def import_grpo_json(src: str | Path, out: str | Path, *, strict: bool = False,
 
 def import_command(args) -> int:
     """`sr-jax data import --format grpo-json` (registered in sr_jax.data.cli)."""
-    import sys
-
     try:
         stats = import_grpo_json(args.src, args.out, strict=args.strict, image_root=getattr(args, "image_root", None))
     except (RecordError, FileNotFoundError, IsADirectoryError) as e:

@@ -144,7 +144,7 @@ class BatchBuilder:
         position_ids = np.zeros((3, B, T), np.int32)
         record_index = np.full((B, S), -1, np.int64)
         if shared_memory:
-            from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+            from grain._src.python.ipc.shared_memory_array import SharedMemoryArray  # private: only this path
 
             pixel_values = SharedMemoryArray((P, patch_dim), np.float32)  # new shm blocks read as zeros
         else:

@@ -31,6 +31,7 @@ import functools
 import os
 from typing import Literal
 
+import msgpack
 import numpy as np
 
 from sr_jax.data.image import (
@@ -41,9 +42,12 @@ from sr_jax.data.image import (
     QWEN3_VL_MAX_PIXELS,
     QWEN3_VL_MIN_PIXELS,
 )
-from sr_jax.data.processor import IGNORE_INDEX, Processor, check_image_resize
+from sr_jax.data.processor import CHAT_TEMPLATES, IGNORE_INDEX, Processor, check_image_resize
 from sr_jax.data.records import RecordError, SpatialExample
+from sr_jax.data.storage import ArrayRecordSource
+from sr_jax.data.synthetic import SynthConfig, generate_example
 from sr_jax.data.templates import PromptTemplates
+from sr_jax.models.qwen3_vl.config import VisionConfig
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -105,7 +109,6 @@ class DataConfig:
             raise ValueError(f"num_epochs must be positive or null, got {self.num_epochs}")
         if self.mode not in ("pad", "pack") or self.too_long not in ("drop", "truncate"):
             raise ValueError(f"mode must be pad|pack and too_long drop|truncate, got {self.mode}, {self.too_long}")
-        from sr_jax.data.processor import CHAT_TEMPLATES
 
         if self.chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"chat_template must be one of {CHAT_TEMPLATES}, got {self.chat_template!r}")
@@ -123,8 +126,6 @@ class SyntheticSource:
     """Random access to the embedded synthetic dataset (each example is rendered on demand)."""
 
     def __init__(self, spec: str):
-        from sr_jax.data.synthetic import SynthConfig
-
         fields = dict(SynthConfig().__dict__)
         opts = {}
         for item in filter(None, spec[len(SYNTHETIC_PREFIX):].split(",")):
@@ -151,8 +152,6 @@ class SyntheticSource:
         return self.n
 
     def fetch(self, index: int) -> SpatialExample:
-        from sr_jax.data.synthetic import generate_example
-
         return generate_example(index, self.seed, self.split, self.config)
 
 
@@ -160,8 +159,6 @@ class ArrayRecordRecords:
     """One ArrayRecord file (or directory) whose raw bytes are decoded inside the map step."""
 
     def __init__(self, path: str):
-        from sr_jax.data.storage import ArrayRecordSource
-
         self.records = ArrayRecordSource(path)
         self.length = len(self.records)
 
@@ -179,8 +176,6 @@ class ArrayRecordRecords:
 
 def _is_invalid_utf8(data: bytes) -> bool:
     """True when the record parses as msgpack only with strings left as raw bytes."""
-    import msgpack
-
     try:
         msgpack.unpackb(data, raw=False)
         return False
@@ -325,8 +320,6 @@ class DataPipeline:
 
     def __init__(self, config: DataConfig, *, processor: Processor | None = None, vision=None,
                  process_index: int | None = None, process_count: int | None = None):
-        from sr_jax.models.qwen3_vl.config import VisionConfig
-
         self.config = config.validate()
         self.processor = processor or Processor(
             config.tokenizer, config.min_pixels, config.max_pixels, templates=config.templates,

@@ -41,20 +41,21 @@ import numpy as np
 
 from sr_jax.batch import IGNORE_INDEX  # also importable from here (sr_jax.data.IGNORE_INDEX)
 from sr_jax.data.image import (
+    ImageConfig,
+    ImageError,
     LLAMAFACTORY_MAX_PIXELS,
     LLAMAFACTORY_MIN_PIXELS,
     MAX_PIXELS,
     MIN_PIXELS,
     QWEN3_VL_MAX_PIXELS,
     QWEN3_VL_MIN_PIXELS,
-    ImageConfig,
-    ImageError,
     open_image,
     preprocess_images,
 )
 from sr_jax.data.records import IMAGE_TAG, RecordError, SpatialExample
-from sr_jax.data.templates import VISION_PLACEHOLDER, PromptTemplates, chat_messages, user_text
+from sr_jax.data.templates import PromptTemplates, VISION_PLACEHOLDER, chat_messages, user_text
 from sr_jax.data.tokenizer import QwenTokenizer, load_tokenizer
+from sr_jax.models import get_family
 
 CHAT_TEMPLATES = ("auto", "sr_jax", "qwen3_vl", "qwen3_vl_nothink")
 IMAGE_RESIZES = ("auto", "sr_jax", "llamafactory")
@@ -138,8 +139,6 @@ class Processor:
         return out
 
     def position_ids(self, input_ids: np.ndarray, grids: np.ndarray) -> np.ndarray:
-        from sr_jax.models import get_family
-
         get_rope_index = get_family().module("rope_index").get_rope_index  # the one M-RoPE implementation
 
         tok = self.tokenizer

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NoReturn, TypeVar
 
+from PIL import Image
+
 from sr_jax.data.records import RecordError
 
 T = TypeVar("T")
@@ -90,8 +92,6 @@ def load_image(entry, base: Path, index: int, rid: str, check: bool = True) -> b
         fail("bad_image", f"image {index}: bytes must be binary, got {type(data).__name__}", rid)
     data = bytes(data)
     if check:
-        from PIL import Image
-
         try:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()

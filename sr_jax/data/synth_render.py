@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
 
 import numpy as np
@@ -361,8 +362,6 @@ def inject_artifact(img: np.ndarray, kind: str, severity: float, seed: int) -> n
             out[m] = (1 - alpha) * out[m] + alpha * col
         return np.clip(out, 0, 255).astype(np.uint8)
     if kind == "jpeg":
-        import io
-
         quality = max(2, int(round(70 - 66 * severity)))
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="JPEG", quality=quality)

@@ -3,7 +3,7 @@
 `evaluate_synthetic(scorer, examples)` scores SpatialExamples with ground truth and returns the
 synthetic-benchmark metrics without any files; `evaluate(bench, scorer)` does the same for any
 loaded benchmark. A scorer is anything with `score(originals, edited, instructions)` returning
-`sr_jax.scorer.Scorer`-style result dicts (PQ-only items also need `score_pq(edited)` unless it is
+`sr_jax.reward.scorer.Scorer`-style result dicts (PQ-only items also need `score_pq(edited)` unless it is
 a real `Scorer`).
 """
 

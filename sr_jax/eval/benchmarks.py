@@ -39,9 +39,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from sr_jax.data.records import SpatialExample
+from sr_jax.data.storage import ArrayRecordSource
+from sr_jax.data.synthetic import generate_examples
 from sr_jax.eval import metrics as M
 from sr_jax.eval.tables import BenchmarkError, iter_rows, load_image, require, table_files
-from sr_jax.reward import SCORE_RANGE, RewardWeights, aggregate, parse_output
+from sr_jax.reward import RewardWeights, SCORE_RANGE, aggregate, parse_output
 
 BENCHMARKS = ("mer", "editreward", "mmrb2", "synthetic")
 RANKING_KEYS = ("exact_match", "kendall_tau", "spearman_rho", "ndcg", "top1", "top2", "position_error")
@@ -537,12 +539,9 @@ class SyntheticBench(Benchmark):
                   reward_options: dict | RewardWeights | None = None) -> "SyntheticBench":
         spec = parse_synthetic_spec(data)
         if spec is not None:
-            from sr_jax.data.synthetic import generate_examples
-
             n, seed = spec
             n = n if limit is None else min(n, limit)
             return cls(list(generate_examples(n, seed, split="test")), reward_options=reward_options)
-        from sr_jax.data.storage import ArrayRecordSource
 
         try:
             source = ArrayRecordSource(data)

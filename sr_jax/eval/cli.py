@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from sr_jax.config import load_config
 from sr_jax.eval.benchmarks import BENCHMARKS, load_benchmark, parse_synthetic_spec
 from sr_jax.eval.runner import run
 from sr_jax.eval.tables import BenchmarkError
@@ -43,8 +44,7 @@ EVAL_DEFAULTS = {"max_new_tokens": 4096, "parse_mode": "official_eval"}
 
 
 def _scorer_options(overrides: list[str], batch_size: int):
-    from sr_jax.config import load_config
-    from sr_jax.scorer import ScorerOptions
+    from sr_jax.reward.scorer import ScorerOptions
 
     opts = load_config(ScorerOptions, None, overrides)
     given = {o.partition("=")[0].strip() for o in overrides}
@@ -90,7 +90,7 @@ def _eval_command(args) -> int:
                   "scorer_options": dataclasses.asdict(opts) | {"batch_size": None}}
 
         def make_scorer():
-            from sr_jax.scorer import Scorer
+            from sr_jax.reward.scorer import Scorer
 
             return Scorer.from_pretrained(args.model, batch_size=opts.batch_size, **options)
 

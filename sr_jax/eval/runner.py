@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+from sr_jax.data.image import open_image
+from sr_jax.data.records import SpatialExample
 from sr_jax.eval.benchmarks import Benchmark, Job, SyntheticBench
 from sr_jax.eval.tables import BenchmarkError
-from sr_jax.reward import RewardWeights
+from sr_jax.reward import RewardWeights, aggregate, parse_output
 
 CACHE_DIR = "cache"
 
@@ -50,13 +53,10 @@ def _jsonable(value: Any) -> Any:
 
 def score_pq_only(scorer, edited: Sequence[Any]) -> list[dict]:
     """PQ prompt alone for each image (no original exists). Uses `scorer.score_pq` when the scorer
-    has one; a `sr_jax.scorer.Scorer` is driven through its processor and generator."""
+    has one; a `sr_jax.reward.scorer.Scorer` is driven through its processor and generator."""
     if hasattr(scorer, "score_pq"):
         return list(scorer.score_pq(list(edited)))
-    from sr_jax.data.image import open_image
-    from sr_jax.data.records import SpatialExample
-    from sr_jax.reward import aggregate, parse_output
-    from sr_jax.scorer import Scorer
+    from sr_jax.reward.scorer import Scorer
 
     if not isinstance(scorer, Scorer):
         raise TypeError(f"{type(scorer).__name__} cannot score PQ-only items: give it a score_pq(edited) method")
@@ -205,8 +205,6 @@ def run(bench: Benchmark, make_scorer: Callable[[], Any], out_dir: str | Path, *
 
 def _score_into_cache(bench: Benchmark, scorer, todo: list[str], shard: Path, batch_size: int,
                       progress: bool) -> None:
-    from tqdm import tqdm
-
     shard.parent.mkdir(parents=True, exist_ok=True)
     if shard.is_file() and shard.stat().st_size:  # a line cut short by a crash must not swallow the next one
         with open(shard, "rb") as tail:

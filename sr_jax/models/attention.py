@@ -90,7 +90,7 @@ def splash_attention(q, k, v, q_segment, kv_segment, *, causal: bool, scale: flo
     of Hkv (query head h reads key/value head h // (Hq / Hkv)), segment ids (B, Tq) and (B, Tk):
     a query sees the keys of its own segment (and, if `causal`, at or before its position).
     Sequences are padded to the kernel's blocks with PAD_SEGMENT rows and cut back."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa  # Pallas TPU kernels: only this backend
 
     b, hq, tq, _ = q.shape
     tk = k.shape[2]

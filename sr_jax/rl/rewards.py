@@ -13,7 +13,7 @@ Built-in functions (configure by name in YAML, `options` go to the factory):
                unmatched boxes count 0, both lists empty = 1)
   score_error  1 - mean |predicted - true| / score_range over the two scores
   empty_list   1 if "no region" agrees with the truth (the failed-edit case), else 0 (SC)
-  grounding    F1 of box precision and changed-pixel coverage (`sr_jax.grounding`; SC, needs
+  grounding    F1 of box precision and changed-pixel coverage (`sr_jax.reward.grounding`; SC, needs
                the original and edited images only)
   judge        an external evaluator over HTTP (`JudgeReward`), with a timeout and a fallback
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import collections
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -39,8 +40,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from sr_jax.data.records import BOX_GRID, SCORE_RANGE, SpatialExample
+from sr_jax.data.image import open_image
+from sr_jax.data.records import BOX_GRID, RecordError, SCORE_RANGE, SpatialExample
 from sr_jax.eval.metrics import match_boxes
+from sr_jax.reward.grounding import changed_mask, grounding_report
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +134,6 @@ class GroundingReward:
         self._masks: collections.OrderedDict = collections.OrderedDict()
 
     def _mask(self, record: SpatialExample) -> np.ndarray:
-        from sr_jax.data.image import open_image
-        from sr_jax.grounding import changed_mask
-
         digest = hashlib.sha1()
         for image in (record.images[0], record.images[-1]):
             digest.update(image if isinstance(image, bytes) else str(image).encode())
@@ -146,8 +146,6 @@ class GroundingReward:
         return self._masks[key]
 
     def __call__(self, record: SpatialExample, completion: str, parsed: dict) -> float | None:
-        from sr_jax.grounding import grounding_report
-
         if record.task != "sc":
             return None
         boxes = [r["bbox_2d"] for r in parsed.get("edit_region", [])]
@@ -229,10 +227,6 @@ GROUND_TRUTH_REWARDS = ("iou", "score_error", "empty_list")
 def sample_ground_truth(names, sources, per_source: int = 8) -> list[tuple[str, int, int]]:
     """(source spec, records sampled, how many have ground truth) for each prompt source, from up to
     `per_source` records spread over it (prompt files are uniform: imported all one way)."""
-    import numpy as np
-
-    from sr_jax.data.records import RecordError
-
     out = []
     for spec, part in zip(names, sources.parts):
         n = len(part)
@@ -276,8 +270,6 @@ def build_reward(name: str, options: dict | None = None) -> RewardFn:
     if name in REWARD_FUNCTIONS:
         factory = REWARD_FUNCTIONS[name]
     elif ":" in name:
-        import importlib
-
         module, _, attr = name.partition(":")
         target = getattr(importlib.import_module(module), attr)
         return target(**options) if options else target

@@ -13,10 +13,13 @@ import logging
 
 import numpy as np
 
+from sr_jax.data.pipeline import Sources
 from sr_jax.data.processor import Processor
 from sr_jax.data.records import RecordError, SpatialExample
 from sr_jax.generation import PAD_ID, bucket_length, generate
+from sr_jax.models.qwen3_vl.rope_index import get_rope_index
 from sr_jax.reward import parse_output
+from sr_jax.train.step import vision_arrays
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +27,6 @@ log = logging.getLogger(__name__)
 class PromptStream:
     def __init__(self, sources, processor: Processor, *, seed: int, shuffle: bool, num_epochs: int,
                  max_prompt_tokens: int | None = None):
-        from sr_jax.data.pipeline import Sources
-
         self.sources = Sources(list(sources))
         if len(self.sources) == 0:
             raise ValueError("the prompt sources hold no records")
@@ -104,8 +105,6 @@ def _pixels(prompts: list[dict]):
 
 def _positions(model, ids, mask, grids) -> np.ndarray:
     """M-RoPE ids that skip the left padding (as `generate` numbers the prompt and completion)."""
-    from sr_jax.models.qwen3_vl.rope_index import get_rope_index
-
     positions, _ = get_rope_index(ids, grids, mask, spatial_merge_size=model.config.vision.spatial_merge_size,
                                   image_token_id=model.config.image_token_id)
     return np.asarray(positions, np.int32)
@@ -151,8 +150,6 @@ class Rollout:
 def microbatches(rollout: Rollout, k: int, model, *, prompt_bucket: int = 64, patch_bucket: int = 256) -> list[dict]:
     """k microbatch dicts of equal shapes (prompt width and patch budget bucketed so repeated
     steps reuse one compiled program)."""
-    from sr_jax.train.step import vision_arrays
-
     rows = len(rollout.prompts)
     if rows % k:
         raise ValueError(f"{rows} rollout rows do not split into grad_accum_steps={k} microbatches")

@@ -27,16 +27,27 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from sr_jax.data.processor import Processor
 from sr_jax.rl.config import RLConfig
-from sr_jax.train.loop import Trainer, register_command, run
+from sr_jax.rl.grpo import GRPOStep, group_advantages
+from sr_jax.rl.rewards import RewardDataError, RewardSet, check_rewards_against_data
+from sr_jax.rl.rollout import (
+    PromptStream,
+    Rollout,
+    completion_mask,
+    decode_completions,
+    microbatches,
+    parse_completions,
+    sample_completions,
+)
 from sr_jax.sharding import use_mesh
+from sr_jax.train.loop import Trainer, register_command, run, tokenizer_source
+from sr_jax.train.step import split_model, stack_microbatches
 
 
 def make_processor(cfg: RLConfig):
-    from sr_jax.data.processor import Processor
-    from sr_jax.train.loop import tokenizer_source
-
     # The official RL run used ms-swift, not LLaMA-Factory: its images keep sr_jax's one resize.
     return Processor(tokenizer_source(cfg), min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
                      templates=cfg.data.templates, image_resize="sr_jax")
@@ -47,9 +58,6 @@ class RLTrainer(Trainer):
     rollouts (each makes grpo.num_iterations optimizer updates)."""
 
     def __init__(self, cfg: RLConfig, *, devices=None, total_steps: int = 1):
-        from sr_jax.rl.grpo import GRPOStep
-        from sr_jax.train.step import split_model
-
         cfg.grpo.validate()
         super().__init__(cfg, devices=devices, total_steps=total_steps * cfg.grpo.num_iterations,
                          make_step=lambda model, opt, mesh, train: GRPOStep(model, opt, mesh, train, cfg.grpo))
@@ -73,10 +81,6 @@ def total_rollout_steps(cfg: RLConfig, num_records: int) -> int:
 def rollout(trainer: RLTrainer, state, stream, rewards, processor, step: int):
     """Samples, scores and prepares one step's rollout. Returns (Rollout, microbatches) or None at
     the end of the prompts."""
-    from sr_jax.rl.grpo import group_advantages
-    from sr_jax.rl.rollout import (Rollout, completion_mask, decode_completions, microbatches,
-                                   parse_completions, sample_completions)
-
     cfg, g = trainer.cfg, trainer.cfg.grpo.group_size
     pairs = stream.next_prompts(cfg.data.prompts_per_step)
     if pairs is None:
@@ -93,8 +97,6 @@ def rollout(trainer: RLTrainer, state, stream, rewards, processor, step: int):
     total, per_function = rewards.score(records, texts, parsed) if jax.process_index() == 0 \
         else (np.zeros(len(texts)), {})
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         total = np.asarray(multihost_utils.broadcast_one_to_all(total))
     advantages = group_advantages(total, g, cfg.grpo.advantage_eps, cfg.grpo.advantage_std_ddof)
     result = Rollout(records, prompts, tokens, mask, texts, parsed, total, per_function, advantages)
@@ -128,9 +130,6 @@ class RLStage:
     progress_desc = "rl"
 
     def __init__(self, cfg: RLConfig, devices=None):
-        from sr_jax.rl.rewards import RewardSet, check_rewards_against_data
-        from sr_jax.rl.rollout import PromptStream
-
         cfg.grpo.validate()
         self.cfg = cfg
         self.processor = make_processor(cfg)
@@ -146,8 +145,6 @@ class RLStage:
         self.trainer = RLTrainer(cfg, devices=devices, total_steps=self.total_steps)
 
     def advance(self, state, step: int):
-        from sr_jax.train.step import stack_microbatches
-
         cfg, trainer = self.cfg, self.trainer
         t0 = time.perf_counter()
         made = rollout(trainer, state, self.stream, self.rewards, self.processor, step)
@@ -192,8 +189,6 @@ def train(cfg: RLConfig, *, devices=None, stop_after: int | None = None) -> dict
 # ---- CLI ----
 
 def register(sub) -> None:
-    from sr_jax.rl.rewards import RewardDataError
-
     register_command(sub, "rl", help="GRPO reinforcement learning of the reward model", config_cls=RLConfig,
                      train=train, example_config="configs/rl/demo_cpu.yaml",
                      example_overrides="run.total_steps=10 grpo.beta=0.04", errors={RewardDataError: 2})

@@ -22,6 +22,11 @@ import logging
 from pathlib import Path
 
 import jax
+import numpy as np
+import yaml
+from jax.experimental import multihost_utils
+
+from sr_jax.config import load_config
 
 RUN_CONFIG = "run_config.yaml"
 CHECKPOINTS = "checkpoints"
@@ -42,9 +47,6 @@ def _jsonable(value):
 
 def _gather_json(value) -> list:
     """Every process's JSON-able `value`, in process order (on every process)."""
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     blob = np.frombuffer(json.dumps(value).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int64))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
@@ -145,7 +147,6 @@ def run_kind(run_dir: str | Path, meta: dict) -> str:
     kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind is None:
         # Checkpoints from before the kind was recorded: only RL configs have these sections.
-        import yaml
 
         raw = yaml.safe_load((Path(run_dir) / RUN_CONFIG).read_text()) or {}
         kind = "rl" if {"grpo", "rewards"} & set(raw) else "sft"
@@ -157,43 +158,5 @@ def run_kind(run_dir: str | Path, meta: dict) -> str:
 
 def load_run_config(run_dir: str | Path, kind: str):
     """`run_dir/run_config.yaml` as the config class of runs of `kind`."""
-    from sr_jax.config import load_config
-
     module, name = RUN_KINDS[kind]
     return load_config(getattr(importlib.import_module(module), name), Path(run_dir) / RUN_CONFIG)
-
-
-def model_from_checkpoint(path: str | Path, *, merge_lora: bool = False, step: int | None = None):
-    """(model with the checkpoint's weights, directory with tokenizer files or None).
-
-    `path` is a run directory, its `checkpoints/` or one `checkpoints/<step>` directory (that
-    step is used; otherwise the latest). LoRA adapters stay separate unless `merge_lora`.
-    """
-    from sr_jax.train.loop import build_for_restore
-
-    path = Path(path)
-    run_dir = run_dir_of(path)
-    if run_dir is None:
-        raise FileNotFoundError(f"{path}: not a training run (no {RUN_CONFIG} with {CHECKPOINTS}/)")
-    if step is None and path.parent.name == CHECKPOINTS and path.name.isdigit():
-        step = int(path.name)
-    ckpt = TrainCheckpointer(run_dir, save_every=1, keep=1, async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        ckpt.close()
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
-    cfg = load_run_config(run_dir, run_kind(run_dir, ckpt.read_meta(step)))
-    cfg.train.mesh.data, cfg.train.mesh.fsdp, cfg.train.mesh.tensor = 1, 1, 1
-    # Any stage's state has the same layout (it depends on the model and train sections only).
-    trainer = build_for_restore(cfg, devices=jax.devices()[:1])
-    state, _, _ = ckpt.restore(step, trainer.abstract_state(), with_data=False)
-    ckpt.close()
-    model = trainer.step.model(state)
-    if merge_lora:
-        from sr_jax.lora import lora_layers, merge_lora as merge
-
-        if not lora_layers(model):
-            raise ValueError(f"{run_dir}: --merge-lora, but this run trained no LoRA adapters")
-        merge(model)
-    tokenizer_dir = run_dir / "tokenizer"
-    return model, (tokenizer_dir if tokenizer_dir.is_dir() else None)

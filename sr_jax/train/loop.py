@@ -24,15 +24,39 @@ config and the tokenizer; saves are collective (`TrainCheckpointer`), and so is 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import jax
+from flax import nnx
+from tqdm import tqdm
 
+from sr_jax import lora
 from sr_jax.config import dump_yaml, load_config
+from sr_jax.convert.hf_import import hf_family
+from sr_jax.convert.loading import load_model
+from sr_jax.convert.orbax_io import is_model_dir, read_model_config, save_model
+from sr_jax.lora import apply_lora, lora_layers, merge_lora
+from sr_jax.models import family_of, get_family
+from sr_jax.sharding import make_mesh, maybe_initialize_distributed, tree_shardings, use_mesh
+from sr_jax.train.checkpoint import (
+    CHECKPOINTS,
+    RUN_CONFIG,
+    TrainCheckpointer,
+    abstract_with_shardings,
+    load_run_config,
+    run_dir_of,
+    run_kind,
+)
+from sr_jax.train.metrics import MetricsWriter
+from sr_jax.train.optim import make_optimizer
+from sr_jax.train.runlock import RunDirLocked, RunLock
+from sr_jax.train.step import TrainState, TrainStep, create_train_state, split_model
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +64,7 @@ log = logging.getLogger(__name__)
 def model_config(section):
     """The model config of a `model` section (`ModelSection`), of the family its weights name
     (HF config.json's `model_type`) or, for a preset, of the default family."""
-    from sr_jax.models import get_family
-
     if section.init_from:
-        from sr_jax.convert.hf_import import hf_family
-        from sr_jax.convert.orbax_io import is_model_dir, read_model_config
-
         init_from = Path(section.init_from)
         cfg = read_model_config(init_from) if is_model_dir(init_from) \
             else hf_family(init_from).config_class.from_hf_dir(init_from)
@@ -68,14 +87,6 @@ class Trainer:
 
     def __init__(self, cfg, *, devices=None, abstract: bool = False, total_steps: int | None = None,
                  make_step: Callable | None = None):
-        from flax import nnx
-
-        from sr_jax.lora import apply_lora
-        from sr_jax.models import family_of
-        from sr_jax.sharding import make_mesh, tree_shardings, use_mesh
-        from sr_jax.train.optim import make_optimizer
-        from sr_jax.train.step import TrainStep
-
         self.cfg = cfg
         self.model_cfg = model_config(cfg.model)
         model_class = family_of(self.model_cfg).model_class
@@ -110,10 +121,6 @@ class Trainer:
 
     def _load_weights(self, model) -> None:
         """Base weights from `init_from`, placed tensor by tensor into the sharded model."""
-        from flax import nnx
-
-        from sr_jax.loading import load_model
-
         loaded = load_model(self.cfg.model.init_from, dtype=self.cfg.model.param_dtype, device=jax.devices("cpu")[0])
         source = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
         for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -122,9 +129,6 @@ class Trainer:
                 var.set_value(jax.device_put(source[path].get_value().astype(target.dtype), target.sharding))
 
     def abstract_state(self):
-        from sr_jax.train.checkpoint import abstract_with_shardings
-        from sr_jax.train.step import TrainState, split_model
-
         _, params, frozen, _ = split_model(self.model, self.cfg.train)
         abstract = jax.eval_shape(
             lambda p, f: TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p, frozen=f,
@@ -133,8 +137,6 @@ class Trainer:
         return abstract_with_shardings(abstract, self.step.state_shardings)
 
     def init_state(self):
-        from sr_jax.train.step import create_train_state
-
         return create_train_state(self.model, self.optimizer, self.mesh, self.cfg.train)
 
 
@@ -142,6 +144,38 @@ def build_for_restore(cfg, devices=None) -> Trainer:
     """A trainer without weights (abstract model), enough to restore any stage's checkpoint into
     (the state's layout depends only on the `model` and `train` sections)."""
     return Trainer(cfg, devices=devices, abstract=True)
+
+
+def model_from_checkpoint(path: str | Path, *, merge_lora: bool = False, step: int | None = None):
+    """(model with the checkpoint's weights, directory with tokenizer files or None).
+
+    `path` is a run directory, its `checkpoints/` or one `checkpoints/<step>` directory (that
+    step is used; otherwise the latest). LoRA adapters stay separate unless `merge_lora`.
+    """
+    path = Path(path)
+    run_dir = run_dir_of(path)
+    if run_dir is None:
+        raise FileNotFoundError(f"{path}: not a training run (no {RUN_CONFIG} with {CHECKPOINTS}/)")
+    if step is None and path.parent.name == CHECKPOINTS and path.name.isdigit():
+        step = int(path.name)
+    ckpt = TrainCheckpointer(run_dir, save_every=1, keep=1, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        ckpt.close()
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
+    cfg = load_run_config(run_dir, run_kind(run_dir, ckpt.read_meta(step)))
+    cfg.train.mesh.data, cfg.train.mesh.fsdp, cfg.train.mesh.tensor = 1, 1, 1
+    # Any stage's state has the same layout (it depends on the model and train sections only).
+    trainer = build_for_restore(cfg, devices=jax.devices()[:1])
+    state, _, _ = ckpt.restore(step, trainer.abstract_state(), with_data=False)
+    ckpt.close()
+    model = trainer.step.model(state)
+    if merge_lora:
+        if not lora.lora_layers(model):
+            raise ValueError(f"{run_dir}: --merge-lora, but this run trained no LoRA adapters")
+        lora.merge_lora(model)  # through the module: the keyword `merge_lora` shadows the function
+    tokenizer_dir = run_dir / "tokenizer"
+    return model, (tokenizer_dir if tokenizer_dir.is_dir() else None)
 
 
 def tokenizer_source(cfg) -> str | None:
@@ -186,20 +220,12 @@ def run(cfg, make_stage: Callable[..., Stage], *, devices=None, stop_after: int 
     `stop_after` ends the loop after that many steps of this call (tests use it to simulate an
     interruption). The run directory is locked for the whole run (`sr_jax.train.runlock`): a
     second trainer on it raises RunDirLocked."""
-    from sr_jax.sharding import maybe_initialize_distributed
-    from sr_jax.train.runlock import RunLock
-
     maybe_initialize_distributed()
     with RunLock(cfg.run.out_dir, jax.process_index()):
         return _run_locked(cfg, make_stage, devices=devices, stop_after=stop_after)
 
 
 def _run_locked(cfg, make_stage, *, devices=None, stop_after: int | None = None) -> dict:
-    from tqdm import tqdm
-
-    from sr_jax.train.checkpoint import RUN_CONFIG, TrainCheckpointer, run_kind
-    from sr_jax.train.metrics import MetricsWriter
-
     out = Path(cfg.run.out_dir)
     is_main = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
@@ -258,8 +284,6 @@ def _run_locked(cfg, make_stage, *, devices=None, stop_after: int | None = None)
                "skipped": stage.skipped(), "out_dir": str(out)}
     finished = step >= total or stop_after is None
     if cfg.run.save_model and finished and step > start:  # every process: the weights may span hosts
-        from sr_jax.convert.orbax_io import save_model
-        from sr_jax.lora import lora_layers, merge_lora
 
         model = trainer.step.model(state)
         if lora_layers(model):
@@ -283,11 +307,6 @@ def register_command(sub, name: str, *, help: str, config_cls, train: Callable, 
 
 
 def _command(args, config_cls, train, errors: dict) -> int:
-    import json
-    import sys
-
-    from sr_jax.train.runlock import RunDirLocked
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(config_cls, args.config, args.overrides)
     codes = {RunDirLocked: 3, **errors}

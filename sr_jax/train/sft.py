@@ -23,11 +23,14 @@ import time
 import jax
 import numpy as np
 
-from sr_jax.data.pipeline import DataConfig
+from sr_jax.data.pipeline import DataConfig, DataPipeline
+from sr_jax.sharding import shard_batch
 from sr_jax.train.config import ModelSection, RunSection, TrainConfig
+from sr_jax.train.loop import tokenizer_source
 # Re-exported: these were defined here before the loop was shared with RL.
 from sr_jax.train.loop import Trainer, build_for_restore, model_config, register_command, run
-from sr_jax.train.loop import tokenizer_source
+from sr_jax.train.metrics import peak_flops_per_device, train_flops
+from sr_jax.train.step import count_step_labels, stack_microbatches
 
 __all__ = ["ModelSection", "RunSection", "SFTConfig", "SFTStage", "Trainer", "build_for_restore",
            "estimate_total_steps", "model_config", "register", "train"]
@@ -57,9 +60,6 @@ class SFTStage:
     progress_desc = "train"
 
     def __init__(self, cfg: SFTConfig, devices=None):
-        from sr_jax.data.pipeline import DataPipeline
-        from sr_jax.train.metrics import peak_flops_per_device
-
         self.cfg = cfg
         mcfg = self.model_cfg = model_config(cfg.model)
         data_cfg = cfg.data
@@ -75,9 +75,6 @@ class SFTStage:
 
     def advance(self, state, step: int):
         from sr_jax.data.packing import model_inputs
-        from sr_jax.sharding import shard_batch
-        from sr_jax.train.metrics import train_flops
-        from sr_jax.train.step import count_step_labels, stack_microbatches
 
         cfg, trainer, k = self.cfg, self.trainer, self.cfg.train.grad_accum_steps
         microbatches = []

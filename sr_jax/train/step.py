@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sr_jax.batch import SFT_REQUIRED_KEYS as REQUIRED_KEYS, VISION_KEYS
@@ -301,8 +302,6 @@ def count_step_labels(batch: Mapping[str, Any], *, all_processes: bool = False) 
     counts = np.array([count_label_tokens(labels[i], None if seg is None else np.asarray(seg[i]))
                        for i in range(labels.shape[0])], np.int64)
     if all_processes and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, counts.size).sum(axis=0)
     return [int(n) for n in counts]
 

@@ -3,24 +3,29 @@
 For each (original(s), edited, instruction) item the model answers two prompts: SC on
 [originals..., edited] with the instruction, and PQ on [edited]. Answers are parsed leniently
 (`sr_jax.reward.parse_output`), turned into a reward (`aggregate`) and, beyond the original
-method, checked against the pixels that actually changed (`sr_jax.grounding`).
+method, checked against the pixels that actually changed (`sr_jax.reward.grounding`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import yaml
 
+from sr_jax.config import from_dict
+from sr_jax.convert.loading import load_model
 from sr_jax.data.image import EVAL_MAX_PIXELS, MIN_PIXELS, open_image, smart_resize
 from sr_jax.data.processor import Processor
 from sr_jax.data.records import SpatialExample
 from sr_jax.data.templates import PromptTemplates
 from sr_jax.generation import DEFAULT_STOP_IDS, PAD_ID, generate
-from sr_jax.grounding import grounding_check
-from sr_jax.reward import AGGREGATION_MODES, PARSE_MODES, RewardWeights, aggregate, parse_output
+from sr_jax.reward.aggregate import AGGREGATION_MODES, RewardWeights, aggregate
+from sr_jax.reward.grounding import grounding_check
+from sr_jax.reward.parse import PARSE_MODES, parse_output
 
 _REWARD = RewardWeights()  # the reward options' defaults live in RewardWeights only
 
@@ -58,7 +63,6 @@ class ScorerOptions:
         if unknown:
             raise ValueError(f"unknown scorer option(s): {sorted(unknown)}")
         if isinstance(overrides.get("templates"), dict):  # `--set templates={sc: file.txt}` from a CLI
-            from sr_jax.config import from_dict
 
             overrides["templates"] = from_dict(PromptTemplates, overrides["templates"], "templates")
         return dataclasses.replace(self, **overrides).validate()
@@ -107,8 +111,6 @@ class Scorer:
     @classmethod
     def from_pretrained(cls, path: str | Path, **options) -> "Scorer":
         """`path`: a HF checkpoint dir or a converted sr_jax dir; tokenizer files there are used when present."""
-        from sr_jax.loading import load_model
-
         opts = ScorerOptions().replace(**options)
         path = Path(path)
         model = load_model(path, dtype=opts.dtype)
@@ -122,8 +124,6 @@ class Scorer:
     def validate_options(self, options: dict) -> None:
         """Raises ValueError for unknown options, ill-typed or bad values (the server calls this per
         request); messages name the option, e.g. `options.max_new_tokens: expected int`."""
-        from sr_jax.config import from_dict
-
         fixed = sorted(set(options) & set(LOAD_TIME_OPTIONS))
         if fixed:
             raise ValueError(f"options.{fixed[0]}: set when the model is loaded (sr-jax serve --option "
@@ -261,10 +261,6 @@ def register(sub) -> None:
 
 
 def _score_command(args) -> int:
-    import json
-
-    import yaml
-
     extra = {}
     for item in args.set:
         key, _, raw = item.partition("=")

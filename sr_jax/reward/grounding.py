@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from sr_jax.reward import BOX_GRID
+from sr_jax.reward.parse import BOX_GRID
 # Max-channel difference (0..255) above which a pixel counts as changed. JPEG (quality 75-95) and
 # bilinear resampling of smooth content stay below ~20; real edits are far larger.
 DEFAULT_THRESHOLD = 32
