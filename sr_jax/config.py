@@ -8,6 +8,7 @@ Unknown keys are an error naming the key: a typo must never be silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,20 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     pass
+
+
+def read_hf_config(directory: str | Path) -> dict:
+    """A Hugging Face checkpoint directory's config.json as a dict; errors name the file."""
+    file = Path(directory) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _is_dataclass_type(tp: Any) -> bool:

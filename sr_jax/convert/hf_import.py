@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from sr_jax.config import ConfigError, read_hf_config
 from sr_jax.convert.orbax_io import check_output_dir, write_model_dir
 from sr_jax.models import ModelFamily, family_of, get_family
 
@@ -155,8 +156,8 @@ def hf_family(directory: Path) -> ModelFamily:
     """The registered family of a HF checkpoint, by its config.json's `model_type` (none: the default
     family; an unreadable config.json is reported by the family's config reader)."""
     try:
-        model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        model_type = read_hf_config(directory).get("model_type")
+    except (OSError, ValueError):
         model_type = None
     try:
         return get_family(model_type)
@@ -343,15 +344,10 @@ def import_params(directory: str | Path, dtype: str | None, place: Callable[[tup
 
 def source_dtype(directory: str | Path) -> str:
     """The dtype config.json declares (`dtype`, or `torch_dtype` before transformers 5), else float32."""
-    file = Path(directory) / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
     try:
-        cfg = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, found {type(cfg).__name__}")
+        cfg = read_hf_config(directory)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     declared = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
     return declared if declared in ("float32", "bfloat16", "float16") else "float32"

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sr_jax.config import from_dict, load_yaml, apply_overrides, to_dict
+from sr_jax.config import apply_overrides, from_dict, load_yaml, read_hf_config, to_dict
 from sr_jax.models import ImageConstants
 from sr_jax.special_tokens import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
 
@@ -194,14 +194,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "ModelConfig":
         cfg = Path(path) / "config.json"
-        if not cfg.is_file():
-            raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-        try:
-            data = json.loads(cfg.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{cfg}: expected a JSON object, found {type(data).__name__}")
+        data = read_hf_config(path)
         try:
             return cls.from_hf_dict(data)
         except KeyError as e:
