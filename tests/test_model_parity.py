@@ -355,3 +355,18 @@ def test_scanned_layers_have_the_same_gradients_with_remat(deep):
         assert_close(g.get_value(), w.get_value())
     # Not vacuous: every decoder layer's weights get a gradient.
     assert all(float(jnp.abs(g.get_value()).max()) > 0 for p, g in scanned if "layers" in p and "kernel" in p)
+
+
+def test_compact_learning_preset_is_a_qwen3_vl_that_transformers_matches():
+    """configs/model/qwen3vl_compact.yaml (issue 19) through HF's own config and model classes."""
+    from transformers import Qwen3VLConfig
+    cfg = ModelConfig.preset("compact")
+    hf = random_hf_model(Qwen3VLConfig(**cfg.to_hf_dict()), seed=5)
+    assert hf.config.text_config.head_dim == 64 and hf.config.text_config.rope_parameters["rope_theta"] == 1e4
+    ours = our_model_from_hf(hf)
+    rng = np.random.default_rng(5)
+    grids = [(1, 16, 16)]  # a 256 px image: the position table's own 16x16 grid
+    ids = image_prompt(rng, grids, [5, 7])[None]
+    pv = random_pixels(rng, grids)
+    assert_close(ours(ids, pixel_values=pv, image_grid_thw=np.array(grids)),
+                 hf_logits(hf, ids, None, pv, grids).logits.numpy())

@@ -165,8 +165,12 @@ def _save_params(directory: Path, params: dict) -> None:
     import jax
     import orbax.checkpoint as ocp
 
+    try:
+        numpy_handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+    except TypeError:  # orbax releases without the option always copy: more memory, same bytes
+        numpy_handler = ocp.type_handlers.NumpyHandler()
     registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (np.ndarray, numpy_handler),
         (jax.Array, ocp.type_handlers.ArrayHandler()),
     )
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=1,

@@ -8,6 +8,7 @@ Parameters are stored in `param_dtype` and cast to the compute `dtype` at use.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,36 @@ INIT_STD = 0.02
 
 def _normal(rngs: nnx.Rngs, shape, dtype):
     return INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+
+
+def redraw_params(model: nnx.Module, specs: list[str], seed: int = 0) -> dict[str, int]:
+    """Redraws parameters from normal(0, std) after init, per "regex=std" spec (dotted parameter
+    paths, fullmatch; the first matching spec wins; std 0 zeroes). Returns matches per spec and
+    raises if a spec matches nothing, so a typo never trains silently with the default init."""
+    rules = []
+    for spec in specs:
+        pattern, sep, std = spec.rpartition("=")
+        try:
+            rules.append((spec, re.compile(pattern), float(std)))
+        except (re.error, ValueError) as e:
+            raise ValueError(f"model.init_std entry {spec!r}: expected 'regex=std' ({e})") from None
+        if not sep:
+            raise ValueError(f"model.init_std entry {spec!r}: expected 'regex=std'")
+    counts = {spec: 0 for spec, _, _ in rules}
+    key = jax.random.key(seed)
+    for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+        name = ".".join(str(p) for p in path)
+        rule = next((r for r in rules if r[1].fullmatch(name)), None)
+        if rule is None:
+            continue
+        value = var.get_value()
+        noise = jax.random.normal(jax.random.fold_in(key, i), value.shape, jnp.float32)
+        var.set_value((rule[2] * noise).astype(value.dtype))
+        counts[rule[0]] += 1
+    missing = [spec for spec, n in counts.items() if n == 0]
+    if missing:
+        raise ValueError(f"model.init_std: no parameter path matches {missing}")
+    return counts
 
 
 class Linear(nnx.Module):

@@ -71,6 +71,10 @@ class ModelSection:
     overrides: list[str] = dataclasses.field(default_factory=list)  # key=value on the ModelConfig
     attention_backend: str | None = None  # auto | cpu | splash | cudnn (sr_jax.models.attention); None: the preset's
     scan_layers: bool | None = None     # run layers as lax.scans (ModelConfig.scan_layers); None: the preset's
+    # "regex=std": after random init, parameters whose dotted path fullmatches regex are redrawn
+    # from normal(0, std) (std 0 zeroes them). For models trained from scratch: e.g. a vision
+    # position table big enough to matter next to the patch features. Presets only (not init_from).
+    init_std: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -43,6 +43,7 @@ from sr_jax.convert.loading import load_model
 from sr_jax.convert.orbax_io import is_model_dir, read_model_config, save_model
 from sr_jax.lora import apply_lora, lora_layers, merge_lora
 from sr_jax.models import family_of, get_family
+from sr_jax.models.layers import redraw_params
 from sr_jax.sharding import make_mesh, maybe_initialize_distributed, tree_shardings, use_mesh
 from sr_jax.train.checkpoint import (
     CHECKPOINTS,
@@ -65,11 +66,11 @@ def model_config(section):
     """The model config of a `model` section (`ModelSection`), of the family its weights name
     (HF config.json's `model_type`) or, for a preset, of the default family."""
     if section.init_from:
+        if section.overrides or section.init_std:
+            raise ValueError("model.overrides and model.init_std apply to presets, not to model.init_from weights")
         init_from = Path(section.init_from)
         cfg = read_model_config(init_from) if is_model_dir(init_from) \
             else hf_family(init_from).config_class.from_hf_dir(init_from)
-        if section.overrides:
-            raise ValueError("model.overrides apply to presets, not to model.init_from weights")
     else:
         cfg = get_family().config_class.preset(section.preset, section.overrides)
     cfg.dtype, cfg.param_dtype = section.dtype, section.param_dtype
@@ -97,6 +98,8 @@ class Trainer:
 
         def build():
             model = model_class(self.model_cfg, rngs=nnx.Rngs(cfg.train.seed))
+            if cfg.model.init_std:
+                redraw_params(model, cfg.model.init_std, cfg.train.seed)
             if cfg.train.lora.enabled:
                 apply_lora(model, cfg.train.lora)
             return model
