@@ -71,6 +71,10 @@ class ModelSection:
     overrides: list[str] = dataclasses.field(default_factory=list)  # key=value on the ModelConfig
     attention_backend: str | None = None  # auto | cpu | splash | cudnn (sr_jax.models.attention); None: the preset's
     scan_layers: bool | None = None     # run layers as lax.scans (ModelConfig.scan_layers); None: the preset's
+    # A reduced vocabulary (sr_jax.data.vocab): None = the full vocabulary; a vocab_map.json path;
+    # or `synthetic` = built from data.sources when the run starts. Saved in the run directory
+    # (a resumed run keeps it) and in the exported model. A compact `init_from` model brings its own.
+    vocab_map: str | None = None
 
 
 @dataclasses.dataclass
