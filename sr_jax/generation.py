@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sr_jax.data.vocab import vocab_map_of
 from sr_jax.models.qwen3_vl.rope_index import get_rope_index
 from sr_jax.models.qwen3_vl.vision import attention_slots, pad_patches
 from sr_jax.sharding import active_rules, constrain
@@ -186,6 +187,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
              min_prompt_bucket: int = 64, should_stop: Callable[[], bool] | None = None,
              segment: int = 64) -> np.ndarray:
     """New token ids (batch, max_new_tokens); after a stop token the row holds PAD_ID.
+    Ids in and out are full-vocabulary ids, also for a reduced-vocabulary model (`model.vocab_map`).
 
     Inputs are laid out as for the model call (left or right padding both work).
     `temperature == 0` is greedy decoding. With `should_stop`, decoding runs in segments of
@@ -203,6 +205,18 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
         raise ValueError("max_new_tokens must be >= 1")
     if segment < 1:
         raise ValueError("segment must be >= 1")
+    vmap = vocab_map_of(model)
+    stop_ids = DEFAULT_STOP_IDS if stop_ids is None else list(stop_ids)
+    pad_id = PAD_ID
+    if vmap is not None:
+        # A reduced-vocabulary model: full ids in, compact ids through the program, full ids out.
+        # Stop ids outside the map can never be produced; PAD_ID stays the fill of finished rows
+        # (no compact id reaches it), so it is told apart from generated tokens below.
+        if len(vmap) > PAD_ID:
+            raise ValueError(f"a vocabulary map of {len(vmap)} tokens leaves no room for the pad fill {PAD_ID}")
+        ids = vmap.to_compact(np.where(mask > 0, ids, vmap.ids[0]))  # padding: any kept id (masked)
+        stop_ids = [vmap.compact_id(i) for i in stop_ids if vmap.contains([i])[0]]
+        pad_id = vmap.compact_id(PAD_ID) if vmap.contains([PAD_ID])[0] else 0
     cfg = model.config
     grids = None if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
     positions, _ = get_rope_index(ids, grids, mask, spatial_merge_size=cfg.vision.spatial_merge_size,
@@ -212,7 +226,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     batch, seq = ids.shape
     width = bucket_length(seq, min_prompt_bucket)
     pad = width - seq
-    ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=PAD_ID)
+    ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=pad_id)
     mask = np.pad(mask, ((0, 0), (0, pad)))
     positions = np.pad(positions, ((0, 0), (0, 0), (0, pad)))
 
@@ -234,7 +248,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
         use_repetition_penalty=repetition_penalty != 1.0,
         segmented=should_stop is not None,
     )
-    stops = jnp.asarray(np.asarray(DEFAULT_STOP_IDS if stop_ids is None else list(stop_ids), np.int32).reshape(-1))
+    stops = jnp.asarray(np.asarray(stop_ids, np.int32).reshape(-1))
     graphdef, state = nnx.split(model)
     next_pos = jnp.asarray(next_pos, jnp.int32)
     rng, sampling = jax.random.PRNGKey(seed), (jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
@@ -244,10 +258,18 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
         state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(positions, jnp.int32),
         next_pos, pixel_values, vision, layout, rng, *sampling, jnp.int32(first))
     if should_stop is None:
-        return np.asarray(out)[:, :max_new_tokens]
+        return _full_ids(np.asarray(out)[:, :max_new_tokens], vmap)
     # Segmented: between segments the host asks whether the caller still wants the answer; the
     # tokens of a stopped run end where it stopped (pad after).
     while (step := int(out[0])) < max_new_tokens and not bool(np.all(out[3])) and not should_stop():
         out = _compiled_continue(graphdef, static, active_rules())(state, out, next_pos, rng, *sampling,
                                                    jnp.int32(min(step + segment, max_new_tokens)))
-    return np.asarray(out[2])[:, :max_new_tokens]
+    return _full_ids(np.asarray(out[2])[:, :max_new_tokens], vmap)
+
+
+def _full_ids(tokens: np.ndarray, vmap) -> np.ndarray:
+    """A reduced-vocabulary model's new tokens as full ids (the PAD_ID fill stays PAD_ID)."""
+    if vmap is None:
+        return tokens
+    fill = tokens == PAD_ID
+    return np.where(fill, PAD_ID, vmap.to_full(np.where(fill, 0, tokens))).astype(tokens.dtype)

@@ -19,13 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from sr_jax.models import family_of
-from sr_jax.convert.orbax_io import atomic_directory, sidecar_files
-from sr_jax.special_tokens import DEFAULT_STOP_IDS, ENDOFTEXT_ID, PAD_ID
+from sr_jax.convert.orbax_io import GENERATION_CONFIG, atomic_directory, generation_config, sidecar_files  # noqa: F401
+from sr_jax.data.vocab import VOCAB_MAP_FILE, vocab_map_of
 
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
               "int32": "I32"}
-GENERATION_CONFIG = {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": list(DEFAULT_STOP_IDS), "pad_token_id": PAD_ID,
-                     "do_sample": False}
 
 
 def _plan(model, dtype):
@@ -103,7 +101,10 @@ def export_hf(model, out: str | Path, *, dtype: str | None = None, max_shard_byt
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+        vmap = vocab_map_of(model)
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(vmap), indent=2))
+        if vmap is not None:
+            vmap.save(tmp / VOCAB_MAP_FILE)
         from sr_jax.convert.peft import export_peft_adapter
         from sr_jax.lora import lora_layers
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sr_jax.convert import orbax_io
 from sr_jax.convert.hf_import import CheckpointError, import_params
+from sr_jax.data.vocab import attach
 
 
 def load_model(path: str | Path, dtype: str = "float32", *, device=None):
@@ -14,6 +15,8 @@ def load_model(path: str | Path, dtype: str = "float32", *, device=None):
     `path` is either a directory written by `sr-jax convert hf-to-jax` / `save_model` (it holds
     `sr_jax_model.json`) or a Hugging Face checkpoint directory (config.json + safetensors or
     pytorch_model*.bin, single or sharded). `dtype` is both the parameter and the compute dtype.
+    A directory with a vocab_map.json holds a reduced-vocabulary model: the map comes attached
+    (`model.vocab_map`), and `generate` takes and returns full-vocabulary ids with it.
     Parameters are placed on `device` (a jax.Device; default: JAX's first device), one tensor at a time.
     """
     import jax
@@ -34,4 +37,4 @@ def load_hf_model(path: str | Path, dtype: str = "float32", *, device=None):
 
     device = device or jax.devices()[0]
     _, graph, params = import_params(path, dtype, lambda _, array: jax.device_put(array, device))
-    return nnx.merge(graph, params)
+    return attach(nnx.merge(graph, params), orbax_io.read_vocab_map(path))

@@ -25,7 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from sr_jax.config import dump_yaml, load_config
+from sr_jax.data.tokenizer import load_tokenizer
+from sr_jax.data.vocab import VOCAB_MAP_FILE, VocabMap, attach, vocab_map_of
 from sr_jax.models import family_of, get_family
+from sr_jax.special_tokens import DEFAULT_STOP_IDS, ENDOFTEXT_ID, PAD_ID
 
 FORMAT, FORMAT_VERSION = "sr_jax.orbax", 1
 MARKER, CONFIG_YAML, HF_CONFIG, PARAMS = "sr_jax_model.json", "model_config.yaml", "config.json", "params"
@@ -33,6 +36,17 @@ SIDECAR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merge
                  "added_tokens.json", "preprocessor_config.json", "video_preprocessor_config.json",
                  "generation_config.json")
 SIDECAR_GLOBS = ("chat_template*",)
+GENERATION_CONFIG = {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": list(DEFAULT_STOP_IDS), "pad_token_id": PAD_ID,
+                     "do_sample": False}
+
+
+def generation_config(vocab_map=None) -> dict:
+    """generation_config.json; a reduced-vocabulary model's holds its compact ids (what it emits)."""
+    if vocab_map is None:
+        return dict(GENERATION_CONFIG)
+    kept = [int(i) for i in DEFAULT_STOP_IDS if vocab_map.contains([i])[0]]
+    return {**GENERATION_CONFIG, "bos_token_id": vocab_map.compact_id(ENDOFTEXT_ID),
+            "eos_token_id": [vocab_map.compact_id(i) for i in kept], "pad_token_id": vocab_map.compact_id(PAD_ID)}
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -183,8 +197,9 @@ def _save_params(directory: Path, params: dict) -> None:
 
 
 def write_model_dir(out: str | Path, cfg, params: dict, *, hf_dir: str | Path | None = None,
-                    overwrite: bool = False, source: str = "") -> Path:
-    """Writes `params` (nested dict of arrays, as from nnx.to_pure_dict) and configs atomically to `out`."""
+                    overwrite: bool = False, source: str = "", vocab_map=None) -> Path:
+    """Writes `params` (nested dict of arrays, as from nnx.to_pure_dict) and configs atomically to `out`.
+    `vocab_map` (a reduced vocabulary's `VocabMap`) is written as vocab_map.json."""
     import jax
 
     leaves = jax.tree.leaves(params)
@@ -195,19 +210,24 @@ def write_model_dir(out: str | Path, cfg, params: dict, *, hf_dir: str | Path | 
         with _quiet_orbax():
             _save_params(tmp / PARAMS, params)  # collective when several processes hold the parameters
         if jax.process_index() == 0:  # files written once (atomic_directory renames after this)
-            _write_sidecars(tmp, cfg, hf_dir, summary)
+            _write_sidecars(tmp, cfg, hf_dir, summary, vocab_map)
     return Path(out)
 
 
-def _write_sidecars(tmp: Path, cfg, hf_dir, summary: dict) -> None:
+def _write_sidecars(tmp: Path, cfg, hf_dir, summary: dict, vocab_map=None) -> None:
     dump_yaml(cfg, tmp / CONFIG_YAML)
     hf_dir = Path(hf_dir) if hf_dir is not None else None
-    if hf_dir is not None and (hf_dir / HF_CONFIG).is_file():
+    # A compact model's config and generation ids are its own, never the full source's.
+    if hf_dir is not None and (hf_dir / HF_CONFIG).is_file() and vocab_map is None:
         shutil.copy2(hf_dir / HF_CONFIG, tmp / HF_CONFIG)
     else:
         (tmp / HF_CONFIG).write_text(json.dumps(cfg.to_hf_dict(), indent=2))
     for f in sidecar_files(hf_dir) if hf_dir is not None else []:
-        shutil.copy2(f, tmp / f.name)
+        if vocab_map is None or f.name != "generation_config.json":
+            shutil.copy2(f, tmp / f.name)
+    if vocab_map is not None:
+        vocab_map.save(tmp / VOCAB_MAP_FILE)
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(vocab_map), indent=2))
     (tmp / MARKER).write_text(json.dumps(summary, indent=2))  # last: its presence means complete
 
 
@@ -255,7 +275,7 @@ def read_model_dir(path: str | Path, dtype: str | None = None, sharding=None):
         except Exception as e:
             raise ValueError(f"{path / PARAMS}: cannot restore parameters ({type(e).__name__}: {e})") from None
     nnx.replace_by_pure_dict(params, restored)
-    return nnx.merge(graph, params)
+    return attach(nnx.merge(graph, params), read_vocab_map(path))
 
 
 def _byte_groups(leaves, group_bytes: int) -> list[list[int]]:
@@ -324,4 +344,17 @@ def save_model(model, out: str | Path, *, hf_dir: str | Path | None = None, over
     from flax import nnx
 
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return write_model_dir(out, model.config, params, hf_dir=hf_dir, overwrite=overwrite, source="save_model")
+    return write_model_dir(out, model.config, params, hf_dir=hf_dir, overwrite=overwrite, source="save_model",
+                           vocab_map=vocab_map_of(model))
+
+
+def read_vocab_map(path: str | Path):
+    """The reduced vocabulary a model directory holds (vocab_map.json), else None; checked against
+    the directory's tokenizer.json when there is one."""
+    path = Path(path)
+    if not (path / VOCAB_MAP_FILE).is_file():
+        return None
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(path)
+    return VocabMap.load(path / VOCAB_MAP_FILE, tokenizer)

@@ -47,6 +47,7 @@ from sr_jax.data.records import RecordError, SpatialExample
 from sr_jax.data.storage import ArrayRecordSource
 from sr_jax.data.synthetic import SynthConfig, generate_example
 from sr_jax.data.templates import PromptTemplates
+from sr_jax.data.vocab import VocabMissError
 from sr_jax.models.qwen3_vl.config import VisionConfig
 
 SYNTHETIC_PREFIX = "synthetic:"
@@ -242,8 +243,10 @@ def truncate(ex: dict, limit: int, image_token_ids: tuple[int, ...]) -> dict | N
 class EncodeStep:
     """index -> encoded example dict, or a skip marker naming the reason (never raises)."""
 
-    def __init__(self, sources: Sources, processor: Processor, max_len: int, max_patches: int, too_long: str):
+    def __init__(self, sources: Sources, processor: Processor, max_len: int, max_patches: int, too_long: str,
+                 vocab_map=None):
         self.sources = sources
+        self.vocab_map = vocab_map
         self.processor = processor
         self.max_len = max_len
         self.max_patches = max_patches
@@ -289,6 +292,13 @@ class EncodeStep:
                 how = "" if self.too_long == "drop" else " (truncating would cut an image or every label)"
                 raise RecordError("too_long", f"{length} tokens exceed {self.max_len}{how}", example.id)
             ex = cut
+        if self.vocab_map is not None:  # a compact model: every id renumbered, the ignore index kept
+            try:
+                ex["input_ids"] = self.vocab_map.to_compact(ex["input_ids"], record_id=example.id).astype(np.int32)
+                ex["labels"] = self.vocab_map.to_compact(ex["labels"], record_id=example.id,
+                                                         keep=IGNORE_INDEX).astype(np.int32)
+            except VocabMissError as e:
+                raise RecordError("not_in_vocab_map", str(e), example.id) from None
         return ex
 
 
@@ -311,22 +321,29 @@ def _absl_flags_defaults() -> None:
 
 # ---- the pipeline ----------------------------------------------------------------------------
 
+def make_processor(config: DataConfig) -> Processor:
+    """The processor (tokenizer, templates, image sizes) a data config describes."""
+    return Processor(
+        config.tokenizer, config.min_pixels, config.max_pixels, templates=config.templates,
+        chat_template=config.chat_template, image_resize=config.image_resize,
+        image_max_pixels=config.image_max_pixels, image_min_pixels=config.image_min_pixels,
+        processor_min_pixels=config.processor_min_pixels, processor_max_pixels=config.processor_max_pixels)
+
+
 class DataPipeline:
     """`iter(pipeline)` gives a checkpointable Grain iterator of batch dicts (layout: packing.py).
 
     `process_index`/`process_count` default to JAX's; tests pass them to simulate hosts.
     `vision` is the model's VisionConfig (position-table size for the vision tables).
+    `vocab_map` (a `sr_jax.data.vocab.VocabMap`): batches hold a compact model's ids.
     """
 
     def __init__(self, config: DataConfig, *, processor: Processor | None = None, vision=None,
-                 process_index: int | None = None, process_count: int | None = None):
+                 process_index: int | None = None, process_count: int | None = None, vocab_map=None):
         self.config = config.validate()
-        self.processor = processor or Processor(
-            config.tokenizer, config.min_pixels, config.max_pixels, templates=config.templates,
-            chat_template=config.chat_template, image_resize=config.image_resize,
-            image_max_pixels=config.image_max_pixels, image_min_pixels=config.image_min_pixels,
-            processor_min_pixels=config.processor_min_pixels, processor_max_pixels=config.processor_max_pixels)
+        self.processor = processor or make_processor(config)
         self.vision = vision or VisionConfig()
+        self.vocab_map = vocab_map
         if process_index is None or process_count is None:
             import jax
 
@@ -354,10 +371,13 @@ class DataPipeline:
         if self.process_count > 1:
             ds = ds[self.process_index :: self.process_count]
         ds = ds.map(EncodeStep(self.sources, self.processor, max(b.seq_len for b in buckets),
-                               max(b.patch_budget for b in buckets), cfg.too_long))
+                               max(b.patch_budget for b in buckets), cfg.too_long, self.vocab_map))
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))
         make_builder = functools.partial(BatchBuilder, cfg.mode, cfg.batch_size, buckets, cfg.max_segments)
-        ds = BatchDataset(ds, make_builder, pad_id=self.processor.tokenizer.pad_id, vision_config=self.vision,
+        pad_id = self.processor.tokenizer.pad_id
+        if self.vocab_map is not None:
+            pad_id = self.vocab_map.compact_id(pad_id)
+        ds = BatchDataset(ds, make_builder, pad_id=pad_id, vision_config=self.vision,
                           drop_remainder=cfg.drop_remainder, shared_memory=cfg.workers > 0)
         if cfg.workers > 0:
             _absl_flags_defaults()

@@ -22,6 +22,7 @@ from sr_jax.data.image import EVAL_MAX_PIXELS, MIN_PIXELS, open_image, smart_res
 from sr_jax.data.processor import Processor
 from sr_jax.data.records import SpatialExample
 from sr_jax.data.templates import PromptTemplates
+from sr_jax.data.vocab import VOCAB_MAP_FILE, vocab_map_of
 from sr_jax.generation import DEFAULT_STOP_IDS, PAD_ID, generate
 from sr_jax.reward.aggregate import AGGREGATION_MODES, RewardWeights, aggregate
 from sr_jax.reward.grounding import grounding_check
@@ -119,6 +120,8 @@ class Scorer:
         templates = dataclasses.replace(opts.templates, score_range=opts.score_range)
         processor = Processor(tokenizer, min_pixels=opts.min_pixels, max_pixels=opts.max_pixels,
                               templates=templates)
+        if vocab_map_of(model) is not None:  # a reduced vocabulary: its ids must mean this tokenizer's
+            vocab_map_of(model).check_tokenizer(processor.tokenizer, where=str(path / VOCAB_MAP_FILE))
         return cls(model, processor, opts)
 
     def validate_options(self, options: dict) -> None:

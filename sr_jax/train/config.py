@@ -75,6 +75,10 @@ class ModelSection:
     # from normal(0, std) (std 0 zeroes them). For models trained from scratch: e.g. a vision
     # position table big enough to matter next to the patch features. Presets only (not init_from).
     init_std: list[str] = dataclasses.field(default_factory=list)
+    # A reduced vocabulary (sr_jax.data.vocab): None = the full vocabulary; a vocab_map.json path;
+    # or `synthetic` = built from data.sources when the run starts. Saved in the run directory
+    # (a resumed run keeps it) and in the exported model. A compact `init_from` model brings its own.
+    vocab_map: str | None = None
 
 
 @dataclasses.dataclass

@@ -41,6 +41,7 @@ from sr_jax.config import dump_yaml, load_config
 from sr_jax.convert.hf_import import hf_family
 from sr_jax.convert.loading import load_model
 from sr_jax.convert.orbax_io import is_model_dir, read_model_config, save_model
+from sr_jax.data.vocab import SYNTHETIC, VOCAB_MAP_FILE, VocabMap, attach, vocab_map_of
 from sr_jax.lora import apply_lora, lora_layers, merge_lora
 from sr_jax.models import family_of, get_family
 from sr_jax.models.layers import redraw_params
@@ -62,9 +63,10 @@ from sr_jax.train.step import TrainState, TrainStep, create_train_state, split_m
 log = logging.getLogger(__name__)
 
 
-def model_config(section):
+def model_config(section, vocab_map: VocabMap | None = None):
     """The model config of a `model` section (`ModelSection`), of the family its weights name
-    (HF config.json's `model_type`) or, for a preset, of the default family."""
+    (HF config.json's `model_type`) or, for a preset, of the default family. With `vocab_map`
+    (`run_vocab_map`), the compact model's config (an `init_from` that is compact already keeps its own)."""
     if section.init_from:
         if section.overrides or section.init_std:
             raise ValueError("model.overrides and model.init_std apply to presets, not to model.init_from weights")
@@ -73,6 +75,11 @@ def model_config(section):
             else hf_family(init_from).config_class.from_hf_dir(init_from)
     else:
         cfg = get_family().config_class.preset(section.preset, section.overrides)
+    if vocab_map is not None and not init_from_map(section):
+        cfg = vocab_map.remap_config(cfg)
+    elif vocab_map is None and init_from_map(section):
+        raise ValueError(f"model.init_from {section.init_from} is a reduced-vocabulary model ({VOCAB_MAP_FILE}): "
+                         "set model.vocab_map (e.g. to that file)")
     cfg.dtype, cfg.param_dtype = section.dtype, section.param_dtype
     if section.attention_backend is not None:
         cfg.attention_backend = section.attention_backend
@@ -81,15 +88,54 @@ def model_config(section):
     return cfg.validate()
 
 
+def init_from_map(section) -> Path | None:
+    """The vocab_map.json an `init_from` model directory holds (a compact model), else None."""
+    if section.init_from and (Path(section.init_from) / VOCAB_MAP_FILE).is_file():
+        return Path(section.init_from) / VOCAB_MAP_FILE
+    return None
+
+
+def run_vocab_map(cfg, tokenizer, run_dir: str | Path | None, build=None) -> VocabMap | None:
+    """The reduced vocabulary of a run (None: full vocabulary), checked against `tokenizer`.
+
+    The map a run directory holds wins (a resumed run keeps its map); then a compact
+    `init_from`'s; then `model.vocab_map` as a file, or `synthetic`: `build()` makes it. Two of
+    these that disagree are an error rather than a silent renumbering of trained rows."""
+    spec = cfg.model.vocab_map
+    if spec is None:
+        return None
+    candidates = []
+    saved = Path(run_dir) / VOCAB_MAP_FILE if run_dir is not None else None
+    if saved is not None and saved.is_file():
+        candidates.append((str(saved), VocabMap.load(saved, tokenizer)))
+    if init_from_map(cfg.model):
+        candidates.append((f"model.init_from {cfg.model.init_from}", VocabMap.load(init_from_map(cfg.model), tokenizer)))
+    if spec != SYNTHETIC:
+        candidates.append((f"model.vocab_map {spec}", VocabMap.load(spec, tokenizer)))
+    for where, other in candidates[1:]:
+        if other != candidates[0][1]:
+            raise ValueError(f"{candidates[0][0]} ({candidates[0][1]!r}) and {where} ({other!r}) are different "
+                             "vocabulary maps; a run keeps one map (use another run.out_dir)")
+    if candidates:
+        return candidates[0][1]
+    if build is None:
+        raise ValueError(f"model.vocab_map={SYNTHETIC}: this stage cannot build a map (no answers in its data); "
+                         "give a vocab_map.json or an init_from model that has one")
+    return build()
+
+
 class Trainer:
     """Model, mesh, optimizer and the jitted step for one config (any stage: it reads `model`,
     `train` and `run`). `make_step(model, optimizer, mesh, train_cfg)` builds the stage's step
     (default: the SFT `TrainStep`); `total_steps` counts optimizer updates (the schedule's length)."""
 
     def __init__(self, cfg, *, devices=None, abstract: bool = False, total_steps: int | None = None,
-                 make_step: Callable | None = None):
+                 make_step: Callable | None = None, vocab_map: VocabMap | None = None):
         self.cfg = cfg
-        self.model_cfg = model_config(cfg.model)
+        if cfg.model.vocab_map is not None and vocab_map is None:
+            raise ValueError("model.vocab_map is set: pass the run's map (run_vocab_map)")
+        self.vocab_map = vocab_map
+        self.model_cfg = model_config(cfg.model, vocab_map)
         model_class = family_of(self.model_cfg).model_class
         if devices is None and cfg.run.num_devices:
             devices = jax.devices()[: cfg.run.num_devices]
@@ -100,6 +146,7 @@ class Trainer:
             model = model_class(self.model_cfg, rngs=nnx.Rngs(cfg.train.seed))
             if cfg.model.init_std:
                 redraw_params(model, cfg.model.init_std, cfg.train.seed)
+            attach(model, vocab_map)
             if cfg.train.lora.enabled:
                 apply_lora(model, cfg.train.lora)
             return model
@@ -126,10 +173,19 @@ class Trainer:
         """Base weights from `init_from`, placed tensor by tensor into the sharded model."""
         loaded = load_model(self.cfg.model.init_from, dtype=self.cfg.model.param_dtype, device=jax.devices("cpu")[0])
         source = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
+        # A full-vocabulary checkpoint into a compact model: the kept rows of the vocabulary weights.
+        slice_vocab = self.vocab_map is not None and vocab_map_of(loaded) is None
+        full_vocab = loaded.config.text.vocab_size
         for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             if path in source:  # LoRA factors are not in the base checkpoint and keep their init
                 target = var.get_value()
-                var.set_value(jax.device_put(source[path].get_value().astype(target.dtype), target.sharding))
+                value = source[path].get_value()
+                if slice_vocab and value.shape != target.shape:
+                    axes = [a for a, (n, m) in enumerate(zip(value.shape, target.shape))
+                            if n == full_vocab and m == len(self.vocab_map)]
+                    if len(axes) == 1:
+                        value = self.vocab_map.rows(jax.device_get(value), axis=axes[0])
+                var.set_value(jax.device_put(value.astype(target.dtype), target.sharding))
 
     def abstract_state(self):
         _, params, frozen, _ = split_model(self.model, self.cfg.train)
@@ -143,10 +199,10 @@ class Trainer:
         return create_train_state(self.model, self.optimizer, self.mesh, self.cfg.train)
 
 
-def build_for_restore(cfg, devices=None) -> Trainer:
+def build_for_restore(cfg, devices=None, vocab_map: VocabMap | None = None) -> Trainer:
     """A trainer without weights (abstract model), enough to restore any stage's checkpoint into
-    (the state's layout depends only on the `model` and `train` sections)."""
-    return Trainer(cfg, devices=devices, abstract=True)
+    (the state's layout depends only on the `model` and `train` sections, and the run's map)."""
+    return Trainer(cfg, devices=devices, abstract=True, vocab_map=vocab_map)
 
 
 def model_from_checkpoint(path: str | Path, *, merge_lora: bool = False, step: int | None = None):
@@ -168,8 +224,13 @@ def model_from_checkpoint(path: str | Path, *, merge_lora: bool = False, step: i
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
     cfg = load_run_config(run_dir, run_kind(run_dir, ckpt.read_meta(step)))
     cfg.train.mesh.data, cfg.train.mesh.fsdp, cfg.train.mesh.tensor = 1, 1, 1
+    vmap = None
+    if cfg.model.vocab_map is not None:
+        if not (run_dir / VOCAB_MAP_FILE).is_file():
+            raise FileNotFoundError(f"{run_dir}: model.vocab_map is set but the run holds no {VOCAB_MAP_FILE}")
+        vmap = VocabMap.load(run_dir / VOCAB_MAP_FILE)
     # Any stage's state has the same layout (it depends on the model and train sections only).
-    trainer = build_for_restore(cfg, devices=jax.devices()[:1])
+    trainer = build_for_restore(cfg, devices=jax.devices()[:1], vocab_map=vmap)
     state, _, _ = ckpt.restore(step, trainer.abstract_state(), with_data=False)
     ckpt.close()
     model = trainer.step.model(state)
@@ -245,6 +306,8 @@ def _run_locked(cfg, make_stage, *, devices=None, stop_after: int | None = None)
     if is_main:
         dump_yaml(cfg, out / RUN_CONFIG)
         save_tokenizer(cfg, stage.processor, out / "tokenizer")
+        if trainer.vocab_map is not None and not (out / VOCAB_MAP_FILE).is_file():
+            trainer.vocab_map.save(out / VOCAB_MAP_FILE)
     if start is not None:
         state, data_state, _ = ckpt.restore(start, trainer.abstract_state())
         stage.set_state(data_state)

@@ -23,10 +23,11 @@ import time
 import jax
 import numpy as np
 
-from sr_jax.data.pipeline import DataConfig, DataPipeline
+from sr_jax.data.pipeline import DataConfig, DataPipeline, make_processor
+from sr_jax.data.vocab import build_vocab_map
 from sr_jax.sharding import shard_batch
 from sr_jax.train.config import ModelSection, RunSection, TrainConfig
-from sr_jax.train.loop import tokenizer_source
+from sr_jax.train.loop import run_vocab_map, tokenizer_source
 # Re-exported: these were defined here before the loop was shared with RL.
 from sr_jax.train.loop import Trainer, build_for_restore, model_config, register_command, run
 from sr_jax.train.metrics import peak_flops_per_device, train_flops
@@ -61,14 +62,17 @@ class SFTStage:
 
     def __init__(self, cfg: SFTConfig, devices=None):
         self.cfg = cfg
-        mcfg = self.model_cfg = model_config(cfg.model)
         data_cfg = cfg.data
         if data_cfg.tokenizer is None and tokenizer_source(cfg):
             data_cfg = dataclasses.replace(data_cfg, tokenizer=tokenizer_source(cfg))
-        pipeline = DataPipeline(data_cfg, vision=mcfg.vision)
+        processor = make_processor(data_cfg.validate())
+        self.vocab_map = run_vocab_map(cfg, processor.tokenizer, cfg.run.out_dir,
+                                       build=lambda: build_vocab_map(data_cfg.sources, processor))
+        mcfg = self.model_cfg = model_config(cfg.model, self.vocab_map)
+        pipeline = DataPipeline(data_cfg, processor=processor, vision=mcfg.vision, vocab_map=self.vocab_map)
         self.processor = pipeline.processor
         self.total_steps = estimate_total_steps(cfg, len(pipeline.sources))
-        self.trainer = Trainer(cfg, devices=devices, total_steps=self.total_steps)
+        self.trainer = Trainer(cfg, devices=devices, total_steps=self.total_steps, vocab_map=self.vocab_map)
         self.iterator = iter(pipeline)
         self.peak = peak_flops_per_device(cfg.run.peak_flops_per_device)
         self.vision_trainable = not (cfg.train.freeze_vision or (cfg.train.lora.enabled and not cfg.train.lora.vision))
