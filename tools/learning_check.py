@@ -1,21 +1,36 @@
-"""Issue 8: does the whole loop learn? Train a small SpatialReward from scratch on synthetic
-spatial edits within a wall-clock budget, then evaluate it on held-out examples (unseen seeds).
+"""Does the whole loop learn? Train a small SpatialReward from scratch within a wall-clock budget,
+then measure it on held-out examples (unseen seeds, split=test) against ground truth and trivial
+baselines. Issue 8's full check is stage 5 (the default); issue 19 adds four easier stages that
+a 2-core CPU can pass, each a proof of one ability:
 
-    python tools/learning_check.py                       # 30-minute CPU budget (the default)
+    python tools/learning_check.py --stage 1                  # reads images: the colour of an image
+    python tools/learning_check.py --stage 2 --init-from runs/learn_stage1_colour/model
+                                                              # localises one object (box 0..1000)
+    python tools/learning_check.py --stage 3 --init-from runs/learn_stage2_locate/model
+                                                              # localises single-region edits (SC)
+    python tools/learning_check.py --stage 4                  # GRPO (iou reward) from stage 2's model
+    python tools/learning_check.py                            # stage 5: synthetic SC+PQ, 30 minutes
     python tools/learning_check.py --budget 600 --eval-examples 60 run.out_dir=runs/lc_quick
 
-Prints parse rate, mean IoU (Hungarian matching, empty-vs-empty = 1), box recall at IoU 0.5,
-score MAE for each score, Spearman of the reward against the ground-truth reward, and the same
-for two trivial baselines, and the held-out answer loss with the true images and with blank ones
-(equal losses = the model ignores its images); writes the loss curve and a picture of held-out examples (true boxes
-green, predicted red) next to a JSON report. A second run in the same out_dir resumes training
-(or, with --skip-train, only re-evaluates).
+Stage goals (exit 0 only when met):
+  1  held-out accuracy >= 0.95 (answers {"colour": NAME}); printed with the majority-class
+     baseline and the answer loss with the true images vs blank ones.
+  2  parse rate 1.0 and mean IoU >= 0.5 (Hungarian matching; an unparsed answer scores 0), with box
+     recall at IoU 0.5 and two baselines: a centred box of the mean training size, the mean box.
+  3  the synthetic SC task restricted to single-region edits: mean IoU >= 0.5, success and
+     over-editing MAE <= 3, each better than both constant baselines.
+  4  held-out greedy IoU (the GRPO `iou` reward) after a short GRPO run > before it.
+  5  issue 8's goals (parse rate, IoU, four score MAEs, reward Spearman).
+Each stage writes `learning_check.json`, the loss (or reward) curve and a picture of held-out
+predictions (true boxes green, predicted red; colours as captions) into `run.out_dir`. A second
+run in the same out_dir resumes training (or, with --skip-train, only re-evaluates).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,35 +39,65 @@ import numpy as np
 GOALS = {"parse_rate": (">=", 1.0), "mean_iou": (">=", 0.5), "mae_success": ("<=", 3.0),
          "mae_overediting": ("<=", 3.0), "mae_naturalness": ("<=", 3.0), "mae_artifacts": ("<=", 3.0),
          "reward_spearman": (">=", 0.7)}
+STAGE_GOALS = {
+    1: {"accuracy": (">=", 0.95)},
+    2: {"parse_rate": (">=", 1.0), "mean_iou": (">=", 0.5)},
+    3: {"mean_iou": (">=", 0.5), "mae_success": ("<=", 3.0), "mae_overediting": ("<=", 3.0)},
+    5: GOALS,
+}
+STAGE_CONFIGS = {1: "configs/sft/learn_stage1_colour.yaml", 2: "configs/sft/learn_stage2_locate.yaml",
+                 3: "configs/sft/learn_stage3_sc_single.yaml", 4: "configs/rl/learn_stage4_grpo.yaml",
+                 5: "configs/sft/learn_synthetic_cpu.yaml"}
+STAGE_BUDGETS = {1: 600.0, 2: 1800.0, 3: 1800.0, 4: 900.0, 5: 1800.0}
+STAGE_NEW_TOKENS = {1: 16, 2: 64, 3: 192, 5: 192}  # stage 4: the config's grpo.max_completion_tokens
+BASELINE_TRAIN_EXAMPLES = 500  # training examples the baselines are fitted on
 
 
 def _fmt(v):
     return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
-def draw_examples(scorer, examples, path: Path, n: int = 6) -> None:
+def goal_met(value, goal) -> bool:
+    op, target = goal
+    return value is not None and (value >= target if op == ">=" else value <= target)
+
+
+def heldout_spec(spec: str, n: int, seed: int, split: str = "test") -> str:
+    """The training source `spec` (synthetic:...) with its count, seed and split replaced: the same
+    task mix and image sizes on examples training never sees."""
+    from sr_jax.data.pipeline import SYNTHETIC_PREFIX
+
+    if not spec.startswith(SYNTHETIC_PREFIX):
+        raise ValueError(f"the learning check needs a synthetic training source, got {spec!r}")
+    items = [i for i in spec[len(SYNTHETIC_PREFIX):].split(",") if i and i.split("=")[0].strip() not in
+             ("n", "seed", "split")]
+    return SYNTHETIC_PREFIX + ",".join([f"n={n}", f"seed={seed}", f"split={split}"] + items)
+
+
+def draw_tiles(items, path: Path, scale: int = 2) -> None:
+    """A contact sheet of held-out examples: `items` = (image, true boxes, predicted boxes, caption)
+    with boxes on the 0..1000 grid (true green, predicted red) and the caption under each tile."""
     from PIL import Image, ImageDraw
 
     from sr_jax.data.image import open_image
 
-    sc = [ex for ex in examples if ex.task == "sc"][:n]
-    if not sc:
-        return  # nothing to box (an image-quality-only run)
-    results = scorer.score([[open_image(b) for b in ex.images[:-1]] for ex in sc],
-                           [open_image(ex.images[-1]) for ex in sc], [ex.instruction for ex in sc])
-    scale = 2
     tiles = []
-    for ex, r in zip(sc, results):
-        img = open_image(ex.images[-1]).convert("RGB")
+    for image, truth, predicted, caption in items:
+        img = open_image(image).convert("RGB")
         w, h = img.size
         img = img.resize((w * scale, h * scale), Image.NEAREST)
-        draw = ImageDraw.Draw(img)
-        for boxes, colour in ((ex.edit_region, (0, 200, 0)), (r["edit_region"], (230, 0, 0))):
-            for reg in boxes:
-                b = reg.bbox_2d if hasattr(reg, "bbox_2d") else reg["bbox_2d"]
+        tile = Image.new("RGB", (img.width, img.height + (14 if caption else 0)), "white")
+        tile.paste(img, (0, 0))
+        draw = ImageDraw.Draw(tile)
+        for boxes, colour in ((truth, (0, 200, 0)), (predicted, (230, 0, 0))):
+            for b in boxes:
                 draw.rectangle([b[0] * w * scale / 1000, b[1] * h * scale / 1000,
                                 b[2] * w * scale / 1000, b[3] * h * scale / 1000], outline=colour, width=2)
-        tiles.append(img)
+        if caption:
+            draw.text((2, img.height + 1), caption, fill=(0, 0, 0))
+        tiles.append(tile)
+    if not tiles:
+        return
     width = sum(t.width for t in tiles) + 8 * (len(tiles) + 1)
     height = max(t.height for t in tiles) + 16
     sheet = Image.new("RGB", (width, height), "white")
@@ -61,6 +106,14 @@ def draw_examples(scorer, examples, path: Path, n: int = 6) -> None:
         sheet.paste(t, (x, 8))
         x += t.width + 8
     sheet.save(path)
+
+
+def draw_examples(examples, items, path: Path, n: int = 6) -> None:
+    """The first `n` SC examples of an `evaluate_synthetic` run with their true and predicted boxes."""
+    by_id = {it["id"]: it for it in items if it["task"] == "sc"}
+    sc = [ex for ex in examples if ex.id in by_id][:n]
+    draw_tiles([(ex.images[-1], by_id[ex.id]["truth_boxes"], by_id[ex.id]["predicted_boxes"], "") for ex in sc],
+               path)
 
 
 def image_reliance(model, data_cfg, source: str, tokenizer: str) -> dict:
@@ -90,36 +143,125 @@ def image_reliance(model, data_cfg, source: str, tokenizer: str) -> dict:
     return {name: s / max(w, 1.0) for name, (s, w) in totals.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/sft/learn_synthetic_cpu.yaml")
-    ap.add_argument("--budget", type=float, default=1800.0, help="training wall-clock seconds")
-    ap.add_argument("--eval-examples", type=int, default=100)
-    ap.add_argument("--eval-seed", type=int, default=20261123, help="held-out seed (never used in training)")
-    ap.add_argument("--max-new-tokens", type=int, default=192)
-    ap.add_argument("--skip-train", action="store_true")
-    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = ap.parse_args()
+def _print_table(rows: dict[str, dict], metrics, goals: dict) -> None:
+    names = list(rows)
+    print(f"{'metric':<18}" + "".join(f"{n[:26]:>28}" for n in names) + f"{'goal':>10}")
+    for m in metrics:
+        goal = goals.get(m)
+        print(f"{m:<18}" + "".join(f"{_fmt(rows[n].get(m)):>28}" for n in names)
+              + (f"{goal[0] + ' ' + str(goal[1]):>10}" if goal else ""))
 
+
+def _verdict(met: dict) -> bool:
+    print("goals met: " + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in met.items()))
+    ok = all(met.values())
+    print(f"stage goal {'MET' if ok else 'NOT met'}")
+    return ok
+
+
+def _load_sft(args):
     from sr_jax.config import load_config
-    from sr_jax.data.pipeline import SyntheticSource
-    from sr_jax.data.processor import Processor
-    from sr_jax.data.synthetic import generate_examples
-    from sr_jax.eval import evaluate_synthetic
-    from sr_jax.convert.loading import load_model
-    from sr_jax.reward.scorer import Scorer, ScorerOptions
-    from sr_jax.train.metrics import plot_metrics
-    from sr_jax.train.sft import SFTConfig, train
+    from sr_jax.train.sft import SFTConfig
 
-    cfg = load_config(SFTConfig, args.config, [f"run.max_seconds={args.budget}"] + args.overrides)
-    out = Path(cfg.run.out_dir)
+    overrides = [f"run.max_seconds={args.budget}"] + ([f"model.init_from={args.init_from}"] if args.init_from else [])
+    return load_config(SFTConfig, args.config, overrides + args.overrides)
+
+
+def _processor(data, tokenizer):
+    from sr_jax.data.processor import Processor
+
+    return Processor(tokenizer, data.min_pixels, data.max_pixels, templates=data.templates,
+                     chat_template=data.chat_template, image_resize=data.image_resize,
+                     image_max_pixels=data.image_max_pixels, image_min_pixels=data.image_min_pixels,
+                     processor_min_pixels=data.processor_min_pixels, processor_max_pixels=data.processor_max_pixels)
+
+
+def _train_sft(args, cfg) -> tuple[dict | None, float]:
+    from sr_jax.train.sft import train
+
     t0 = time.perf_counter()
     summary = None if args.skip_train else train(cfg)
-    train_s = time.perf_counter() - t0
+    return summary, time.perf_counter() - t0
+
+
+def _grounding_stage(args, stage: int) -> tuple[dict, bool]:
+    """Stages 1 (colour) and 2 (locate): greedy answers to held-out prompts of the training task."""
+    from sr_jax.convert.loading import load_model
+    from sr_jax.data.pipeline import SyntheticSource
+    from sr_jax.data.synthetic import generate_example
+    from sr_jax.eval import stages as S
+    from sr_jax.train.metrics import plot_metrics
+
+    cfg = _load_sft(args)
+    task = "colour" if stage == 1 else "locate"
+    source = SyntheticSource(cfg.data.sources[0])
+    if source.config.tasks != (task,):
+        raise SystemExit(f"stage {stage} trains the {task} task: data.sources[0] must say tasks={task}, "
+                         f"got {cfg.data.sources[0]!r}")
+    out = Path(cfg.run.out_dir)
+    summary, train_s = _train_sft(args, cfg)
+
+    model = load_model(out / "model")
+    processor = _processor(cfg.data, out / "tokenizer")
+    records = [generate_example(i, args.eval_seed, "test", source.config) for i in range(args.eval_examples)]
+    train_records = [generate_example(i, source.seed, source.split, source.config)
+                     for i in range(BASELINE_TRAIN_EXAMPLES)]
+    t1 = time.perf_counter()
+    texts = S.greedy_answers(model, processor, records, args.max_new_tokens)
+    eval_s = time.perf_counter() - t1
+    held_out = heldout_spec(cfg.data.sources[0], args.eval_examples, args.eval_seed)
+    reliance = image_reliance(model, cfg.data, held_out, str(out / "tokenizer"))
+
+    print(f"\nheld-out {task} examples: {len(records)} (seed {args.eval_seed}, split test); training "
+          f"{train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min")
+    if stage == 1:
+        predicted = [S.parse_colour(t) for t in texts]
+        truth = [r.meta["colour"] for r in records]
+        figures = S.colour_metrics(predicted, truth, [r.meta["colour"] for r in train_records])
+        rows = {"model": figures, f"majority ({figures['majority_class']})": {"accuracy": figures["majority_accuracy"]}}
+        _print_table(rows, ["accuracy", "parse_rate"], STAGE_GOALS[1])
+        tiles = [(r.images[0], [], [], f"{t} -> {p or '?'}") for r, t, p in zip(records, truth, predicted)]
+    else:
+        predicted = [S.parse_regions(t) for t in texts]
+        truth = [[list(reg.bbox_2d) for reg in r.edit_region] for r in records]
+        figures = S.box_metrics(predicted, truth)
+        baselines = S.box_baselines([list(reg.bbox_2d) for r in train_records for reg in r.edit_region], truth)
+        figures["baselines"] = baselines
+        rows = {"model": figures, **baselines}
+        _print_table(rows, ["parse_rate", "mean_iou", "box_recall", "box_precision"], STAGE_GOALS[2])
+        tiles = [(r.images[0], t, p or [], "") for r, t, p in zip(records, truth, predicted)]
+    print(f"held-out answer loss (teacher forced): {reliance['true images']:.4f} with the true images, "
+          f"{reliance['blank images']:.4f} with blank images")
+    print(f"first answers: {texts[:3]}")
+    met = {m: goal_met(figures.get(m), g) for m, g in STAGE_GOALS[stage].items()}
+    ok = _verdict(met)
+
+    plot_metrics(out / "metrics.jsonl", out / "loss_curve.png")
+    draw_tiles(tiles[:8], out / "heldout_examples.png")
+    report = {"stage": stage, "out_dir": str(out), "task": task, "train_summary": summary, "train_seconds": train_s,
+              "eval_seconds": eval_s, "eval_examples": len(records), "eval_seed": args.eval_seed,
+              "figures": figures, "goals_met": met, "passed": ok, "image_reliance": reliance,
+              "answers": [{"id": r.id, "answer": t} for r, t in zip(records, texts)],
+              "config": args.config, "init_from": args.init_from, "overrides": args.overrides}
+    return report, ok
+
+
+def _synthetic_stage(args, stage: int) -> tuple[dict, bool]:
+    """Stages 3 (single-region SC) and 5 (the full SC+PQ mix): `evaluate_synthetic` with the scorer."""
+    from sr_jax.convert.loading import load_model
+    from sr_jax.data.pipeline import SyntheticSource
+    from sr_jax.data.synthetic import generate_examples
+    from sr_jax.eval import evaluate_synthetic
+    from sr_jax.reward.scorer import Scorer, ScorerOptions
+    from sr_jax.train.metrics import plot_metrics
+
+    cfg = _load_sft(args)
+    out = Path(cfg.run.out_dir)
+    summary, train_s = _train_sft(args, cfg)
 
     data = cfg.data
     synth = SyntheticSource(data.sources[0]).config  # held-out examples follow the training mix
-    processor = Processor(out / "tokenizer", data.min_pixels, data.max_pixels, templates=data.templates)
+    processor = _processor(data, out / "tokenizer")
     options = ScorerOptions(max_new_tokens=args.max_new_tokens, batch_size=16, grounding=False,
                             min_pixels=data.min_pixels, max_pixels=data.max_pixels, templates=data.templates)
     scorer = Scorer(load_model(out / "model"), processor, options)
@@ -127,9 +269,7 @@ def main() -> None:
     t1 = time.perf_counter()
     result = evaluate_synthetic(scorer, examples, batch_size=8)
     eval_s = time.perf_counter() - t1
-
-    held_out = (f"synthetic:n={args.eval_examples},seed={args.eval_seed},split=test,min_side={synth.image_size[0]},"
-                f"max_side={synth.image_size[1]},tasks={'+'.join(synth.tasks)},pq_fraction={synth.pq_fraction}")
+    held_out = heldout_spec(data.sources[0], args.eval_examples, args.eval_seed)
     reliance = image_reliance(scorer.model, data, held_out, str(out / "tokenizer"))  # the same examples
 
     table = result["tables"]["model vs baselines"]
@@ -137,28 +277,134 @@ def main() -> None:
                "mae_naturalness", "mae_artifacts", "reward_spearman"]
     print(f"\nheld-out synthetic examples: {len(examples)} (seed {args.eval_seed}); training {train_s / 60:.1f} min, "
           f"evaluation {eval_s / 60:.1f} min")
-    names = list(table)
-    print(f"{'metric':<18}" + "".join(f"{n[:26]:>28}" for n in names) + f"{'goal':>10}")
-    for m in metrics:
-        goal = GOALS.get(m)
-        print(f"{m:<18}" + "".join(f"{_fmt(table[n].get(m)):>28}" for n in names)
-              + (f"{goal[0] + ' ' + str(goal[1]):>10}" if goal else ""))
+    goals = STAGE_GOALS[stage]
+    _print_table(table, metrics, goals)
     print(f"held-out answer loss (teacher forced): {reliance['true images']:.4f} with the true images, "
           f"{reliance['blank images']:.4f} with blank images")
+    names = list(table)
     model = table[names[0]]
-    met = {m: (model.get(m) is not None and (model[m] >= g if op == ">=" else model[m] <= g))
-           for m, (op, g) in GOALS.items()}
-    print("goals met: " + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in met.items()))
+    met = {m: goal_met(model.get(m), g) for m, g in goals.items()}
+    if stage == 3:
+        met["beats baselines"] = beats_baselines(table, ("mean_iou", "mae_success", "mae_overediting"))
+    ok = _verdict(met)
 
     plot_metrics(out / "metrics.jsonl", out / "loss_curve.png")
-    draw_examples(scorer, examples, out / "heldout_examples.png")  # SC examples only
-    report = {"train_summary": summary, "train_seconds": train_s, "eval_seconds": eval_s,
+    draw_examples(examples, result["items"], out / "heldout_examples.png")
+    report = {"stage": stage, "out_dir": str(out), "train_summary": summary, "train_seconds": train_s,
+              "eval_seconds": eval_s,
               "eval_examples": len(examples), "eval_seed": args.eval_seed, "table": table, "goals_met": met,
-              "image_reliance": reliance,
-              "config": args.config, "overrides": args.overrides}
+              "passed": ok, "image_reliance": reliance,
+              "config": args.config, "init_from": args.init_from, "overrides": args.overrides}
+    return report, ok
+
+
+def beats_baselines(table: dict, metrics) -> bool:
+    """The model row (the first) is better than every other row on each metric: higher for
+    IoU-like figures, lower for errors (`mae_*`)."""
+    names = list(table)
+    model = table[names[0]]
+    for m in metrics:
+        for other in names[1:]:
+            a, b = model.get(m), table[other].get(m)
+            if a is None or b is None or not (a < b if m.startswith("mae_") else a > b):
+                return False
+    return True
+
+
+def heldout_boxes(model_dir, processor, records, max_new_tokens: int, stop_ids) -> dict:
+    """Greedy held-out answers of the model in `model_dir`, scored by the GRPO `iou` reward (box
+    metrics of the leniently parsed regions, as GRPO reads them)."""
+    from sr_jax.convert.loading import load_model
+    from sr_jax.eval import stages as S
+    from sr_jax.rl.rewards import iou_reward
+    from sr_jax.rl.rollout import parse_completions
+
+    texts = S.greedy_answers(load_model(model_dir), processor, records, max_new_tokens, stop_ids=stop_ids)
+    parsed = parse_completions(records, texts)
+    ious = [iou_reward(r, t, p) for r, t, p in zip(records, texts, parsed)]
+    predicted = [[reg["bbox_2d"] for reg in p.get("edit_region", [])] if p["parsed"] else None for p in parsed]
+    boxes = S.box_metrics(predicted, [[list(reg.bbox_2d) for reg in r.edit_region] for r in records])
+    return {"iou": float(np.mean(ious)), "parse_rate": boxes["parse_rate"], "box_recall": boxes["box_recall"],
+            "mean_iou": boxes["mean_iou"], "strict_parse_rate": float(np.mean([S.parse_regions(t) is not None
+                                                                                for t in texts])),
+            "per_example_iou": ious, "predicted_boxes": predicted, "answers": texts}
+
+
+def _grpo_stage(args) -> tuple[dict, bool]:
+    """Stage 4: held-out greedy IoU of the starting model, a GRPO run, the same of the result."""
+    from sr_jax.config import load_config
+    from sr_jax.data.pipeline import SyntheticSource
+    from sr_jax.data.synthetic import generate_example
+    from sr_jax.rl.config import RLConfig
+    from sr_jax.rl.trainer import make_processor, train
+    from sr_jax.train.metrics import plot_metrics
+
+    overrides = [f"run.max_seconds={args.budget}"] + ([f"model.init_from={args.init_from}"] if args.init_from else [])
+    cfg = load_config(RLConfig, args.config, overrides + args.overrides)
+    start = cfg.model.init_from
+    if not start or not Path(start).is_dir():
+        raise SystemExit(f"model.init_from={start!r} is not a model directory: run stage 2 (or 3) first, or pass "
+                         "--init-from DIR")
+    source = SyntheticSource(cfg.data.sources[0])
+    records = [generate_example(i, args.eval_seed, "test", source.config) for i in range(args.eval_examples)]
+    processor = make_processor(cfg)
+    new_tokens = args.max_new_tokens or cfg.grpo.max_completion_tokens
+    out = Path(cfg.run.out_dir)
+    t0 = time.perf_counter()
+    before = heldout_boxes(start, processor, records, new_tokens, cfg.grpo.stop_ids)
+    summary = None if args.skip_train else train(cfg)
+    t1 = time.perf_counter()
+    after = heldout_boxes(out / "model", processor, records, new_tokens, cfg.grpo.stop_ids)
+    seeds = {"eval_seed": args.eval_seed, "eval_split": "test", "train_data_seed": source.seed,
+             "train_split": source.split, "shuffle_seed": cfg.data.seed, "train_seed": cfg.train.seed}
+    print(f"\nheld-out prompts: {len(records)} of {heldout_spec(cfg.data.sources[0], len(records), args.eval_seed)}; seeds {seeds}; "
+          f"GRPO from {start}, {(time.perf_counter() - t0) / 60:.1f} min in all")
+    print(f"{'held-out greedy':<18}{'before':>10}{'after':>10}")
+    for m in ("iou", "parse_rate", "strict_parse_rate", "box_recall"):
+        print(f"{m:<18}{_fmt(before[m]):>10}{_fmt(after[m]):>10}")
+    met = {"iou after > before": after["iou"] > before["iou"]}
+    ok = _verdict(met)
+
+    plot_metrics(out / "metrics.jsonl", out / "reward_curve.png", keys=("reward/iou", "kl"))
+    draw_tiles([(r.images[-1], [list(reg.bbox_2d) for reg in r.edit_region], p or [], f"IoU {b:.2f} -> {a:.2f}")
+                for r, p, b, a in zip(records, after["predicted_boxes"], before["per_example_iou"],
+                                      after["per_example_iou"])][:8], out / "heldout_examples.png")
+    report = {"stage": 4, "out_dir": str(out), "train_summary": summary, "seeds": seeds, "eval_examples": len(records),
+              "start_model": start, "before": before, "after": after, "goals_met": met, "passed": ok,
+              "config": args.config, "init_from": args.init_from, "overrides": args.overrides}
+    return report, ok
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", type=int, choices=sorted(STAGE_CONFIGS), default=5)
+    ap.add_argument("--config", help="the stage's config (default: the stage's own, see STAGE_CONFIGS)")
+    ap.add_argument("--init-from", help="start from this exported model directory (e.g. the previous stage's "
+                    "run.out_dir/model); stage 4: the model GRPO starts from")
+    ap.add_argument("--budget", type=float, help="training wall-clock seconds (default: 600 for stage 1, 900 for "
+                    "stage 4, else 1800)")
+    ap.add_argument("--eval-examples", type=int, default=100)
+    ap.add_argument("--eval-seed", type=int, default=20261123, help="held-out seed (never used in training)")
+    ap.add_argument("--max-new-tokens", type=int, help="answer length limit (default per stage)")
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    args.config = args.config or STAGE_CONFIGS[args.stage]
+    args.budget = STAGE_BUDGETS[args.stage] if args.budget is None else args.budget
+    if args.stage != 4 and args.max_new_tokens is None:
+        args.max_new_tokens = STAGE_NEW_TOKENS[args.stage]
+
+    if args.stage in (1, 2):
+        report, ok = _grounding_stage(args, args.stage)
+    elif args.stage == 4:
+        report, ok = _grpo_stage(args)
+    else:
+        report, ok = _synthetic_stage(args, args.stage)
+    out = Path(report["out_dir"])
     (out / "learning_check.json").write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {out / 'learning_check.json'}, {out / 'loss_curve.png'}, {out / 'heldout_examples.png'}")
+    print(f"wrote {out / 'learning_check.json'} and the pictures next to it")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

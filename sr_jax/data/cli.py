@@ -71,7 +71,7 @@ def _synth(args) -> int:
 
         def counted(examples):
             for e in examples:
-                tasks[e.task] += 1
+                tasks[e.meta.get("synthetic_task", e.task)] += 1
                 edits[e.meta.get("edit_type", "?")] += 1
                 yield e
 

@@ -20,7 +20,9 @@ the batches depend on the number of workers (deterministic for a given seed and 
 checkpoint must be restored with the same `workers`).
 
 Sources: ArrayRecord files or directories (see `storage.py`), and `synthetic:KEY=VALUE,...`
-(keys: n (required), seed, split, min_side, max_side, tasks as `sc+pq`, pq_fraction), all
+(keys: n (required), seed, split, min_side, max_side, tasks as `sc+pq` (or one of colour,
+locate), pq_fraction, edit_types as `add+remove+recolor+resize`, outcome_weights as five numbers
+`0.5+0.13+0.12+0.1+0.15` in synthetic.OUTCOMES order, min_objects, max_objects), all
 concatenated in the order given. A record's index in that concatenation is its `record_index`.
 """
 
@@ -126,6 +128,9 @@ class DataConfig:
 class SyntheticSource:
     """Random access to the embedded synthetic dataset (each example is rendered on demand)."""
 
+    KEYS = ("n", "seed", "split", "min_side", "max_side", "tasks", "pq_fraction", "edit_types", "outcome_weights",
+            "min_objects", "max_objects")
+
     def __init__(self, spec: str):
         fields = dict(SynthConfig().__dict__)
         opts = {}
@@ -134,19 +139,39 @@ class SyntheticSource:
             if not sep:
                 raise ValueError(f"{spec!r}: expected key=value, got {item!r}")
             opts[key.strip()] = value.strip()
-        unknown = set(opts) - {"n", "seed", "split", "min_side", "max_side", "tasks", "pq_fraction"}
+        unknown = set(opts) - set(self.KEYS)
         if unknown or "n" not in opts:
-            raise ValueError(f"{spec!r}: needs n=...; unknown keys {sorted(unknown)}")
-        self.n = int(opts["n"])
-        self.seed = int(opts.get("seed", 0))
+            raise ValueError(f"{spec!r}: needs n=...; unknown keys {sorted(unknown)} (known: {', '.join(self.KEYS)})")
+
+        def number(key, kind=int, default=None):
+            if key not in opts:
+                return default
+            try:
+                return kind(opts[key])
+            except ValueError:
+                raise ValueError(f"{spec!r}: {key}={opts[key]!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+        self.n = number("n")
+        self.seed = number("seed", default=0)
         self.split = opts.get("split", "train")
         lo, hi = fields["image_size"]
-        fields["image_size"] = (int(opts.get("min_side", lo)), int(opts.get("max_side", hi)))
-        if "tasks" in opts:
-            fields["tasks"] = tuple(opts["tasks"].split("+"))
+        fields["image_size"] = (number("min_side", default=lo), number("max_side", default=hi))
+        for key in ("tasks", "edit_types"):
+            if key in opts:
+                fields[key] = tuple(opts[key].split("+"))
         if "pq_fraction" in opts:
-            fields["pq_fraction"] = float(opts["pq_fraction"])
-        self.config = SynthConfig(**fields)
+            fields["pq_fraction"] = number("pq_fraction", float)
+        if "outcome_weights" in opts:
+            try:
+                fields["outcome_weights"] = tuple(float(v) for v in opts["outcome_weights"].split("+"))
+            except ValueError:
+                raise ValueError(f"{spec!r}: outcome_weights={opts['outcome_weights']!r} is not numbers joined by +") from None
+        for key in ("min_objects", "max_objects"):
+            fields[key] = number(key, default=fields[key])
+        try:
+            self.config = SynthConfig(**fields)
+        except ValueError as e:
+            raise ValueError(f"{spec!r}: {e}") from None
         self.spec = spec
 
     def __len__(self) -> int:

@@ -20,7 +20,8 @@ text as given. `chat_template` picks the layout, token for token as LLaMA-Factor
                       holds neither <think> nor </think>; every assistant turn is trained.
     qwen3_vl_nothink  the same without the inserted think block.
     sr_jax            today's layout above.
-    auto (default)    qwen3_vl for verbatim records, sr_jax for the others.
+    auto (default)    qwen3_vl for imported verbatim records, sr_jax for the others (sr_jax's own
+                      verbatim records, meta["source"] == "synthetic", included).
 Each piece (system turn, user turn, think block, answer) is tokenised on its own, as
 LLaMA-Factory does, so no token can straddle the prompt/answer boundary.
 
@@ -29,7 +30,7 @@ LLaMA-Factory does, so no token can straddle the prompt/answer boundary.
     llamafactory      LLaMA-Factory's PIL pre-resize to `image_min_pixels`..`image_max_pixels`,
                       then the checkpoint processor's smart resize with `processor_min_pixels`/
                       `processor_max_pixels` (image.py), so grids and pixels are the official run's.
-    auto (default)    llamafactory for verbatim records, sr_jax for the others and for __call__.
+    auto (default)    llamafactory for imported verbatim records, sr_jax for the others and for __call__.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class Processor:
     def resize_mode(self, example: SpatialExample | None = None) -> str:
         """The image path for `example` (None: a plain __call__)."""
         if self.image_resize == "auto":
-            return "llamafactory" if example is not None and example.verbatim else "sr_jax"
+            return "llamafactory" if example is not None and _imported(example) else "sr_jax"
         return self.image_resize
 
     def images_config(self, mode: str) -> ImageConfig:
@@ -156,7 +157,7 @@ class Processor:
 
     def layout(self, example: SpatialExample) -> str:
         if self.chat_template == "auto":
-            return "qwen3_vl" if example.verbatim else "sr_jax"
+            return "qwen3_vl" if _imported(example) else "sr_jax"
         return self.chat_template
 
     def _turns(self, example: SpatialExample) -> tuple[str | None, list[tuple[str, str | None]]]:
@@ -261,6 +262,12 @@ class Processor:
         if self.max_length is not None and length > self.max_length:
             raise RecordError("too_long", f"{length} tokens exceed max_length {self.max_length}", example.id)
         return out
+
+
+def _imported(example: SpatialExample) -> bool:
+    """A verbatim record from outside (the official layout and images); sr_jax's own verbatim
+    records (the synthetic grounding tasks) keep sr_jax's."""
+    return example.verbatim and example.meta.get("source") != "synthetic"
 
 
 def check_image_resize(mode: str, image_max_pixels: int, image_min_pixels: int, processor_min_pixels: int,

@@ -28,12 +28,23 @@ Rules (pure functions below, all ground truth also stored in `example.meta`):
 PQ examples: images = [edited image with an injected artifact]; artifact in blur, noise,
 blotch, jpeg (or none) with severity s in [0, 1]:
   artifacts  = round(25 * (1 - s));  naturalness = round(25 * (1 - NATURALNESS_WEIGHT[kind] * s)).
+
+Grounding tasks for the staged learning check (issue 19); each is the only task of its config
+and builds verbatim records (records.py) whose prompt and answer are trained as given:
+  colour   one image filled with one of COLOUR_TASK_COLOURS (light noise, brightness jitter);
+           answer {"colour": NAME}; truth in meta["colour"]. task "pq" (one image, no boxes).
+  locate   one object (random shape, colour, texture) on a plain or gradient background; answer
+           {"edit_region": [{"id": 0, "label": NAME, "bbox_2d": BOX}]}, BOX = normalize_box of
+           the bounding box of the object's pixels; truth in `edit_region` (answer_parsed), so
+           the metrics and the GRPO `iou` reward read it like an SC record's. task "sc".
+meta["synthetic_task"] names the task of these records (sc and pq records leave it out).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import zlib
 from typing import Callable, Iterator
@@ -42,7 +53,7 @@ import numpy as np
 from PIL import Image
 
 from sr_jax.data import synth_render as R
-from sr_jax.data.records import SCORE_RANGE, Region, SpatialExample
+from sr_jax.data.records import IMAGE_TAG, SCORE_RANGE, Region, SpatialExample
 
 EDIT_TYPES = ("add", "remove", "recolor", "move", "resize", "background", "transfer")
 OUTCOMES = ("full", "partial", "failed", "wrong", "overedit")
@@ -51,6 +62,11 @@ OVEREDIT_FULL_PENALTY = 0.2  # changing this share of the untouched pixels score
 NATURALNESS_WEIGHT = {"none": 0.0, "blur": 0.5, "noise": 0.6, "blotch": 0.9, "jpeg": 0.6}
 MIN_CHANGED_PIXELS = 24  # an edit part smaller than this is not a visible edit
 GENERATOR = "sr_jax.synthetic/1"
+TASKS = ("sc", "pq", "colour", "locate")
+SOLO_TASKS = ("colour", "locate")  # built by their own generator: never mixed with other tasks
+# The colour task's classes: the object colours farthest apart (white/black/brown/gray left out).
+COLOUR_TASK_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "cyan")
+LOCATE_MIN_CONTRAST = 80  # max channel difference between an object's and its background's colours
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +85,17 @@ class SynthConfig:
         lo, hi = self.image_size
         if not 48 <= lo <= hi:
             raise ValueError(f"image_size must satisfy 48 <= min <= max, got {self.image_size}")
-        bad = set(self.tasks) - {"sc", "pq"} or set(self.edit_types) - set(EDIT_TYPES)
-        if bad or not self.tasks or not self.edit_types:
-            raise ValueError(f"unknown or empty tasks/edit_types: {sorted(bad)}")
+        for key, known in (("tasks", TASKS), ("edit_types", EDIT_TYPES)):
+            bad = set(getattr(self, key)) - set(known)
+            if bad or not getattr(self, key):
+                raise ValueError(f"unknown or empty {key}: {sorted(bad) or '[]'} (known: {', '.join(known)})")
+        solo = set(self.tasks) & set(SOLO_TASKS)
+        if solo and len(self.tasks) != 1:
+            raise ValueError(f"task {sorted(solo)[0]!r} cannot be mixed with other tasks, got {list(self.tasks)}")
         if len(self.outcome_weights) != len(OUTCOMES) or min(self.outcome_weights) < 0:
             raise ValueError(f"outcome_weights needs {len(OUTCOMES)} non-negative numbers {OUTCOMES}")
-        if not 2 <= self.min_objects <= self.max_objects:
-            raise ValueError("need 2 <= min_objects <= max_objects")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
 
 
 # ---------------------------------------------------------------- score rules
@@ -590,6 +610,90 @@ def _pq_example(rng, cfg: SynthConfig, plan: EditPlan) -> tuple[list[np.ndarray]
     return [degraded], dict(regions=[], score=pq_scores(kind, severity), reasoning=_pq_reasoning(kind, severity, where), meta=meta)
 
 
+# ---------------------------------------------------------------- grounding tasks (issue 19)
+
+# Our own short wordings; the model must read the image to answer any of them.
+COLOUR_PROMPTS = (
+    "<image>What colour fills this image? Answer in JSON with the key colour.",
+    "<image>Name the colour of the picture as JSON: {\"colour\": ...}.",
+    "<image>Which colour is this image? Reply with JSON holding colour.",
+)
+LOCATE_PROMPTS = (
+    "<image>Where is the {d}? Answer in JSON with edit_region (one box, 0-1000).",
+    "<image>Find the {d}. Give its box as JSON edit_region, coordinates 0-1000.",
+    "<image>Locate the {d} and answer with its edit_region box (0-1000) in JSON.",
+)
+
+
+def _verbatim_example(kind: str, task: str, index: int, seed: int, split: str, cfg: SynthConfig,
+                      image: np.ndarray, prompt: str, answer: dict, *, regions=(), instruction: str = "",
+                      meta: dict) -> SpatialExample:
+    return SpatialExample(
+        id=f"synth-{kind}-{split}-{index:06d}",
+        task=task,
+        images=[_png(image, cfg.png_compress_level)],
+        instruction=instruction,
+        edit_region=list(regions),
+        meta={
+            "source": "synthetic", "generator": GENERATOR, "split": split, "seed": seed, "index": index,
+            "image_sizes": [[int(image.shape[1]), int(image.shape[0])]], "synthetic_task": kind,
+            "verbatim": True, "prompt": prompt, "answer": json.dumps(answer, separators=(", ", ": ")),
+            "answer_parsed": bool(regions), **meta,
+        },
+    ).validate()  # fmt: skip
+
+
+def _image_size(rng, cfg: SynthConfig) -> tuple[int, int]:
+    lo, hi = cfg.image_size
+    return int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+
+
+def colour_example(index: int, seed: int, split: str, cfg: SynthConfig) -> SpatialExample:
+    """One image of a single colour with light per-pixel noise and a brightness shift, so that
+    the answer needs the colour, not exact pixel values."""
+    rng = example_rng(seed, split, index)
+    width, height = _image_size(rng, cfg)
+    name = str(rng.choice(COLOUR_TASK_COLOURS))
+    shift = rng.uniform(-20, 20)
+    noise = rng.normal(0.0, 6.0, (height, width, 1)).astype(np.float32)
+    image = np.clip(np.asarray(R.COLOURS[name], np.float32) + shift + noise, 0, 255).astype(np.uint8)
+    prompt = str(rng.choice(COLOUR_PROMPTS))
+    return _verbatim_example("colour", "pq", index, seed, split, cfg, image, prompt, {"colour": name},
+                             meta={"colour": name})
+
+
+def _contrast(colour: str, bg: R.Background) -> int:
+    c = np.asarray(R.COLOURS[colour], np.int32)
+    return int(min(np.abs(c - np.asarray(R.BACKGROUND_COLOURS[b], np.int32)).max() for b in bg.colours))
+
+
+def locate_example(index: int, seed: int, split: str, cfg: SynthConfig) -> SpatialExample:
+    """One object on a plain or gradient background; the truth is the box of its pixels."""
+    rng = example_rng(seed, split, index)
+    width, height = _image_size(rng, cfg)
+    for _ in range(100):
+        bg = _random_background(rng)
+        if bg.kind not in ("solid", "gradient"):
+            bg = dataclasses.replace(bg, kind="solid")
+        obj = _random_obj(rng, width, height)
+        scale = rng.uniform(0.8, 1.5)  # more box sizes than the edit scenes use
+        obj = R.clamp_centre(dataclasses.replace(obj, w=min(obj.w * scale, 0.9 * width),
+                                                 h=min(obj.h * scale, 0.9 * height)), width, height)
+        if _contrast(obj.colour, bg) >= LOCATE_MIN_CONTRAST:
+            break
+    else:
+        raise RuntimeError(f"could not build locate example {index} (seed {seed}, split {split})")
+    scene = R.Scene(width, height, bg, (obj,))
+    box_px = R.mask_bbox(R.visible_mask(scene, 0))
+    region = Region(0, obj.name, R.normalize_box(box_px, width, height))
+    prompt = str(rng.choice(LOCATE_PROMPTS)).format(d=_describe(obj))
+    return _verbatim_example("locate", "sc", index, seed, split, cfg, R.render(scene), prompt,
+                             {"edit_region": [region.to_json()]}, regions=[region],
+                             instruction=prompt.replace(IMAGE_TAG, ""),
+                             meta={"object": obj.name, "shape": obj.shape, "texture": obj.texture,
+                                   "background": bg.kind, "box_px": list(box_px)})
+
+
 def split_code(split: str) -> int:
     return SPLIT_CODES.get(split, 1000 + zlib.crc32(split.encode()))
 
@@ -602,6 +706,10 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def generate_example(index: int, seed: int, split: str = "train", cfg: SynthConfig | None = None) -> SpatialExample:
     cfg = cfg or SynthConfig()
+    if cfg.tasks == ("colour",):
+        return colour_example(index, seed, split, cfg)
+    if cfg.tasks == ("locate",):
+        return locate_example(index, seed, split, cfg)
     rng = example_rng(seed, split, index)
     task = cfg.tasks[0] if len(cfg.tasks) == 1 else ("pq" if rng.random() < cfg.pq_fraction else "sc")
     for _ in range(100):
