@@ -126,6 +126,7 @@ def image_reliance(model, data_cfg, source: str, tokenizer: str) -> dict:
 
     from sr_jax.data.packing import model_inputs
     from sr_jax.data.pipeline import DataPipeline
+    from sr_jax.data.vocab import vocab_map_of
     from sr_jax.train.config import LossConfig
     from sr_jax.train.step import forward_loss
 
@@ -133,7 +134,7 @@ def image_reliance(model, data_cfg, source: str, tokenizer: str) -> dict:
     loss_cfg = LossConfig(max_label_tokens=max(cfg.seq_lens) * cfg.batch_size)
     run = jax.jit(lambda b: forward_loss(model, b, loss_cfg))
     totals = {"true images": [0.0, 0.0], "blank images": [0.0, 0.0]}
-    for batch in DataPipeline(cfg, vision=model.config.vision):
+    for batch in DataPipeline(cfg, vision=model.config.vision, vocab_map=vocab_map_of(model)):
         inputs = model_inputs(batch)
         blank = {**inputs, "pixel_values": np.zeros_like(inputs["pixel_values"])}
         for name, b in (("true images", inputs), ("blank images", blank)):
