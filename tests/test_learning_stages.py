@@ -246,6 +246,9 @@ def test_stage1_end_to_end(tool, tmp_path):
     assert figures["accuracy"] == np.mean([p == t for p, t in zip(predicted, truth)])
     assert set(report["image_reliance"]) == {"true images", "blank images"}
     assert report["goals_met"] == {"accuracy": figures["accuracy"] >= 0.95}
+    # A second run in the same out_dir resumes the training run.
+    again = _run(tool, tmp_path / "s1", 1, "--max-new-tokens", "4", overrides=[*TINY, "run.total_steps=2"])
+    assert again["train_summary"]["resumed_from"] == 1 and again["train_summary"]["step"] == 2
 
 
 @pytest.mark.slow  # about three minutes on 2 shared cores (compiles)

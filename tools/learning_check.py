@@ -182,7 +182,14 @@ def _train_sft(args, cfg) -> tuple[dict | None, float]:
 
     t0 = time.perf_counter()
     summary = None if args.skip_train else train(cfg)
+    _model_dir(Path(cfg.run.out_dir))
     return summary, time.perf_counter() - t0
+
+
+def _model_dir(out: Path) -> Path:
+    if not (out / "model").is_dir():
+        raise SystemExit(f"{out / 'model'} does not exist: train first (drop --skip-train, or check run.out_dir)")
+    return out / "model"
 
 
 def _grounding_stage(args, stage: int) -> tuple[dict, bool]:
@@ -355,7 +362,7 @@ def _grpo_stage(args) -> tuple[dict, bool]:
     before = heldout_boxes(start, processor, records, new_tokens, cfg.grpo.stop_ids)
     summary = None if args.skip_train else train(cfg)
     t1 = time.perf_counter()
-    after = heldout_boxes(out / "model", processor, records, new_tokens, cfg.grpo.stop_ids)
+    after = heldout_boxes(_model_dir(out), processor, records, new_tokens, cfg.grpo.stop_ids)
     seeds = {"eval_seed": args.eval_seed, "eval_split": "test", "train_data_seed": source.seed,
              "train_split": source.split, "shuffle_seed": cfg.data.seed, "train_seed": cfg.train.seed}
     print(f"\nheld-out prompts: {len(records)} of {heldout_spec(cfg.data.sources[0], len(records), args.eval_seed)}; seeds {seeds}; "

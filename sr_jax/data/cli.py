@@ -139,7 +139,7 @@ def _token_lengths(examples, limit: int) -> tuple[list[int], str]:
 
 def _inspect(args) -> int:
     keys = {
-        "task": lambda e: e.task,
+        "task": lambda e: e.meta.get("synthetic_task", e.task),  # colour and locate records name theirs
         "edit type": lambda e: e.meta.get("edit_type", "-"),
         "outcome": lambda e: e.meta.get("outcome", e.meta.get("artifact", "-")),
         "images per record": lambda e: len(e.images),
