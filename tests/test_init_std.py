@@ -55,3 +55,18 @@ def test_trainer_applies_init_std_to_presets_and_refuses_it_with_weights(tmp_pat
     with pytest.raises(ValueError, match="init_std apply to presets"):
         Trainer(load_config(SFTConfig, CONFIG, base + [f"model.init_from={tmp_path}",
                                                        "model.init_std=['x=1']"]))
+
+
+def test_sincos_position_table_is_smooth_and_distinct():
+    from sr_jax.models.layers import sincos_2d_table
+    model = init_model(ModelConfig.preset("tiny"), seed=0)  # pos_embed (64, 32): an 8x8 grid
+    redraw_params(model, [r"model\.visual\.pos_embed=sincos:2.0"])
+    table = np.asarray(model.model.visual.pos_embed.get_value())
+    np.testing.assert_allclose(table, 2.0 * np.asarray(sincos_2d_table(64, 32)))
+    dist = lambda a, b: np.linalg.norm(table[a] - table[b])
+    assert dist(0, 1) < dist(0, 3) and dist(0, 8) < dist(0, 24)  # neighbours closer than far cells
+    assert len({tuple(np.round(r, 5)) for r in table}) == 64     # every cell its own code
+    with pytest.raises(ValueError, match="not a .cells, features. table"):
+        redraw_params(model, [r"model\.visual\.patch_embed\.proj\.bias=sincos:1.0"])
+    with pytest.raises(ValueError, match="square number"):
+        redraw_params(model, [r"model\.visual\.merger\.linear_fc1\.kernel=sincos:1.0"])  # 128 rows

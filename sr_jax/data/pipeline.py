@@ -22,7 +22,8 @@ checkpoint must be restored with the same `workers`).
 Sources: ArrayRecord files or directories (see `storage.py`), and `synthetic:KEY=VALUE,...`
 (keys: n (required), seed, split, min_side, max_side, tasks as `sc+pq` (or one of colour,
 locate), pq_fraction, edit_types as `add+remove+recolor+resize`, outcome_weights as five numbers
-`0.5+0.13+0.12+0.1+0.15` in synthetic.OUTCOMES order, min_objects, max_objects), all
+`0.5+0.13+0.12+0.1+0.15` in synthetic.OUTCOMES order, min_objects, max_objects, locate_size
+as `0.2+0.45`: the locate object's side over the image's), all
 concatenated in the order given. A record's index in that concatenation is its `record_index`.
 """
 
@@ -129,7 +130,7 @@ class SyntheticSource:
     """Random access to the embedded synthetic dataset (each example is rendered on demand)."""
 
     KEYS = ("n", "seed", "split", "min_side", "max_side", "tasks", "pq_fraction", "edit_types", "outcome_weights",
-            "min_objects", "max_objects")
+            "min_objects", "max_objects", "locate_size")
 
     def __init__(self, spec: str):
         fields = dict(SynthConfig().__dict__)
@@ -168,6 +169,11 @@ class SyntheticSource:
                 raise ValueError(f"{spec!r}: outcome_weights={opts['outcome_weights']!r} is not numbers joined by +") from None
         for key in ("min_objects", "max_objects"):
             fields[key] = number(key, default=fields[key])
+        if "locate_size" in opts:
+            try:
+                fields["locate_size"] = tuple(float(v) for v in opts["locate_size"].split("+"))
+            except ValueError:
+                raise ValueError(f"{spec!r}: locate_size={opts['locate_size']!r} is not two numbers joined by +") from None
         try:
             self.config = SynthConfig(**fields)
         except ValueError as e:

@@ -80,6 +80,7 @@ class SynthConfig:
     max_objects: int = 5
     clean_pq_fraction: float = 0.2  # PQ examples without any artifact
     png_compress_level: int = 1  # speed over size; PNG stays lossless either way
+    locate_size: tuple[float, float] = (0.2, 0.45)  # locate: object's mean side / image's shorter side
 
     def __post_init__(self):
         lo, hi = self.image_size
@@ -94,6 +95,8 @@ class SynthConfig:
             raise ValueError(f"task {sorted(solo)[0]!r} cannot be mixed with other tasks, got {list(self.tasks)}")
         if len(self.outcome_weights) != len(OUTCOMES) or min(self.outcome_weights) < 0:
             raise ValueError(f"outcome_weights needs {len(OUTCOMES)} non-negative numbers {OUTCOMES}")
+        if not 0.05 <= self.locate_size[0] <= self.locate_size[1] <= 0.9:
+            raise ValueError(f"locate_size must satisfy 0.05 <= min <= max <= 0.9, got {self.locate_size}")
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
 
@@ -676,7 +679,8 @@ def locate_example(index: int, seed: int, split: str, cfg: SynthConfig) -> Spati
         if bg.kind not in ("solid", "gradient"):
             bg = dataclasses.replace(bg, kind="solid")
         obj = _random_obj(rng, width, height)
-        scale = rng.uniform(0.8, 1.5)  # more box sizes than the edit scenes use
+        # the object's mean side, a share of the image's shorter side, drawn from locate_size
+        scale = rng.uniform(*cfg.locate_size) * min(width, height) / math.sqrt(obj.w * obj.h)
         obj = R.clamp_centre(dataclasses.replace(obj, w=min(obj.w * scale, 0.9 * width),
                                                  h=min(obj.h * scale, 0.9 * height)), width, height)
         if _contrast(obj.colour, bg) >= LOCATE_MIN_CONTRAST:

@@ -23,20 +23,37 @@ def _normal(rngs: nnx.Rngs, shape, dtype):
     return INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
 
 
+def sincos_2d_table(rows: int, features: int) -> jnp.ndarray:
+    """A square grid's 2-D sine/cosine position code, (side*side, features), row-major like the
+    vision position table: half the features code the row, half the column, at geometric
+    frequencies; values in [-1, 1]. Smooth in position, so nearby cells start out alike."""
+    side = int(round(rows**0.5))
+    if side * side != rows or features % 4:
+        raise ValueError(f"a sincos table needs a square number of rows and features divisible by 4, got {(rows, features)}")
+    freqs = 1.0 / (side * 4.0) ** (jnp.arange(features // 4) / (features // 4))  # periods 2*pi .. ~2*pi*4*side
+    pos = jnp.arange(side, dtype=jnp.float32)[:, None] * freqs[None]
+    axis = jnp.concatenate([jnp.sin(pos), jnp.cos(pos)], -1)  # (side, features/2)
+    y = jnp.repeat(axis, side, axis=0)
+    x = jnp.tile(axis, (side, 1))
+    return jnp.concatenate([y, x], -1)
+
+
 def redraw_params(model: nnx.Module, specs: list[str], seed: int = 0) -> dict[str, int]:
     """Redraws parameters from normal(0, std) after init, per "regex=std" spec (dotted parameter
-    paths, fullmatch; the first matching spec wins; std 0 zeroes). Returns matches per spec and
+    paths, fullmatch; the first matching spec wins; std 0 zeroes), or sets a square position
+    table to A * `sincos_2d_table` ("regex=sincos:A"). Returns matches per spec and
     raises if a spec matches nothing, so a typo never trains silently with the default init."""
     rules = []
     for spec in specs:
         pattern, sep, std = spec.rpartition("=")
         try:
-            rules.append((spec, re.compile(pattern), float(std)))
+            kind, amplitude = ("sincos", float(std[7:])) if std.startswith("sincos:") else ("normal", float(std))
+            rules.append((spec, re.compile(pattern), kind, amplitude))
         except (re.error, ValueError) as e:
-            raise ValueError(f"model.init_std entry {spec!r}: expected 'regex=std' ({e})") from None
+            raise ValueError(f"model.init_std entry {spec!r}: expected 'regex=std' or 'regex=sincos:A' ({e})") from None
         if not sep:
             raise ValueError(f"model.init_std entry {spec!r}: expected 'regex=std'")
-    counts = {spec: 0 for spec, _, _ in rules}
+    counts = {rule[0]: 0 for rule in rules}
     key = jax.random.key(seed)
     for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
         name = ".".join(str(p) for p in path)
@@ -44,8 +61,13 @@ def redraw_params(model: nnx.Module, specs: list[str], seed: int = 0) -> dict[st
         if rule is None:
             continue
         value = var.get_value()
-        noise = jax.random.normal(jax.random.fold_in(key, i), value.shape, jnp.float32)
-        var.set_value((rule[2] * noise).astype(value.dtype))
+        if rule[2] == "sincos":
+            if value.ndim != 2:
+                raise ValueError(f"model.init_std {rule[0]!r}: {name} is not a (cells, features) table: {value.shape}")
+            fresh = sincos_2d_table(*value.shape)
+        else:
+            fresh = jax.random.normal(jax.random.fold_in(key, i), value.shape, jnp.float32)
+        var.set_value((rule[3] * fresh).astype(value.dtype))
         counts[rule[0]] += 1
     missing = [spec for spec, n in counts.items() if n == 0]
     if missing:
