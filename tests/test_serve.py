@@ -748,15 +748,10 @@ def test_load_valid_and_hostile_requests_concurrently(tmp_path):
 # ---------------------------------------------------------------- the real Scorer on a tiny model
 
 @pytest.fixture(scope="module")
-def tiny_scorer(tmp_path_factory):
-    from hf_oracle import random_hf_model, tiny_hf_config
-    from sr_jax.data.tokenizer import load_tokenizer
+def tiny_scorer(tiny_hf_dir):
     from sr_jax.reward.scorer import Scorer
 
-    model_dir = tmp_path_factory.mktemp("tiny_sr")
-    random_hf_model(tiny_hf_config(), seed=3).save_pretrained(model_dir)
-    load_tokenizer(None).save_tokenizer_dir(model_dir)
-    return Scorer.from_pretrained(model_dir, max_new_tokens=8, batch_size=4, max_pixels=64 * 64), model_dir
+    return Scorer.from_pretrained(tiny_hf_dir, max_new_tokens=8, batch_size=4, max_pixels=64 * 64), tiny_hf_dir
 
 
 @pytest.mark.slow
