@@ -33,7 +33,7 @@ from sr_jax.reward import AGGREGATION_MODES, aggregate
 from sr_jax.serve.protocol import ServeConfig, parse_request, to_jsonable
 from sr_jax.serve.server import BackgroundServer
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # the serve subprocesses import this module by name
 
 
 class PixelScorer:
@@ -424,7 +424,7 @@ class ServeProcess:
         self.port = _free_port()
         self.log = open(log_path, "w")
         self.log_path = log_path
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
         self.process = subprocess.Popen([sys.executable, "-m", "sr_jax.cli", "serve", "--port", str(self.port), *args],
                                         env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=log_path.parent)
         self.client = RewardClient(f"http://127.0.0.1:{self.port}", timeout=120, retries=0)
