@@ -18,7 +18,7 @@ from sr_jax.cli import main
 from sr_jax.data.storage import ArrayRecordSource
 from sr_jax.train.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "rl" / "demo_cpu.yaml"
 # Our own prompt words, in the shape of the released rows (tags first, then the request).
 SC_PROMPT = "<image><image>Look at the source picture and its edit. The request was: {}. Answer in JSON."

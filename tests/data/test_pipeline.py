@@ -24,8 +24,8 @@ SMALL = "min_side=64,max_side=96"
 
 
 @pytest.fixture(scope="module")
-def proc():
-    return Processor()
+def proc(tokenizer):
+    return Processor(tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -12,95 +12,15 @@ import torch
 from flax import nnx
 
 from hf_oracle import hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels, tiny_hf_config
-from sr_jax.models.qwen3_vl import ModelConfig, init_model
-from sr_jax.sharding import MeshConfig, batch_shardings, make_mesh
+from sr_jax.models.qwen3_vl import init_model
+from sr_jax.sharding import batch_shardings
 from sr_jax.train.config import LossConfig, OptimConfig, TrainConfig
 from sr_jax.train.loss import IGNORE, count_label_tokens, label_loss
 from sr_jax.train.optim import lr_schedule, make_optimizer
-from sr_jax.train.step import (VISION_KEYS, count_step_labels, create_train_state, make_train_step, stack_microbatches,
-                               validate_batch, vision_arrays)
+from sr_jax.train.step import VISION_KEYS, count_step_labels, stack_microbatches, validate_batch
+from tiny import FAST_COMPILE, build_batch, make_examples, patch_count, run_step, tiny_config
 
-IMG, VSTART, VEND = 1000, 1001, 1002
-FAST_COMPILE = {"xla_backend_optimization_level": 0}  # CPU compile time dominates these tests
 TOL = 1e-5
-
-
-def tiny_config(**over) -> ModelConfig:
-    """Small vocabulary (fast) with the vision token ids remapped below it; one layer each."""
-    items = ["text.vocab_size=1024", f"image_token_id={IMG}", f"vision_start_token_id={VSTART}",
-             f"vision_end_token_id={VEND}", "video_token_id=1003", "text.num_hidden_layers=1", "vision.depth=1",
-             "vision.deepstack_visual_indexes=[0]"] + [f"{k}={v}" for k, v in over.items()]
-    return ModelConfig.preset("tiny", items)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_forward(graphdef):
-    def run(state, ids, pixel_values, positions, vision):
-        return nnx.merge(graphdef, state)(ids, pixel_values=pixel_values, position_ids=positions, vision=vision)
-    return jax.jit(run, compiler_options=FAST_COMPILE)
-
-
-def compiled_logits(model, input_ids, pixel_values=None, image_grid_thw=None):
-    """model(...) through one jit (host-side positions and vision tables); one compile per structure."""
-    positions = model.prepare_positions(input_ids, None, image_grid_thw)
-    vision = None if image_grid_thw is None else model.prepare_vision(np.asarray(image_grid_thw)).as_tuple()
-    graphdef, state = nnx.split(model)
-    return np.asarray(_compiled_forward(graphdef)(state, input_ids, pixel_values, positions, vision))
-
-
-# ---------------------------------------------------------------------------------------------
-# synthetic SFT batches: prompt (maybe with an image), answer tokens labelled
-
-
-GRIDS = [(1, 4, 4), (1, 4, 2), (1, 2, 4)]
-
-
-def make_examples(rng, n):
-    out = []
-    for i in range(n):
-        grid = GRIDS[i % 3] if i % 2 == 0 else None
-        prompt = list(rng.integers(0, 900, rng.integers(3, 7)))
-        if grid:
-            prompt[1:1] = [VSTART] + [IMG] * (grid[1] * grid[2] // 4) + [VEND]
-        answer = list(rng.integers(0, 900, rng.integers(3, 7)))
-        ids = np.array(prompt + answer, np.int32)
-        labels = np.array([IGNORE] * len(prompt) + answer, np.int32)
-        pixels = rng.uniform(-1, 1, (grid[1] * grid[2], 1536)).astype(np.float32) if grid else None
-        out.append(dict(ids=ids, labels=labels, grid=grid, pixels=pixels))
-    return out
-
-
-def build_batch(model, rows, t, budget, packed):
-    """rows: list of lists of examples; each row packs its examples (segment ids when `packed`)."""
-    b = len(rows)
-    ids, mask = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
-    labels, seg = np.full((b, t), IGNORE, np.int32), np.zeros((b, t), np.int32)
-    pos = np.zeros((3, b, t), np.int32)
-    grids, pixels = [], []
-    for r, examples in enumerate(rows):
-        off = 0
-        for j, ex in enumerate(examples):
-            n = len(ex["ids"])
-            ids[r, off:off + n], labels[r, off:off + n], mask[r, off:off + n] = ex["ids"], ex["labels"], 1
-            seg[r, off:off + n] = j
-            grid = None if ex["grid"] is None else np.array([ex["grid"]])
-            pos[:, r, off:off + n] = model.prepare_positions(ex["ids"][None], None, grid)[:, 0]
-            if ex["grid"]:
-                grids.append(ex["grid"])
-                pixels.append(ex["pixels"])
-            off += n
-        assert off <= t
-        seg[r, off:] = len(examples)
-    batch = dict(input_ids=ids, attention_mask=mask, labels=labels, position_ids=pos)
-    if packed:
-        batch["segment_ids"] = seg
-    if grids:
-        batch.update(vision_arrays(np.concatenate(pixels), np.array(grids), budget, model.config.vision))
-    return batch
-
-
-def patch_count(rows):
-    return sum(ex["pixels"].shape[0] for row in rows for ex in row if ex["grid"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,8 +156,8 @@ def test_gradients_match_hf():
     assert checked == len(ref)
 
 
-def test_packed_rows_weigh_examples_like_separate_rows():
-    model = init_model(tiny_config(), seed=1)
+def test_packed_rows_weigh_examples_like_separate_rows(tiny_model):
+    model = tiny_model
     examples = make_examples(np.random.default_rng(4), 5)
     packed = build_batch(model, [examples[:3], examples[3:]], t=64, budget=48, packed=True)
     separate = build_batch(model, [[e] for e in examples], t=24, budget=48, packed=False)
@@ -326,23 +246,9 @@ STEP_CFG = dict(
 )
 
 
-def run_step(cfg, batch, mesh_shape, seed=0, model_factory=None):
-    """One optimizer step from a fresh tiny model; returns (metrics, trainable params, state, step)."""
-    model = (model_factory or (lambda s: init_model(tiny_config(), s)))(seed)
-    n = int(np.prod(mesh_shape))
-    mesh = make_mesh(MeshConfig(*mesh_shape), devices=jax.devices()[:n])
-    opt = make_optimizer(cfg.optim, total_steps=10)
-    validate_batch(batch, cfg)
-    state = create_train_state(model, opt, mesh, cfg)
-    step = make_train_step(model, opt, mesh, cfg, compiler_options=FAST_COMPILE)
-    state, metrics = step(state, batch)
-    flat = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state.params)}
-    return {k: float(v) for k, v in metrics.items()}, flat, state, step
-
-
 @pytest.fixture(scope="module")
-def data():
-    model = init_model(tiny_config(), 0)
+def data(tiny_model):
+    model = tiny_model
     rows = [[e] if i % 3 else [e, f] for i, (e, f) in
             enumerate(zip(make_examples(np.random.default_rng(6), 8), make_examples(np.random.default_rng(7), 8)))]
     budget = patch_count(rows) + 8  # some padding patches
@@ -426,7 +332,7 @@ def test_label_buffer_sized_per_step(data, reference):
     assert_same_step(reference, (metrics, params))
 
 
-def test_frozen_vision_and_remat(data, reference):
+def test_frozen_vision_and_remat(data, reference, tiny_model):
     """The vision tower gets no update and no optimizer state; the decoder's update is unchanged
     (no active clipping; AdamW is per parameter); full remat does not change numbers."""
     cfg = TrainConfig(**STEP_CFG, freeze_vision=True, remat="full")
@@ -437,7 +343,7 @@ def test_frozen_vision_and_remat(data, reference):
         np.testing.assert_allclose(v, ref_params[k], atol=TOL, err_msg=str(k))
     opt_paths = {tuple(str(p) for p in path) for path, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)}
     assert not any("visual" in "/".join(p) for p in opt_paths)
-    base = dict(nnx.to_flat_state(nnx.state(init_model(tiny_config(), 0))))
+    base = dict(nnx.to_flat_state(nnx.state(tiny_model)))  # run_step's model: init_model(tiny_config(), 0)
     for path, var in nnx.to_flat_state(state.frozen):
         assert path[1] == "visual"
         expected = base[path].get_value()

@@ -25,7 +25,7 @@ from sr_jax.data.records import RecordError, Region, SpatialExample
 from sr_jax.data.storage import ArrayRecordSource, example_from_bytes, example_to_bytes, write_array_record
 from sr_jax.data.synthetic import generate_examples
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def png(colour, size=(12, 8)) -> bytes:

@@ -10,7 +10,7 @@ import pytest
 from multihost import run_sr_jax
 from sr_jax.train.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SFT = ROOT / "configs" / "sft" / "demo_cpu.yaml"
 # With 512-token packed rows, two batches take 5 records on host 0 and 6 on host 1.
 SOURCE = "synthetic:n=64,seed=5,split=train,min_side=48,max_side=96"

@@ -16,7 +16,7 @@ from sr_jax.config import load_config
 from sr_jax.train.metrics import read_metrics
 from sr_jax.train.sft import SFTConfig, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "sft" / "demo_cpu.yaml"
 
 

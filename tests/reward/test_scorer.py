@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hf_oracle import random_hf_model, tiny_hf_config
 from sr_jax.data.image import open_image
 from sr_jax.generation import DEFAULT_STOP_IDS, PAD_ID, generate
 from sr_jax.reward import aggregate, parse_output
@@ -25,17 +24,8 @@ def picture(w, h, seed, square=None):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_sr")
-    random_hf_model(tiny_hf_config(), seed=5).save_pretrained(d)
-    from sr_jax.data.tokenizer import load_tokenizer
-    load_tokenizer(None).save_tokenizer_dir(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def scorer(model_dir):
-    return Scorer.from_pretrained(model_dir, max_new_tokens=12, batch_size=4, max_pixels=128 * 128)
+def scorer(tiny_hf_dir):
+    return Scorer.from_pretrained(tiny_hf_dir, max_new_tokens=12, batch_size=4, max_pixels=128 * 128)
 
 
 def test_batched_scoring_equals_single_prompts(scorer):
@@ -86,12 +76,12 @@ def test_result_from_known_answers(scorer):
     assert server["sc_scores"] == [30.0, 12.5] and server["sc"] == pytest.approx(9.2)  # (18 + 5) / 2.5
 
 
-def test_score_cli_prints_the_same_result(model_dir, scorer, tmp_path, capsys):
+def test_score_cli_prints_the_same_result(tiny_hf_dir, scorer, tmp_path, capsys):
     from sr_jax.cli import main
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     picture(64, 64, 8).save(a)
     picture(64, 64, 9, square=(8, 8, 32, 32)).save(b)
-    assert main(["score", "--model", str(model_dir), "--original", str(a), "--edited", str(b),
+    assert main(["score", "--model", str(tiny_hf_dir), "--original", str(a), "--edited", str(b),
                  "--instruction", "add a red square", "--max-new-tokens", "12",
                  "--set", "max_pixels=16384"]) == 0
     printed = json.loads(capsys.readouterr().out)

@@ -12,13 +12,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sr_jax import sharding
 from sr_jax.lora import LoRAConfig, apply_lora
-from sr_jax.models.qwen3_vl import init_model
 from sr_jax.config import ConfigError, load_config
 from sr_jax.sharding import (DEFAULT_RULES, LOGICAL_AXIS_RULES, MeshConfig, active_rules, batch_shardings, constrain,
                              logical_to_spec, make_mesh, maybe_initialize_distributed, param_shardings, shard_batch,
                              shard_model, use_mesh)
 from sr_jax.train.sft import SFTConfig
-from test_train_step import tiny_config
 
 BATCH = ("data", "fsdp")
 
@@ -61,15 +59,14 @@ def test_logical_to_spec_rules_fallback_and_unknown_names():
         logical_to_spec(("embed",), shape=(4, 4), mesh=mesh)
 
 
-def test_every_model_axis_has_a_rule():
-    model = init_model(tiny_config(), seed=0)
-    names = {a for _, v in nnx.to_flat_state(nnx.state(model)) for a in v.get_metadata()["logical_axes"]}
+def test_every_model_axis_has_a_rule(tiny_model):
+    names = {a for _, v in nnx.to_flat_state(nnx.state(tiny_model)) for a in v.get_metadata()["logical_axes"]}
     assert names <= set(LOGICAL_AXIS_RULES), names - set(LOGICAL_AXIS_RULES)
 
 
-def test_param_shardings_and_sharded_forward_equal_unsharded():
+def test_param_shardings_and_sharded_forward_equal_unsharded(make_tiny_model):
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    model = init_model(tiny_config(), seed=0)
+    model = make_tiny_model()  # shard_model below moves it
     specs = {k: v.get_value().spec for k, v in nnx.to_flat_state(param_shardings(model, mesh))}
     lm = ("model", "language_model")
     assert specs[lm + ("embed_tokens", "embedding")] == P("tensor", "fsdp")
@@ -82,7 +79,7 @@ def test_param_shardings_and_sharded_forward_equal_unsharded():
     assert specs[("model", "visual", "blocks", 0, "attn", "qkv", "kernel")] == P("fsdp", "tensor")
     assert specs[("model", "visual", "pos_embed")] == P(None, "fsdp")
     assert specs[("model", "visual", "patch_embed", "proj", "kernel")] == P(None, "fsdp")
-    with_lora = init_model(tiny_config(), seed=0)
+    with_lora = make_tiny_model()
     apply_lora(with_lora, LoRAConfig(rank=4, dropout=0.0))
     specs_lora = {k: v.get_value().spec for k, v in nnx.to_flat_state(param_shardings(with_lora, mesh))}
     q_lora = lm + ("layers", 0, "self_attn", "q_proj", "lora")
@@ -159,7 +156,7 @@ def test_maybe_initialize_distributed(monkeypatch):
     assert sharding.MESH_AXES == ("data", "fsdp", "tensor")
 
 
-def test_use_mesh_sets_the_rules_constrain_applies_and_restores_them():
+def test_use_mesh_sets_the_rules_constrain_applies_and_restores_them(tiny_model):
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     x = jnp.ones((8, 4, 16))
     rules = MeshConfig(rules={"batch": ["data"], "mlp": "fsdp"}).axis_rules()
@@ -172,8 +169,7 @@ def test_use_mesh_sets_the_rules_constrain_applies_and_restores_them():
         y = jax.jit(lambda a: constrain(a * 3, ("batch", "seq", "mlp")))(x)
     assert y.sharding.spec == P(BATCH, None, "tensor")
     # Parameter and batch placement take the rules explicitly.
-    model = init_model(tiny_config(), seed=0)
-    specs = {k: v.get_value().spec for k, v in nnx.to_flat_state(param_shardings(model, mesh, rules))}
+    specs = {k: v.get_value().spec for k, v in nnx.to_flat_state(param_shardings(tiny_model, mesh, rules))}
     assert specs[("model", "language_model", "layers", 0, "mlp", "down_proj", "kernel")] == P("fsdp", None)
     assert batch_shardings({"input_ids": np.zeros((1, 8, 4), np.int32)}, mesh, rules)["input_ids"].spec \
         == P(None, "data", None)

@@ -700,17 +700,6 @@ def test_report_and_plot(mer_parquet, tmp_path):
 # ---------------------------------------------------------------- end to end with a real (tiny) model
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from hf_oracle import random_hf_model, tiny_hf_config
-    from sr_jax.data.tokenizer import load_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny_sr")
-    random_hf_model(tiny_hf_config(), seed=5).save_pretrained(d)
-    load_tokenizer(None).save_tokenizer_dir(d)
-    return d
-
-
 def test_eval_defaults_are_the_official_evaluation_settings():
     from sr_jax.eval.cli import _scorer_options
 
@@ -739,7 +728,7 @@ def test_truncated_answers_are_counted_apart_from_parse_failures(mer_parquet):
     assert overall["truncated_answers"] == 4 and overall["unparsed_answers"] == 1
 
 
-def test_eval_cli_end_to_end_with_tiny_model(model_dir, tmp_path, monkeypatch):
+def test_eval_cli_end_to_end_with_tiny_model(tiny_hf_dir, tmp_path, monkeypatch):
     from sr_jax.cli import main
     from sr_jax.data.synthetic import generate_examples
     from sr_jax.eval.runner import score_pq_only
@@ -748,7 +737,7 @@ def test_eval_cli_end_to_end_with_tiny_model(model_dir, tmp_path, monkeypatch):
     n = 2
     examples = list(generate_examples(n, seed=0, split="test"))
     assert {ex.task for ex in examples} == {"sc", "pq"}  # both scoring paths run
-    args = ["eval", "synthetic", "--model", str(model_dir), "--data", f"synthetic:{n}", "--out", str(tmp_path),
+    args = ["eval", "synthetic", "--model", str(tiny_hf_dir), "--data", f"synthetic:{n}", "--out", str(tmp_path),
             "--batch-size", "2", "--set", "max_new_tokens=6", "--set", "max_pixels=16384",
             "--process-index", "0", "--process-count", "1", "--no-progress"]
     assert main(args) == 0
@@ -772,7 +761,7 @@ def test_eval_cli_end_to_end_with_tiny_model(model_dir, tmp_path, monkeypatch):
     assert len(_lines(shard_file(tmp_path, 0, 1))) == n
 
     # the PQ-only path gives the same answer as the PQ half of a full SC+PQ call
-    scorer = Scorer.from_pretrained(model_dir, max_new_tokens=6, max_pixels=16384, batch_size=4)
+    scorer = Scorer.from_pretrained(tiny_hf_dir, max_new_tokens=6, max_pixels=16384, batch_size=4)
     pq_example = next(ex for ex in examples if ex.task == "pq")
     image = open_image(pq_example.images[0])
     full = scorer.score([image], [image], ["keep it"])[0]

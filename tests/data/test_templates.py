@@ -7,7 +7,6 @@ import pytest
 from sr_jax.config import load_config
 from sr_jax.data.records import RecordError, SpatialExample
 from sr_jax.data.templates import IMAGE, PromptTemplates, TemplateError, chat_messages, user_text
-from sr_jax.data.tokenizer import load_tokenizer
 
 
 def _sc(n_images: int = 2, instruction: str = 'make the "sky" {purple}') -> SpatialExample:
@@ -49,10 +48,9 @@ def test_default_templates_state_the_answer_format(kind):
         assert "naturalness" in text and "artifacts" in text
 
 
-def test_default_templates_are_concise():
-    tok = load_tokenizer(None)
+def test_default_templates_are_concise(tokenizer):
     for kind in ("sc", "sc_multi", "pq"):
-        n = len(tok.encode(PromptTemplates().text(kind)))
+        n = len(tokenizer.encode(PromptTemplates().text(kind)))
         assert n < 215, f"{kind}: {n} tokens"
 
 

@@ -57,8 +57,8 @@ def _write_checkpoint(directory, hf, tensors):
 
 
 @pytest.fixture(scope="module")
-def oracle():
-    hf = random_hf_model(tiny_hf_config(), seed=1)
+def oracle(tiny_hf_model):
+    hf = tiny_hf_model
     inputs = _inputs()
     return hf, inputs, _hf_reference(hf, inputs)
 

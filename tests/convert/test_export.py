@@ -1,5 +1,6 @@
 """Export to HF: transformers loads our directory; HF -> JAX -> HF is bit-identical in the same dtype."""
 
+import copy
 import json
 
 import numpy as np
@@ -13,8 +14,8 @@ from sr_jax.convert.hf_export import export_hf
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_round_trip_is_bit_identical(tmp_path, dtype):
-    hf = random_hf_model(tiny_hf_config(), seed=11).to(dtype)
+def test_round_trip_is_bit_identical(tmp_path, dtype, tiny_hf_model):
+    hf = copy.deepcopy(tiny_hf_model).to(dtype)  # .to() casts in place
     hf.save_pretrained(tmp_path / "src")
     name = "float32" if dtype == torch.float32 else "bfloat16"
     export_hf(load_model(tmp_path / "src", dtype=name), tmp_path / "out", max_shard_bytes=3_000_000)
@@ -46,24 +47,21 @@ def test_transformers_reproduces_our_logits_tied(tmp_path):
     assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
-def test_existing_output_is_refused_and_nothing_half_written(tmp_path):
-    hf = random_hf_model(tiny_hf_config(), seed=13)
-    hf.save_pretrained(tmp_path / "src")
-    ours = load_model(tmp_path / "src")
+def test_existing_output_is_refused_and_nothing_half_written(tmp_path, tiny_pair):
+    ours = tiny_pair[1]
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError):
         export_hf(ours, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temp dirs left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dirs left behind
 
 
-def test_cli_jax_to_hf_from_converted_dir(tmp_path):
+def test_cli_jax_to_hf_from_converted_dir(tmp_path, tiny_hf_model, tiny_hf_dir):
     from sr_jax.cli import main
 
-    hf = random_hf_model(tiny_hf_config(), seed=14)
-    hf.save_pretrained(tmp_path / "src")
-    (tmp_path / "src" / "tokenizer_config.json").write_text("{}")
-    assert main(["convert", "hf-to-jax", "--hf", str(tmp_path / "src"), "--out", str(tmp_path / "jax")]) == 0
+    hf = tiny_hf_model
+    assert (tiny_hf_dir / "tokenizer_config.json").is_file()
+    assert main(["convert", "hf-to-jax", "--hf", str(tiny_hf_dir), "--out", str(tmp_path / "jax")]) == 0
     assert main(["convert", "jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "hf"),
                  "--max-shard-size", "2MB"]) == 0
     assert (tmp_path / "hf" / "tokenizer_config.json").is_file()  # sidecar files travel along

@@ -28,7 +28,7 @@ from sr_jax.rl.rewards import (GroundingReward, JudgeReward, RewardSet, empty_li
                                iou_reward, score_error_reward)
 from sr_jax.special_tokens import IM_END_ID, PAD_ID
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "rl" / "demo_cpu.yaml"
 SOURCE = "synthetic:n=16,seed=5,split=train,min_side=48,max_side=56,tasks=sc"
 

@@ -41,8 +41,8 @@ class _ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
 
 
 @pytest.fixture(scope="module")
-def ours() -> Processor:
-    return Processor(None, MIN_PIXELS, MAX_PIXELS)
+def ours(tokenizer) -> Processor:
+    return Processor(tokenizer, MIN_PIXELS, MAX_PIXELS)
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from hf_oracle import hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels, tiny_hf_config
+from hf_oracle import hf_inputs, image_prompt, our_model_from_hf, random_pixels
 from sr_jax.generation import PAD_ID, TRACE_COUNT, bucket_length, bucket_new_tokens, generate
 
 IM_END = 151645
-
-
-@pytest.fixture(scope="module")
-def pair():
-    hf = random_hf_model(tiny_hf_config(deepstack=(0, 1)), seed=3)
-    return hf, our_model_from_hf(hf)
 
 
 def hf_generate(hf, ids, mask=None, pv=None, grids=None, n=64, **kw):
@@ -28,8 +22,8 @@ def padded(ref, n):
     return np.pad(ref, ((0, 0), (0, n - ref.shape[1])), constant_values=PAD_ID)
 
 
-def test_greedy_two_image_prompt_matches_hf(pair):
-    hf, ours = pair
+def test_greedy_two_image_prompt_matches_hf(tiny_pair):
+    hf, ours = tiny_pair
     rng = np.random.default_rng(0)
     grids = [(1, 6, 10), (1, 8, 4)]
     ids = image_prompt(rng, grids, [5, 7, 4])[None]
@@ -38,8 +32,8 @@ def test_greedy_two_image_prompt_matches_hf(pair):
     np.testing.assert_array_equal(out, padded(hf_generate(hf, ids, None, pv, grids), 64))
 
 
-def test_greedy_batch_of_mixed_lengths_matches_hf(pair):
-    hf, ours = pair
+def test_greedy_batch_of_mixed_lengths_matches_hf(tiny_pair):
+    hf, ours = tiny_pair
     rng = np.random.default_rng(1)
     rows = [([(1, 4, 6)], [3, 9]), ([(1, 6, 6), (1, 4, 4)], [2, 4, 6]), ([], [17])]
     seqs = [image_prompt(rng, g, t) for g, t in rows]
@@ -54,10 +48,10 @@ def test_greedy_batch_of_mixed_lengths_matches_hf(pair):
     np.testing.assert_array_equal(out, padded(hf_generate(hf, ids, mask, pv, grids), 64))
 
 
-def test_long_padded_prompt_matches_hf(pair):
+def test_long_padded_prompt_matches_hf(tiny_pair):
     """A 640-token prompt bucket: the prefill attends in causal query blocks over its own keys
     (not the whole cache); left padding of different lengths inside the blocks."""
-    hf, ours = pair
+    hf, ours = tiny_pair
     rng = np.random.default_rng(4)
     grids = [(1, 8, 8)]
     seqs = [image_prompt(rng, grids, [300, 290]), image_prompt(rng, [], [420])]
@@ -72,15 +66,15 @@ def test_long_padded_prompt_matches_hf(pair):
     np.testing.assert_array_equal(out, padded(hf_generate(hf, ids, mask, pv, grids, n=16), 16))
 
 
-def test_repetition_penalty_matches_hf(pair):
-    hf, ours = pair
+def test_repetition_penalty_matches_hf(tiny_pair):
+    hf, ours = tiny_pair
     ids = np.random.default_rng(2).integers(0, 151000, (1, 12))
     out = generate(ours, ids, max_new_tokens=24, repetition_penalty=1.3, stop_ids=[IM_END])
     np.testing.assert_array_equal(out, padded(hf_generate(hf, ids, n=24, repetition_penalty=1.3), 24))
 
 
-def test_stop_token_is_kept_and_followed_by_pad(pair):
-    _, ours = pair
+def test_stop_token_is_kept_and_followed_by_pad(tiny_pair):
+    _, ours = tiny_pair
     ids = np.random.default_rng(3).integers(0, 151000, (2, 9))
     free = generate(ours, ids, max_new_tokens=16, stop_ids=[])
     stop = int(free[0, 4])
@@ -93,8 +87,8 @@ def test_stop_token_is_kept_and_followed_by_pad(pair):
         np.testing.assert_array_equal(out[1], free[1])
 
 
-def test_prompt_buckets_avoid_recompilation(pair):
-    _, ours = pair
+def test_prompt_buckets_avoid_recompilation(tiny_pair):
+    _, ours = tiny_pair
     rng = np.random.default_rng(4)
     assert bucket_length(40) == bucket_length(60) == 64 and bucket_length(65) == 128
     generate(ours, rng.integers(0, 151000, (1, 40)), max_new_tokens=8)
@@ -106,10 +100,10 @@ def test_prompt_buckets_avoid_recompilation(pair):
     assert TRACE_COUNT["generate"] == before + 1
 
 
-def test_new_token_buckets_share_a_program_and_stop_at_the_request(pair):
+def test_new_token_buckets_share_a_program_and_stop_at_the_request(tiny_pair):
     """Hostile max_new_tokens values must not each compile a program (issue 16); a bucket's extra
     slots are never decoded, so n tokens are exactly the first n of a longer run."""
-    _, ours = pair
+    _, ours = tiny_pair
     ids = np.random.default_rng(5).integers(0, 151000, (2, 30))
     assert [bucket_new_tokens(n) for n in (1, 16, 17, 200, 256, 257, 512, 20000)] == \
         [16, 16, 32, 256, 256, 512, 512, 20224]
@@ -122,10 +116,10 @@ def test_new_token_buckets_share_a_program_and_stop_at_the_request(pair):
     assert TRACE_COUNT["generate"] == before
 
 
-def test_segmented_generation_is_identical_and_stops_when_asked(pair):
+def test_segmented_generation_is_identical_and_stops_when_asked(tiny_pair):
     """A server cancels generation nobody waits for between segments (issue 16); segmenting
     itself never changes a token, sampled ones included."""
-    _, ours = pair
+    _, ours = tiny_pair
     ids = np.random.default_rng(6).integers(0, 151000, (2, 30))
     for kw in ({}, {"temperature": 1.2, "top_k": 50, "seed": 3}):
         whole = generate(ours, ids, max_new_tokens=23, stop_ids=[], **kw)
@@ -141,8 +135,8 @@ def test_segmented_generation_is_identical_and_stops_when_asked(pair):
     assert (stopped[:, 10:] == PAD_ID).all() and len(calls) == 2
 
 
-def test_sampling_is_seeded_and_filters_reduce_to_greedy(pair):
-    _, ours = pair
+def test_sampling_is_seeded_and_filters_reduce_to_greedy(tiny_pair):
+    _, ours = tiny_pair
     ids = np.random.default_rng(5).integers(0, 151000, (2, 10))
     greedy = generate(ours, ids, max_new_tokens=12, stop_ids=[])
     a = generate(ours, ids, max_new_tokens=12, temperature=1.5, seed=1, stop_ids=[])
@@ -182,14 +176,14 @@ def test_sampling_distribution_matches_hf_warpers(top_k, top_p):
     assert 0.5 * np.abs(freq - expected).sum() < 0.03
 
 
-def test_sharded_params_generate_the_same_tokens(pair):
+def test_sharded_params_generate_the_same_tokens(tiny_pair):
     """The same call works on a model whose parameters are sharded over a (fsdp, tensor) mesh."""
     import jax
     from flax import nnx
 
     from sr_jax.sharding import MeshConfig, make_mesh, shard_model
 
-    hf, ours = pair
+    hf, ours = tiny_pair
     sharded = our_model_from_hf(hf)
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
     with jax.set_mesh(mesh):

@@ -33,7 +33,7 @@ from sr_jax.reward import AGGREGATION_MODES, aggregate
 from sr_jax.serve.protocol import ServeConfig, parse_request, to_jsonable
 from sr_jax.serve.server import BackgroundServer
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # the serve subprocesses import this module by name
 
 
 class PixelScorer:
@@ -424,7 +424,7 @@ class ServeProcess:
         self.port = _free_port()
         self.log = open(log_path, "w")
         self.log_path = log_path
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
         self.process = subprocess.Popen([sys.executable, "-m", "sr_jax.cli", "serve", "--port", str(self.port), *args],
                                         env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=log_path.parent)
         self.client = RewardClient(f"http://127.0.0.1:{self.port}", timeout=120, retries=0)
@@ -748,15 +748,10 @@ def test_load_valid_and_hostile_requests_concurrently(tmp_path):
 # ---------------------------------------------------------------- the real Scorer on a tiny model
 
 @pytest.fixture(scope="module")
-def tiny_scorer(tmp_path_factory):
-    from hf_oracle import random_hf_model, tiny_hf_config
-    from sr_jax.data.tokenizer import load_tokenizer
+def tiny_scorer(tiny_hf_dir):
     from sr_jax.reward.scorer import Scorer
 
-    model_dir = tmp_path_factory.mktemp("tiny_sr")
-    random_hf_model(tiny_hf_config(), seed=3).save_pretrained(model_dir)
-    load_tokenizer(None).save_tokenizer_dir(model_dir)
-    return Scorer.from_pretrained(model_dir, max_new_tokens=8, batch_size=4, max_pixels=64 * 64), model_dir
+    return Scorer.from_pretrained(tiny_hf_dir, max_new_tokens=8, batch_size=4, max_pixels=64 * 64), tiny_hf_dir
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 from sr_jax.train.metrics import MetricsWriter, read_metrics
 from sr_jax.train.runlock import RunDirLocked, RunLock
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TORN = '{"step": 4, "loss": 0.71'  # what a kill during the row's write leaves
 
 

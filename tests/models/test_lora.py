@@ -17,8 +17,8 @@ from sr_jax.convert.peft import export_peft_adapter, import_peft_adapter
 from sr_jax.lora import LoRA, LoRAConfig, LoRAParam, apply_lora, lora_layers, merge_lora
 from sr_jax.models.qwen3_vl import init_model
 from sr_jax.train.config import LossConfig, OptimConfig, TrainConfig
-from test_train_step import (build_batch, compiled_logits, make_examples, patch_count, run_step, stack_microbatches,
-                             tiny_config)
+from sr_jax.train.step import stack_microbatches
+from tiny import build_batch, compiled_logits, make_examples, patch_count, run_step, tiny_config
 
 peft = pytest.importorskip("peft")
 
@@ -45,7 +45,7 @@ def randomise_adapters(model, seed):
 # targets, fresh adapters, dropout
 
 
-def test_targets_and_fresh_adapter_is_identity():
+def test_targets_and_fresh_adapter_is_identity(make_tiny_model):
     model = init_model(tiny_config(**{"text.num_hidden_layers": 2}), seed=0)
     ids = np.random.default_rng(0).integers(0, 900, (2, 9))
     before = compiled_logits(model, ids)
@@ -61,16 +61,16 @@ def test_targets_and_fresh_adapter_is_identity():
     assert not lora_layers(model)
     assert_close(compiled_logits(model, ids), unmerged, tol=1e-5)
 
-    vision = apply_lora(init_model(tiny_config(), seed=0), LoRAConfig(rank=2, vision=True, dropout=0.0))
+    vision = apply_lora(make_tiny_model(), LoRAConfig(rank=2, vision=True, dropout=0.0))
     vision_names = sorted(".".join(map(str, p[2:])) for p in vision if "visual" in p)
     assert vision_names == ["blocks.0.attn.proj", "blocks.0.attn.qkv", "blocks.0.mlp.linear_fc1",
                             "blocks.0.mlp.linear_fc2", "deepstack_merger_list.0.linear_fc1",
                             "deepstack_merger_list.0.linear_fc2", "merger.linear_fc1", "merger.linear_fc2"]
-    some = apply_lora(init_model(tiny_config(), seed=0),
+    some = apply_lora(make_tiny_model(),
                       LoRAConfig(targets=["v_proj", r"model\.visual\.blocks\.\d+\.attn\.qkv"], dropout=0.0))
     assert sorted(map(str, (p[-1] for p in some))) == ["qkv", "v_proj"]
     with pytest.raises(ValueError, match="match no linear layer"):
-        apply_lora(init_model(tiny_config(), seed=0), LoRAConfig(targets=["nonexistent_proj"]))
+        apply_lora(make_tiny_model(), LoRAConfig(targets=["nonexistent_proj"]))
 
 
 def test_lora_dropout_is_keyed_and_off_when_deterministic():
@@ -157,8 +157,8 @@ def test_exported_adapter_loads_in_peft(tmp_path, prompt):
     assert_close(our_logits(again, prompt), our_logits(ours, prompt), tol=1e-6)
 
 
-def test_peft_import_errors(tmp_path):
-    model = init_model(tiny_config(), seed=0)
+def test_peft_import_errors(tmp_path, make_tiny_model):
+    model = make_tiny_model()
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         import_peft_adapter(model, tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
@@ -178,13 +178,12 @@ def test_peft_import_errors(tmp_path):
 # a LoRA train step
 
 
-def test_lora_step_changes_only_adapters_and_merges(tmp_path):
+def test_lora_step_changes_only_adapters_and_merges(tmp_path, tiny_model):
     cfg = TrainConfig(optim=OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant"),
                       loss=LossConfig(max_label_tokens=64),
                       lora=LoRAConfig(enabled=True, rank=4, alpha=8, dropout=0.1, vision=True))
-    probe = init_model(tiny_config(), 0)
     rows = [[e] for e in make_examples(np.random.default_rng(13), 4)]
-    batch = stack_microbatches([build_batch(probe, rows, t=24, budget=patch_count(rows), packed=False)])
+    batch = stack_microbatches([build_batch(tiny_model, rows, t=24, budget=patch_count(rows), packed=False)])
 
     # Two decoder layers: with one, deepstack features (added after layer 0) never reach a label.
     model_cfg = tiny_config(**{"text.num_hidden_layers": 2})
