@@ -23,7 +23,7 @@ from sr_jax.eval import stages as S
 from sr_jax.reward import parse_output
 from sr_jax.rl.rewards import has_ground_truth, iou_reward
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COLOUR = SynthConfig(image_size=(48, 80), tasks=("colour",))
 LOCATE = SynthConfig(image_size=(64, 96), tasks=("locate",))
 

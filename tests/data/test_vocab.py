@@ -32,7 +32,7 @@ from sr_jax.models.qwen3_vl.model import init_model
 from sr_jax.special_tokens import IM_END_ID, IMAGE_PAD_ID, VISION_END_ID, VISION_START_ID
 from sr_jax.train.sft import SFTConfig, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE = "synthetic:n=64,seed=3,split=train,min_side=48,max_side=64"
 
 

@@ -15,7 +15,7 @@ from sr_jax.train.sft import SFTConfig
 
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sft" / "demo_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sft" / "demo_cpu.yaml"
 
 
 def params(model):
