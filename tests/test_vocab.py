@@ -184,6 +184,8 @@ def test_compact_run_resumes_with_its_map_and_refuses_another(compact_run, tmp_p
     other.save(tmp_path / "other.json")
     with pytest.raises(ValueError, match="different vocabulary maps"):
         train(small(out, **{"model.vocab_map": str(tmp_path / "other.json"), "run.total_steps": 4}))
+    with pytest.raises(ValueError, match="holds a reduced-vocabulary run"):
+        train(small(out, **{"model.vocab_map": "null", "run.total_steps": 4}))
 
 
 def _restricted_greedy(model, vmap, ids, pv, grids, steps):
@@ -251,7 +253,9 @@ def test_transformers_loads_the_compact_export_and_matches_its_logits(compact_ru
     export_hf(model, tmp_path / "hf", sidecar_dir=summary["model_dir"])
     assert VocabMap.load(tmp_path / "hf") == vmap
     back = load_model(tmp_path / "hf")
-    assert back.vocab_map == vmap  # the HF directory keeps the map
+    assert back.vocab_map == vmap  # the HF directory keeps the map, and so does converting it back
+    from sr_jax.convert.hf_import import convert_hf_to_jax
+    assert load_model(convert_hf_to_jax(tmp_path / "hf", tmp_path / "jax")).vocab_map == vmap
     hf = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert hf.config.text_config.vocab_size == len(vmap)
     processor = Processor(Path(summary["model_dir"]), 3136, 9216)
@@ -265,3 +269,46 @@ def test_transformers_loads_the_compact_export_and_matches_its_logits(compact_ru
     out = np.asarray(model(ids, pixel_values=enc["pixel_values"], image_grid_thw=grids))
     assert ref.shape[-1] == len(vmap)
     assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_checkpoint_export_and_grpo_rollouts_keep_the_map(compact_run, tmp_path):
+    """A run directory restores with its map; GRPO's update rows hold the compact ids of what
+    `generate` returned (teacher-forced argmax = the greedy tokens); `sr-jax rl` from the compact
+    model takes its map."""
+    from sr_jax.data.synthetic import SynthConfig, generate_example
+    from sr_jax.rl.config import RLConfig
+    from sr_jax.rl.rollout import Rollout, _pixels, completion_mask, left_pad, microbatches
+    from sr_jax.rl.trainer import train as rl_train
+    from sr_jax.train.loop import model_from_checkpoint
+    from sr_jax.train.step import VISION_KEYS
+
+    out, _, summary, _ = compact_run
+    vmap = VocabMap.load(out)
+    restored, _ = model_from_checkpoint(out)
+    assert restored.vocab_map == vmap and restored.config.text.vocab_size == len(vmap)
+
+    model = load_model(summary["model_dir"])
+    processor = Processor(Path(summary["model_dir"]), 3136, 9216)
+    records = [generate_example(i, 5, "train", SynthConfig(image_size=(48, 64), tasks=("sc",))) for i in range(2)]
+    prompts = [processor.encode(r, with_target=False) for r in records]
+    ids, mask = left_pad(prompts)
+    tokens = generate(model, ids, mask, *_pixels(prompts), max_new_tokens=6)
+    cmask = completion_mask(tokens, [IM_END_ID])
+    r = Rollout(records, prompts, tokens, cmask, [], [], np.zeros(2), {}, np.zeros(2))
+    (mb,) = microbatches(r, 1, model)
+    assert mb["input_ids"].max() < len(vmap)
+    np.testing.assert_array_equal(vmap.to_full(mb["completion_ids"])[cmask > 0], tokens[cmask > 0])
+    hidden = model.features(mb["input_ids"], mb["attention_mask"], mb["pixel_values"],
+                            position_ids=mb["position_ids"], vision=tuple(mb[k] for k in VISION_KEYS)).hidden
+    width = mb["input_ids"].shape[1] - tokens.shape[1]
+    logits = np.asarray(model.logits(hidden[:, width - 1: width - 1 + tokens.shape[1]]))
+    assert np.array_equal(vmap.to_full(logits.argmax(-1))[cmask > 0], tokens[cmask > 0])
+
+    cfg = load_config(RLConfig, ROOT / "configs" / "rl" / "demo_cpu.yaml", [
+        f"run.out_dir={tmp_path / 'rl'}", "run.total_steps=1", "run.progress_bar=false", "run.tensorboard=false",
+        "run.async_checkpoint=false", f"model.init_from={summary['model_dir']}", "model.vocab_map=synthetic",
+        "data.sources=['synthetic:n=8,seed=5,split=train,min_side=48,max_side=56,tasks=sc']",
+        "data.prompts_per_step=1", "grpo.group_size=2", "grpo.max_completion_tokens=8"])
+    rl = rl_train(cfg)
+    assert rl["step"] == 1 and np.isfinite(rl["last"]["loss"])
+    assert VocabMap.load(tmp_path / "rl") == vmap == VocabMap.load(rl["model_dir"])
