@@ -3,6 +3,7 @@ naming it, a compact model computes the full model's logits restricted to the ke
 compact run trains, saves, loads, generates (full ids out) and exports to transformers."""
 
 import json
+import pickle
 from pathlib import Path
 
 import jax
@@ -105,6 +106,8 @@ def test_map_file_round_trip_and_tokenizer_identity(tmp_path, tokenizer):
     assert path.name == VOCAB_MAP_FILE and json.loads(path.read_text())["size"] == len(vmap)
     back = VocabMap.load(tmp_path, tokenizer)
     assert back == vmap and hash(back) == hash(vmap)
+    shipped = pickle.loads(pickle.dumps(back))  # as data-pipeline worker processes receive it
+    assert shipped == back and shipped.to_compact([IM_END_ID]) == back.to_compact([IM_END_ID])
     other = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
     with pytest.raises(ValueError, match="made for tokenizer"):
         VocabMap.load(path, other)
@@ -312,3 +315,26 @@ def test_checkpoint_export_and_grpo_rollouts_keep_the_map(compact_run, tmp_path)
     rl = rl_train(cfg)
     assert rl["step"] == 1 and np.isfinite(rl["last"]["loss"])
     assert VocabMap.load(tmp_path / "rl") == vmap == VocabMap.load(rl["model_dir"])
+
+
+def test_scorer_reads_a_compact_model_and_refuses_another_tokenizer(compact_run, tmp_path):
+    import shutil
+
+    from sr_jax.data.synthetic import SynthConfig, generate_example
+    from sr_jax.reward.scorer import Scorer
+
+    _, _, summary, _ = compact_run
+    scorer = Scorer.from_pretrained(summary["model_dir"], max_new_tokens=8, max_pixels=9216)
+    assert scorer.model.vocab_map is not None
+    ex = generate_example(0, 9, "test", SynthConfig(image_size=(48, 64), tasks=("sc",)))
+    (result,) = scorer.score([ex.images[:-1]], [ex.images[-1]], [ex.instruction])
+    assert isinstance(result["raw"]["sc"], str) and isinstance(result["raw"]["pq"], str)
+    # the same model directory with another tokenizer's files: refused, naming the map
+    other = tmp_path / "other"
+    shutil.copytree(summary["model_dir"], other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same tokens, two ids swapped: another tokenizer
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="made for tokenizer"):
+        load_model(other)
