@@ -338,3 +338,26 @@ def test_scorer_reads_a_compact_model_and_refuses_another_tokenizer(compact_run,
     (other / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="made for tokenizer"):
         load_model(other)
+
+
+def test_a_full_vocabulary_init_from_gives_the_compact_model_its_kept_rows(tmp_path):
+    from sr_jax.convert.orbax_io import save_model
+    from sr_jax.train.sft import SFTStage
+
+    cfg = ModelConfig.preset("tiny")
+    full = init_model(cfg, seed=4)
+    save_model(full, tmp_path / "full")
+    stage = SFTStage(small(tmp_path / "run", **{"model.init_from": str(tmp_path / "full")}))
+    vmap, model = stage.vocab_map, stage.trainer.model
+    assert model.vocab_map == vmap and model.config.text.vocab_size == len(vmap)
+    np.testing.assert_array_equal(np.asarray(model.model.language_model.embed_tokens.embedding.get_value()),
+                                  vmap.rows(np.asarray(full.model.language_model.embed_tokens.embedding.get_value())))
+    np.testing.assert_array_equal(np.asarray(model.lm_head.kernel.get_value()),
+                                  vmap.rows(np.asarray(full.lm_head.kernel.get_value()), axis=1))
+    source = dict(nnx.to_flat_state(nnx.state(full, nnx.Param)))
+    same = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if source[path].get_value().shape == var.get_value().shape:
+            np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(source[path].get_value()))
+            same += 1
+    assert same == len(source) - 2  # every weight but the embedding and the LM head, as it was

@@ -263,14 +263,15 @@ def build_vocab_map(sources: Sequence[str], processor, *, samples_per_source: in
         for index in picks:
             try:
                 example = part.fetch(int(index))
-                full, _ = processor.token_ids(example, with_target=True)
-                prompt, _ = processor.token_ids(example, with_target=False)
+                ids.update(processor.token_ids(example, with_target=False)[0])
             except (RecordError, ValueError, OSError):
                 failed += 1
                 continue
-            ids.update(full)
-            ids.update(prompt)
             seen += 1
+            try:  # a prompt-only record (GRPO prompts) has no answer to add
+                ids.update(processor.token_ids(example, with_target=True)[0])
+            except (RecordError, ValueError):
+                pass
     if seen == 0:
         raise ValueError(f"no readable example in {list(sources)} to build a vocabulary map from "
                          f"({failed} failed)")

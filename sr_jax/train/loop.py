@@ -135,7 +135,9 @@ class Trainer:
                  make_step: Callable | None = None, vocab_map: VocabMap | None = None):
         self.cfg = cfg
         if cfg.model.vocab_map is not None and vocab_map is None:
-            raise ValueError("model.vocab_map is set: pass the run's map (run_vocab_map)")
+            raise ValueError(f"model.vocab_map={cfg.model.vocab_map!r}: only `sr-jax train`/`sr-jax rl` runs and "
+                             "their checkpoints resolve a reduced vocabulary (sr_jax.train.loop.run_vocab_map); "
+                             "this entry point builds full-vocabulary models")
         self.vocab_map = vocab_map
         self.model_cfg = model_config(cfg.model, vocab_map)
         model_class = family_of(self.model_cfg).model_class
