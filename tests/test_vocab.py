@@ -361,3 +361,25 @@ def test_a_full_vocabulary_init_from_gives_the_compact_model_its_kept_rows(tmp_p
             np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(source[path].get_value()))
             same += 1
     assert same == len(source) - 2  # every weight but the embedding and the LM head, as it was
+
+
+def test_data_vocab_map_command_covers_every_config(tmp_path, tokenizer):
+    from sr_jax.cli import main
+    from sr_jax.data.templates import PromptTemplates
+
+    out = tmp_path / "stages.json"
+    learn = ROOT / "configs" / "sft" / "learn_synthetic_cpu.yaml"
+    rl_source = "synthetic:n=16,seed=1,split=train,min_side=48,max_side=56,tasks=pq"
+    assert main(["data", "vocab-map", "--config", str(ROOT / "configs" / "sft" / "demo_cpu.yaml"), "--config",
+                 str(learn), "--samples", "40", "--out", str(out)]) == 0
+    vmap = VocabMap.load(out, tokenizer)
+    default = build_vocab_map(["synthetic:n=2000,seed=0,split=train,min_side=64,max_side=96"],
+                              Processor(tokenizer), samples_per_source=40)
+    templates = PromptTemplates(**{k: str(ROOT / f"configs/prompts/learn/{k}.txt") for k in ("sc", "sc_multi", "pq")})
+    own = build_vocab_map(["synthetic:n=200000,seed=0,split=train,min_side=64,max_side=128"],
+                          Processor(tokenizer, templates=templates), samples_per_source=40)
+    assert set(default.ids) | set(own.ids) == set(vmap.ids)
+    assert main(["data", "vocab-map", "--config", str(learn), "--source", rl_source, "--samples", "8",
+                 "--out", str(out)]) == 0
+    assert VocabMap.load(out) == build_vocab_map([rl_source], Processor(tokenizer, templates=templates),
+                                                 samples_per_source=8)

@@ -213,6 +213,15 @@ class VocabMap:
             setattr(cfg, name, self.compact_id(full))
         return cfg
 
+    @classmethod
+    def union(cls, maps: Sequence["VocabMap"]) -> "VocabMap":
+        """One map holding every token of `maps` (all made for one tokenizer): e.g. the sources of
+        every stage of a curriculum, so that stage k can start from stage k-1's model."""
+        if not maps or len({m.tokenizer_sha256 for m in maps}) != 1:
+            raise ValueError("union of vocabulary maps: need at least one map, all of one tokenizer")
+        return cls(np.concatenate([m.ids for m in maps]), maps[0].tokenizer_sha256,
+                   source="; ".join(m.source for m in maps), tokenizer=maps[0].tokenizer)
+
     def rows(self, weight: np.ndarray, axis: int = 0) -> np.ndarray:
         """A full vocabulary weight's kept rows (embedding: axis 0; untied lm_head kernel: axis 1)."""
         return np.take(np.asarray(weight), self.ids, axis=axis)
