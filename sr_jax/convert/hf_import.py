@@ -26,7 +26,7 @@ import numpy as np
 from safetensors import safe_open
 
 from sr_jax.config import ConfigError, read_hf_config
-from sr_jax.convert.orbax_io import check_output_dir, write_model_dir
+from sr_jax.convert.orbax_io import check_output_dir, read_vocab_map, write_model_dir
 from sr_jax.models import ModelFamily, family_of, get_family
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -363,4 +363,4 @@ def convert_hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = N
     cfg, _, params = import_params(hf_dir, dtype, lambda _, array: array,  # host numpy: no device copy
                                    allow_nonfinite=allow_nonfinite)
     return write_model_dir(out, cfg, nnx.to_pure_dict(params), hf_dir=hf_dir, overwrite=overwrite,
-                           source=str(Path(hf_dir).absolute()))
+                           source=str(Path(hf_dir).absolute()), vocab_map=read_vocab_map(hf_dir))

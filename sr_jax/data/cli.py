@@ -7,6 +7,9 @@ synth   writes OUT/{split}.array_record for each split plus OUT/manifest.json:
 import  converts jsonl | parquet | synthdir into one ArrayRecord file (see importers.py).
 inspect prints counts by task / edit type / outcome, image-size and text-length histograms, and
         token-length histograms from the Processor when it can be built.
+vocab-map writes the reduced vocabulary (`sr_jax.data.vocab`) of one or more training configs'
+        data (each config's sources formatted with its own templates and tokenizer), e.g. one map
+        for every stage of a curriculum: `model.vocab_map=<that file>` in each stage.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from sr_jax.config import ConfigError, load_config, to_dict
+from sr_jax.config import ConfigError, apply_overrides, from_dict, load_config, load_yaml, to_dict
 from sr_jax.data.grpo_import import import_command
 from sr_jax.data.importers import DEFAULT_INSTRUCTION_PATTERNS, ImportOptions, import_records
+from sr_jax.data.pipeline import DataConfig, make_processor
 from sr_jax.data.processor import IGNORE_INDEX, Processor
 from sr_jax.data.records import RecordError
 from sr_jax.data.storage import ArrayRecordSource, write_array_record
 from sr_jax.data.synthetic import GENERATOR, SynthConfig, generate_examples
+from sr_jax.data.vocab import VocabMap, build_vocab_map
 
 DEFAULT_SPLITS = "train=0.9,validation=0.05,test=0.05"
 
@@ -182,6 +187,24 @@ def _inspect(args) -> int:
     return 0
 
 
+def _vocab_map(args) -> int:
+    maps = []
+    for path in args.config:
+        data = apply_overrides(load_yaml(path), args.overrides).get("data") or {}
+        try:
+            cfg = from_dict(DataConfig, data, f"{path}: data").validate()
+        except (ConfigError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        sources = args.source or list(cfg.sources)
+        maps.append(build_vocab_map(sources, make_processor(cfg), samples_per_source=args.samples))
+        print(f"{path}: {len(maps[-1])} tokens from {sources}", file=sys.stderr)
+    vmap = VocabMap.union(maps)
+    vmap.save(args.out)
+    print(json.dumps({"out": args.out, "size": len(vmap), "tokenizer_sha256": vmap.tokenizer_sha256}))
+    return 0
+
+
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="synthetic data, imports and inspection")
     sub = data.add_subparsers(dest="data_command", required=True)
@@ -215,3 +238,12 @@ def register(subparsers) -> None:
     p.add_argument("files", nargs="+", help="ArrayRecord files or folders")
     p.add_argument("--token-sample", type=int, default=64, help="examples to tokenise for token lengths")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("vocab-map", help="the reduced vocabulary of training configs' data (vocab_map.json)")
+    p.add_argument("--config", action="append", required=True,
+                   help="training YAML whose data section (sources, templates, tokenizer) is read; repeatable")
+    p.add_argument("--source", action="append", help="use these sources instead of the configs' data.sources")
+    p.add_argument("--samples", type=int, default=2000, help="examples sampled per source")
+    p.add_argument("--out", required=True, help="output vocab_map.json")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every config, e.g. data.tokenizer=DIR")
+    p.set_defaults(func=_vocab_map)

@@ -213,6 +213,15 @@ class VocabMap:
             setattr(cfg, name, self.compact_id(full))
         return cfg
 
+    @classmethod
+    def union(cls, maps: Sequence["VocabMap"]) -> "VocabMap":
+        """One map holding every token of `maps` (all made for one tokenizer): e.g. the sources of
+        every stage of a curriculum, so that stage k can start from stage k-1's model."""
+        if not maps or len({m.tokenizer_sha256 for m in maps}) != 1:
+            raise ValueError("union of vocabulary maps: need at least one map, all of one tokenizer")
+        return cls(np.concatenate([m.ids for m in maps]), maps[0].tokenizer_sha256,
+                   source="; ".join(m.source for m in maps), tokenizer=maps[0].tokenizer)
+
     def rows(self, weight: np.ndarray, axis: int = 0) -> np.ndarray:
         """A full vocabulary weight's kept rows (embedding: axis 0; untied lm_head kernel: axis 1)."""
         return np.take(np.asarray(weight), self.ids, axis=axis)
@@ -263,14 +272,15 @@ def build_vocab_map(sources: Sequence[str], processor, *, samples_per_source: in
         for index in picks:
             try:
                 example = part.fetch(int(index))
-                full, _ = processor.token_ids(example, with_target=True)
-                prompt, _ = processor.token_ids(example, with_target=False)
+                ids.update(processor.token_ids(example, with_target=False)[0])
             except (RecordError, ValueError, OSError):
                 failed += 1
                 continue
-            ids.update(full)
-            ids.update(prompt)
             seen += 1
+            try:  # a prompt-only record (GRPO prompts) has no answer to add
+                ids.update(processor.token_ids(example, with_target=True)[0])
+            except (RecordError, ValueError):
+                pass
     if seen == 0:
         raise ValueError(f"no readable example in {list(sources)} to build a vocabulary map from "
                          f"({failed} failed)")

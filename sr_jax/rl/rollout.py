@@ -16,6 +16,7 @@ import numpy as np
 from sr_jax.data.pipeline import Sources
 from sr_jax.data.processor import Processor
 from sr_jax.data.records import RecordError, SpatialExample
+from sr_jax.data.vocab import VocabMissError, vocab_map_of
 from sr_jax.generation import PAD_ID, bucket_length, generate
 from sr_jax.models.qwen3_vl.rope_index import get_rope_index
 from sr_jax.reward import parse_output
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 
 class PromptStream:
     def __init__(self, sources, processor: Processor, *, seed: int, shuffle: bool, num_epochs: int,
-                 max_prompt_tokens: int | None = None):
+                 max_prompt_tokens: int | None = None, vocab_map=None):
         self.sources = Sources(list(sources))
+        self.vocab_map = vocab_map  # a compact model's: a prompt it cannot read is skipped here, not mid-rollout
         if len(self.sources) == 0:
             raise ValueError("the prompt sources hold no records")
         self.processor, self.seed, self.shuffle, self.num_epochs = processor, seed, shuffle, num_epochs
@@ -58,6 +60,11 @@ class PromptStream:
                 if self.max_prompt_tokens and encoded["input_ids"].shape[1] > self.max_prompt_tokens:
                     raise RecordError("too_long", f"{encoded['input_ids'].shape[1]} prompt tokens exceed "
                                       f"data.max_prompt_tokens={self.max_prompt_tokens}", record.id)
+                if self.vocab_map is not None:
+                    try:
+                        self.vocab_map.to_compact(encoded["input_ids"], record_id=record.id)
+                    except VocabMissError as e:
+                        raise RecordError("not_in_vocab_map", str(e), record.id) from None
             except RecordError as e:
                 self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
                 log.warning("skipping prompt record %d: %s", index, e)
@@ -147,6 +154,12 @@ class Rollout:
     advantages: np.ndarray           # (R,)
 
 
+def _compact(vmap, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Full ids as a compact model's; masked slots get the compact pad (any kept id without one)."""
+    fill = PAD_ID if vmap.contains([PAD_ID])[0] else int(vmap.ids[0])
+    return vmap.to_compact(np.where(mask > 0, ids, fill))
+
+
 def microbatches(rollout: Rollout, k: int, model, *, prompt_bucket: int = 64, patch_bucket: int = 256) -> list[dict]:
     """k microbatch dicts of equal shapes (prompt width and patch budget bucketed so repeated
     steps reuse one compiled program)."""
@@ -158,6 +171,7 @@ def microbatches(rollout: Rollout, k: int, model, *, prompt_bucket: int = 64, pa
     patch_counts = [sum(int(p["pixel_values"].shape[0]) for p in rollout.prompts[i * per:(i + 1) * per])
                     for i in range(k)]
     budget = bucket_length(max(max(patch_counts), 4), patch_bucket)
+    vmap = vocab_map_of(model)
     out = []
     for i in range(k):
         sl = slice(i * per, (i + 1) * per)
@@ -166,10 +180,13 @@ def microbatches(rollout: Rollout, k: int, model, *, prompt_bucket: int = 64, pa
         tokens, cmask = rollout.tokens[sl], rollout.mask[sl]
         ids = np.concatenate([ids, np.where(cmask > 0, tokens, PAD_ID)], axis=1)
         attn = np.concatenate([pmask, cmask], axis=1)
+        completion = np.where(cmask > 0, tokens, PAD_ID)
+        if vmap is not None:  # prompts and `generate` speak full ids; a compact model reads its own
+            ids, completion = _compact(vmap, ids, attn), _compact(vmap, completion, cmask)
         pixels, grids = _pixels(prompts)
         mb = {"input_ids": ids.astype(np.int32), "attention_mask": attn.astype(np.int32),
               "position_ids": _positions(model, ids, attn, grids),
-              "completion_ids": np.where(cmask > 0, tokens, PAD_ID).astype(np.int32),
+              "completion_ids": completion.astype(np.int32),
               "completion_mask": cmask.astype(np.int32),
               "advantages": rollout.advantages[sl].astype(np.float32)}
         if pixels is not None:

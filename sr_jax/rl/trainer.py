@@ -30,6 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sr_jax.data.processor import Processor
+from sr_jax.data.vocab import build_vocab_map
 from sr_jax.rl.config import RLConfig
 from sr_jax.rl.grpo import GRPOStep, group_advantages
 from sr_jax.rl.rewards import RewardDataError, RewardSet, check_rewards_against_data
@@ -43,7 +44,7 @@ from sr_jax.rl.rollout import (
     sample_completions,
 )
 from sr_jax.sharding import use_mesh
-from sr_jax.train.loop import Trainer, register_command, run, tokenizer_source
+from sr_jax.train.loop import Trainer, register_command, run, run_vocab_map, tokenizer_source
 from sr_jax.train.step import split_model, stack_microbatches
 
 
@@ -57,10 +58,11 @@ class RLTrainer(Trainer):
     """The shared `Trainer` with the GRPO step, plus the reference weights. `total_steps` counts
     rollouts (each makes grpo.num_iterations optimizer updates)."""
 
-    def __init__(self, cfg: RLConfig, *, devices=None, total_steps: int = 1):
+    def __init__(self, cfg: RLConfig, *, devices=None, total_steps: int = 1, vocab_map=None):
         cfg.grpo.validate()
         super().__init__(cfg, devices=devices, total_steps=total_steps * cfg.grpo.num_iterations,
-                         make_step=lambda model, opt, mesh, train: GRPOStep(model, opt, mesh, train, cfg.grpo))
+                         make_step=lambda model, opt, mesh, train: GRPOStep(model, opt, mesh, train, cfg.grpo),
+                         vocab_map=vocab_map)
         self.ref_params = None
         if cfg.grpo.beta > 0:
             _, params, _, _ = split_model(self.model, cfg.train)
@@ -132,9 +134,14 @@ class RLStage:
     def __init__(self, cfg: RLConfig, devices=None):
         cfg.grpo.validate()
         self.cfg = cfg
-        self.processor = make_processor(cfg)
+        self.processor = processor = make_processor(cfg)
+        # A reduced vocabulary: a compact init_from model's (usual: GRPO after a compact SFT stage),
+        # a file, or `synthetic`: built from the prompt sources' records (answers included).
+        self.vocab_map = run_vocab_map(cfg, processor.tokenizer, cfg.run.out_dir,
+                                       build=lambda: build_vocab_map(cfg.data.sources, processor))
         self.stream = PromptStream(cfg.data.sources, self.processor, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
-                                   num_epochs=cfg.data.num_epochs, max_prompt_tokens=cfg.data.max_prompt_tokens)
+                                   num_epochs=cfg.data.num_epochs, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                                   vocab_map=self.vocab_map)
         check_rewards_against_data(cfg.rewards, list(cfg.data.sources), self.stream.sources)
         self.rewards = RewardSet.from_config(cfg.rewards)
         rows = cfg.data.prompts_per_step * cfg.grpo.group_size
@@ -142,7 +149,7 @@ class RLStage:
             raise ValueError(f"prompts_per_step x group_size = {rows} rows must divide by train.grad_accum_steps="
                              f"{cfg.train.grad_accum_steps}")
         self.total_steps = total_rollout_steps(cfg, len(self.stream))
-        self.trainer = RLTrainer(cfg, devices=devices, total_steps=self.total_steps)
+        self.trainer = RLTrainer(cfg, devices=devices, total_steps=self.total_steps, vocab_map=self.vocab_map)
 
     def advance(self, state, step: int):
         cfg, trainer = self.cfg, self.trainer

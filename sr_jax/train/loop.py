@@ -102,10 +102,13 @@ def run_vocab_map(cfg, tokenizer, run_dir: str | Path | None, build=None) -> Voc
     `init_from`'s; then `model.vocab_map` as a file, or `synthetic`: `build()` makes it. Two of
     these that disagree are an error rather than a silent renumbering of trained rows."""
     spec = cfg.model.vocab_map
+    saved = Path(run_dir) / VOCAB_MAP_FILE if run_dir is not None else None
     if spec is None:
+        if saved is not None and saved.is_file() and (Path(run_dir) / CHECKPOINTS).is_dir():
+            raise ValueError(f"{run_dir} holds a reduced-vocabulary run ({VOCAB_MAP_FILE}): resume it with "
+                             f"model.vocab_map set, or use another run.out_dir")
         return None
     candidates = []
-    saved = Path(run_dir) / VOCAB_MAP_FILE if run_dir is not None else None
     if saved is not None and saved.is_file():
         candidates.append((str(saved), VocabMap.load(saved, tokenizer)))
     if init_from_map(cfg.model):
@@ -133,7 +136,9 @@ class Trainer:
                  make_step: Callable | None = None, vocab_map: VocabMap | None = None):
         self.cfg = cfg
         if cfg.model.vocab_map is not None and vocab_map is None:
-            raise ValueError("model.vocab_map is set: pass the run's map (run_vocab_map)")
+            raise ValueError(f"model.vocab_map={cfg.model.vocab_map!r}: only `sr-jax train`/`sr-jax rl` runs and "
+                             "their checkpoints resolve a reduced vocabulary (sr_jax.train.loop.run_vocab_map); "
+                             "this entry point builds full-vocabulary models")
         self.vocab_map = vocab_map
         self.model_cfg = model_config(cfg.model, vocab_map)
         model_class = family_of(self.model_cfg).model_class

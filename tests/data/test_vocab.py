@@ -3,6 +3,7 @@ naming it, a compact model computes the full model's logits restricted to the ke
 compact run trains, saves, loads, generates (full ids out) and exports to transformers."""
 
 import json
+import pickle
 from pathlib import Path
 
 import jax
@@ -105,6 +106,8 @@ def test_map_file_round_trip_and_tokenizer_identity(tmp_path, tokenizer):
     assert path.name == VOCAB_MAP_FILE and json.loads(path.read_text())["size"] == len(vmap)
     back = VocabMap.load(tmp_path, tokenizer)
     assert back == vmap and hash(back) == hash(vmap)
+    shipped = pickle.loads(pickle.dumps(back))  # as data-pipeline worker processes receive it
+    assert shipped == back and shipped.to_compact([IM_END_ID]) == back.to_compact([IM_END_ID])
     other = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
     with pytest.raises(ValueError, match="made for tokenizer"):
         VocabMap.load(path, other)
@@ -184,6 +187,8 @@ def test_compact_run_resumes_with_its_map_and_refuses_another(compact_run, tmp_p
     other.save(tmp_path / "other.json")
     with pytest.raises(ValueError, match="different vocabulary maps"):
         train(small(out, **{"model.vocab_map": str(tmp_path / "other.json"), "run.total_steps": 4}))
+    with pytest.raises(ValueError, match="holds a reduced-vocabulary run"):
+        train(small(out, **{"model.vocab_map": "null", "run.total_steps": 4}))
 
 
 def _restricted_greedy(model, vmap, ids, pv, grids, steps):
@@ -251,7 +256,9 @@ def test_transformers_loads_the_compact_export_and_matches_its_logits(compact_ru
     export_hf(model, tmp_path / "hf", sidecar_dir=summary["model_dir"])
     assert VocabMap.load(tmp_path / "hf") == vmap
     back = load_model(tmp_path / "hf")
-    assert back.vocab_map == vmap  # the HF directory keeps the map
+    assert back.vocab_map == vmap  # the HF directory keeps the map, and so does converting it back
+    from sr_jax.convert.hf_import import convert_hf_to_jax
+    assert load_model(convert_hf_to_jax(tmp_path / "hf", tmp_path / "jax")).vocab_map == vmap
     hf = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert hf.config.text_config.vocab_size == len(vmap)
     processor = Processor(Path(summary["model_dir"]), 3136, 9216)
@@ -265,3 +272,114 @@ def test_transformers_loads_the_compact_export_and_matches_its_logits(compact_ru
     out = np.asarray(model(ids, pixel_values=enc["pixel_values"], image_grid_thw=grids))
     assert ref.shape[-1] == len(vmap)
     assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_checkpoint_export_and_grpo_rollouts_keep_the_map(compact_run, tmp_path):
+    """A run directory restores with its map; GRPO's update rows hold the compact ids of what
+    `generate` returned (teacher-forced argmax = the greedy tokens); `sr-jax rl` from the compact
+    model takes its map."""
+    from sr_jax.data.synthetic import SynthConfig, generate_example
+    from sr_jax.rl.config import RLConfig
+    from sr_jax.rl.rollout import Rollout, _pixels, completion_mask, left_pad, microbatches
+    from sr_jax.rl.trainer import train as rl_train
+    from sr_jax.train.loop import model_from_checkpoint
+    from sr_jax.train.step import VISION_KEYS
+
+    out, _, summary, _ = compact_run
+    vmap = VocabMap.load(out)
+    restored, _ = model_from_checkpoint(out)
+    assert restored.vocab_map == vmap and restored.config.text.vocab_size == len(vmap)
+
+    model = load_model(summary["model_dir"])
+    processor = Processor(Path(summary["model_dir"]), 3136, 9216)
+    records = [generate_example(i, 5, "train", SynthConfig(image_size=(48, 64), tasks=("sc",))) for i in range(2)]
+    prompts = [processor.encode(r, with_target=False) for r in records]
+    ids, mask = left_pad(prompts)
+    tokens = generate(model, ids, mask, *_pixels(prompts), max_new_tokens=6)
+    cmask = completion_mask(tokens, [IM_END_ID])
+    r = Rollout(records, prompts, tokens, cmask, [], [], np.zeros(2), {}, np.zeros(2))
+    (mb,) = microbatches(r, 1, model)
+    assert mb["input_ids"].max() < len(vmap)
+    np.testing.assert_array_equal(vmap.to_full(mb["completion_ids"])[cmask > 0], tokens[cmask > 0])
+    hidden = model.features(mb["input_ids"], mb["attention_mask"], mb["pixel_values"],
+                            position_ids=mb["position_ids"], vision=tuple(mb[k] for k in VISION_KEYS)).hidden
+    width = mb["input_ids"].shape[1] - tokens.shape[1]
+    logits = np.asarray(model.logits(hidden[:, width - 1: width - 1 + tokens.shape[1]]))
+    assert np.array_equal(vmap.to_full(logits.argmax(-1))[cmask > 0], tokens[cmask > 0])
+
+    cfg = load_config(RLConfig, ROOT / "configs" / "rl" / "demo_cpu.yaml", [
+        f"run.out_dir={tmp_path / 'rl'}", "run.total_steps=1", "run.progress_bar=false", "run.tensorboard=false",
+        "run.async_checkpoint=false", f"model.init_from={summary['model_dir']}", "model.vocab_map=synthetic",
+        "data.sources=['synthetic:n=8,seed=5,split=train,min_side=48,max_side=56,tasks=sc']",
+        "data.prompts_per_step=1", "grpo.group_size=2", "grpo.max_completion_tokens=8"])
+    rl = rl_train(cfg)
+    assert rl["step"] == 1 and np.isfinite(rl["last"]["loss"])
+    assert VocabMap.load(tmp_path / "rl") == vmap == VocabMap.load(rl["model_dir"])
+
+
+def test_scorer_reads_a_compact_model_and_refuses_another_tokenizer(compact_run, tmp_path):
+    import shutil
+
+    from sr_jax.data.synthetic import SynthConfig, generate_example
+    from sr_jax.reward.scorer import Scorer
+
+    _, _, summary, _ = compact_run
+    scorer = Scorer.from_pretrained(summary["model_dir"], max_new_tokens=8, max_pixels=9216)
+    assert scorer.model.vocab_map is not None
+    ex = generate_example(0, 9, "test", SynthConfig(image_size=(48, 64), tasks=("sc",)))
+    (result,) = scorer.score([ex.images[:-1]], [ex.images[-1]], [ex.instruction])
+    assert isinstance(result["raw"]["sc"], str) and isinstance(result["raw"]["pq"], str)
+    # the same model directory with another tokenizer's files: refused, naming the map
+    other = tmp_path / "other"
+    shutil.copytree(summary["model_dir"], other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same tokens, two ids swapped: another tokenizer
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="made for tokenizer"):
+        load_model(other)
+
+
+def test_a_full_vocabulary_init_from_gives_the_compact_model_its_kept_rows(tmp_path):
+    from sr_jax.convert.orbax_io import save_model
+    from sr_jax.train.sft import SFTStage
+
+    cfg = ModelConfig.preset("tiny")
+    full = init_model(cfg, seed=4)
+    save_model(full, tmp_path / "full")
+    stage = SFTStage(small(tmp_path / "run", **{"model.init_from": str(tmp_path / "full")}))
+    vmap, model = stage.vocab_map, stage.trainer.model
+    assert model.vocab_map == vmap and model.config.text.vocab_size == len(vmap)
+    np.testing.assert_array_equal(np.asarray(model.model.language_model.embed_tokens.embedding.get_value()),
+                                  vmap.rows(np.asarray(full.model.language_model.embed_tokens.embedding.get_value())))
+    np.testing.assert_array_equal(np.asarray(model.lm_head.kernel.get_value()),
+                                  vmap.rows(np.asarray(full.lm_head.kernel.get_value()), axis=1))
+    source = dict(nnx.to_flat_state(nnx.state(full, nnx.Param)))
+    same = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if source[path].get_value().shape == var.get_value().shape:
+            np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(source[path].get_value()))
+            same += 1
+    assert same == len(source) - 2  # every weight but the embedding and the LM head, as it was
+
+
+def test_data_vocab_map_command_covers_every_config(tmp_path, tokenizer):
+    from sr_jax.cli import main
+    from sr_jax.data.templates import PromptTemplates
+
+    out = tmp_path / "stages.json"
+    learn = ROOT / "configs" / "sft" / "learn_synthetic_cpu.yaml"
+    rl_source = "synthetic:n=16,seed=1,split=train,min_side=48,max_side=56,tasks=pq"
+    assert main(["data", "vocab-map", "--config", str(ROOT / "configs" / "sft" / "demo_cpu.yaml"), "--config",
+                 str(learn), "--samples", "40", "--out", str(out)]) == 0
+    vmap = VocabMap.load(out, tokenizer)
+    default = build_vocab_map(["synthetic:n=2000,seed=0,split=train,min_side=64,max_side=96"],
+                              Processor(tokenizer), samples_per_source=40)
+    templates = PromptTemplates(**{k: str(ROOT / f"configs/prompts/learn/{k}.txt") for k in ("sc", "sc_multi", "pq")})
+    own = build_vocab_map(["synthetic:n=200000,seed=0,split=train,min_side=64,max_side=128"],
+                          Processor(tokenizer, templates=templates), samples_per_source=40)
+    assert set(default.ids) | set(own.ids) == set(vmap.ids)
+    assert main(["data", "vocab-map", "--config", str(learn), "--source", rl_source, "--samples", "8",
+                 "--out", str(out)]) == 0
+    assert VocabMap.load(out) == build_vocab_map([rl_source], Processor(tokenizer, templates=templates),
+                                                 samples_per_source=8)
