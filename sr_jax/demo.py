@@ -35,9 +35,11 @@ from sr_jax.convert.hf_export import export_hf
 from sr_jax.convert.loading import load_model
 from sr_jax.convert.verify import run_verify
 from sr_jax.data.image import open_image
+from sr_jax.data.pipeline import SyntheticSource, make_processor
 from sr_jax.data.storage import ArrayRecordSource, write_array_record
-from sr_jax.data.synthetic import generate_examples
+from sr_jax.data.synthetic import generate_example, generate_examples
 from sr_jax.data.tokenizer import load_tokenizer
+from sr_jax.eval import stages as S
 from sr_jax.train.metrics import plot_metrics, read_metrics
 
 
@@ -152,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"      reward {r['reward']:.3f} (SC {r['sc']:.2f}, PQ {r['pq']:.2f}), parsed {r['parsed']}, "
               f"grounding {r['grounding']['grounding_score']:.2f}")
         print(f"      answer: {json.dumps(r['raw']['sc'][:100], ensure_ascii=False)}")
-    print("   (a few CPU steps teach the answer's shape, not yet the judgement: see tools/learning_check.py)")
+    print("   (a few CPU steps teach the answer's shape, not yet the judgement: step 6 learns a simpler task, "
+          "tools/learning_check.py goes further)")
     _done(t0)
 
     t0 = _step("5. export: the trained model back to Hugging Face")
@@ -189,10 +192,6 @@ def learn(out: Path, *, steps: int = LEARN_STEPS, max_seconds: float | None = LE
     the paths of the pictures. Never raises because the model did not learn: the demo is not a
     test (`tools/learning_check.py --stage 1` is, with its exit code). `overrides` come after the
     demo's own (tests use a tinier model)."""
-    from sr_jax.convert.loading import load_model
-    from sr_jax.data.pipeline import SyntheticSource, make_processor
-    from sr_jax.data.synthetic import generate_example
-    from sr_jax.eval import stages as S
     from sr_jax.train.sft import SFTConfig, train
 
     out = Path(out)

@@ -58,3 +58,13 @@ def test_learn_step_trains_answers_and_draws(tmp_path, capsys):
     assert (out / "loss_curve.png").is_file() and report["loss_curve"] == str(out / "loss_curve.png")
     # The trained model was exported with its reduced vocabulary.
     assert (out / "model" / "vocab_map.json").is_file()
+
+
+def test_demo_flags():
+    from sr_jax.cli import build_parser
+    from sr_jax.demo import LEARN_SECONDS, LEARN_STEPS, run
+
+    args = build_parser().parse_args(["demo"])
+    assert (args.learn_steps, args.learn_seconds, args.func) == (LEARN_STEPS, LEARN_SECONDS, run)
+    args = build_parser().parse_args(["demo", "--learn-steps", "0", "--learn-seconds", "30"])
+    assert (args.learn_steps, args.learn_seconds) == (0, 30.0)

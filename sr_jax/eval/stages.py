@@ -20,13 +20,18 @@ unseen seeds), `image_reliance` (the held-out answer loss with true vs blank ima
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw
 
+from sr_jax.data.image import open_image
+from sr_jax.data.pipeline import SYNTHETIC_PREFIX, DataPipeline
 from sr_jax.data.records import BOX_GRID
+from sr_jax.data.vocab import vocab_map_of
 from sr_jax.eval.metrics import match_boxes
 from sr_jax.special_tokens import DEFAULT_STOP_IDS
 
@@ -136,8 +141,6 @@ def greedy_answers(model, processor, records, max_new_tokens: int, batch_size: i
 def heldout_spec(spec: str, n: int, seed: int, split: str = "test") -> str:
     """The training source `spec` (synthetic:...) with its count, seed and split replaced: the same
     task mix and image sizes on examples training never sees."""
-    from sr_jax.data.pipeline import SYNTHETIC_PREFIX
-
     if not spec.startswith(SYNTHETIC_PREFIX):
         raise ValueError(f"the learning check needs a synthetic training source, got {spec!r}")
     items = [i for i in spec[len(SYNTHETIC_PREFIX):].split(",") if i and i.split("=")[0].strip() not in
@@ -149,13 +152,9 @@ def image_reliance(model, data_cfg, source: str, tokenizer: str) -> dict:
     """Held-out teacher-forced loss with the true images and with every image blanked (all patches
     at the normalised value 0, a flat grey): a model that reads its images loses accuracy without
     them; one that answers from the text prior alone scores the same either way."""
-    import dataclasses
-
     import jax
 
     from sr_jax.data.packing import model_inputs
-    from sr_jax.data.pipeline import DataPipeline
-    from sr_jax.data.vocab import vocab_map_of
     from sr_jax.train.config import LossConfig
     from sr_jax.train.step import forward_loss
 
@@ -177,10 +176,6 @@ def draw_tiles(items, path: str | Path, scale: int = 2) -> None:
     """A contact sheet of held-out examples: `items` = (image, true boxes, predicted boxes, caption)
     with boxes on the 0..1000 grid (true green, predicted red) and the caption under each tile.
     Nothing is written for no items."""
-    from PIL import Image, ImageDraw
-
-    from sr_jax.data.image import open_image
-
     tiles = []
     for image, truth, predicted, caption in items:
         img = open_image(image).convert("RGB")
