@@ -36,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Shared with `sr-jax demo`'s learn step, so they live in the package (tools/ is not importable).
+from sr_jax.eval.stages import draw_tiles, heldout_spec, image_reliance  # noqa: F401
+
 GOALS = {"parse_rate": (">=", 1.0), "mean_iou": (">=", 0.5), "mae_success": ("<=", 3.0),
          "mae_overediting": ("<=", 3.0), "mae_naturalness": ("<=", 3.0), "mae_artifacts": ("<=", 3.0),
          "reward_spearman": (">=", 0.7)}
@@ -62,86 +65,12 @@ def goal_met(value, goal) -> bool:
     return value is not None and (value >= target if op == ">=" else value <= target)
 
 
-def heldout_spec(spec: str, n: int, seed: int, split: str = "test") -> str:
-    """The training source `spec` (synthetic:...) with its count, seed and split replaced: the same
-    task mix and image sizes on examples training never sees."""
-    from sr_jax.data.pipeline import SYNTHETIC_PREFIX
-
-    if not spec.startswith(SYNTHETIC_PREFIX):
-        raise ValueError(f"the learning check needs a synthetic training source, got {spec!r}")
-    items = [i for i in spec[len(SYNTHETIC_PREFIX):].split(",") if i and i.split("=")[0].strip() not in
-             ("n", "seed", "split")]
-    return SYNTHETIC_PREFIX + ",".join([f"n={n}", f"seed={seed}", f"split={split}"] + items)
-
-
-def draw_tiles(items, path: Path, scale: int = 2) -> None:
-    """A contact sheet of held-out examples: `items` = (image, true boxes, predicted boxes, caption)
-    with boxes on the 0..1000 grid (true green, predicted red) and the caption under each tile."""
-    from PIL import Image, ImageDraw
-
-    from sr_jax.data.image import open_image
-
-    tiles = []
-    for image, truth, predicted, caption in items:
-        img = open_image(image).convert("RGB")
-        w, h = img.size
-        img = img.resize((w * scale, h * scale), Image.NEAREST)
-        tile = Image.new("RGB", (img.width, img.height + (14 if caption else 0)), "white")
-        tile.paste(img, (0, 0))
-        draw = ImageDraw.Draw(tile)
-        for boxes, colour in ((truth, (0, 200, 0)), (predicted, (230, 0, 0))):
-            for b in boxes:
-                draw.rectangle([b[0] * w * scale / 1000, b[1] * h * scale / 1000,
-                                b[2] * w * scale / 1000, b[3] * h * scale / 1000], outline=colour, width=2)
-        if caption:
-            draw.text((2, img.height + 1), caption, fill=(0, 0, 0))
-        tiles.append(tile)
-    if not tiles:
-        return
-    width = sum(t.width for t in tiles) + 8 * (len(tiles) + 1)
-    height = max(t.height for t in tiles) + 16
-    sheet = Image.new("RGB", (width, height), "white")
-    x = 8
-    for t in tiles:
-        sheet.paste(t, (x, 8))
-        x += t.width + 8
-    sheet.save(path)
-
-
 def draw_examples(examples, items, path: Path, n: int = 6) -> None:
     """The first `n` SC examples of an `evaluate_synthetic` run with their true and predicted boxes."""
     by_id = {it["id"]: it for it in items if it["task"] == "sc"}
     sc = [ex for ex in examples if ex.id in by_id][:n]
     draw_tiles([(ex.images[-1], by_id[ex.id]["truth_boxes"], by_id[ex.id]["predicted_boxes"], "") for ex in sc],
                path)
-
-
-def image_reliance(model, data_cfg, source: str, tokenizer: str) -> dict:
-    """Held-out teacher-forced loss with the true images and with every image blanked (all patches
-    at the normalised value 0, a flat grey): a model that reads its images loses accuracy without
-    them; one that answers from the text prior alone scores the same either way."""
-    import dataclasses
-
-    import jax
-
-    from sr_jax.data.packing import model_inputs
-    from sr_jax.data.pipeline import DataPipeline
-    from sr_jax.data.vocab import vocab_map_of
-    from sr_jax.train.config import LossConfig
-    from sr_jax.train.step import forward_loss
-
-    cfg = dataclasses.replace(data_cfg, sources=[source], shuffle=False, num_epochs=1, workers=0, tokenizer=tokenizer)
-    loss_cfg = LossConfig(max_label_tokens=max(cfg.seq_lens) * cfg.batch_size)
-    run = jax.jit(lambda b: forward_loss(model, b, loss_cfg))
-    totals = {"true images": [0.0, 0.0], "blank images": [0.0, 0.0]}
-    for batch in DataPipeline(cfg, vision=model.config.vision, vocab_map=vocab_map_of(model)):
-        inputs = model_inputs(batch)
-        blank = {**inputs, "pixel_values": np.zeros_like(inputs["pixel_values"])}
-        for name, b in (("true images", inputs), ("blank images", blank)):
-            stats = run(b)
-            totals[name][0] += float(stats.loss_sum)
-            totals[name][1] += float(stats.weight)
-    return {name: s / max(w, 1.0) for name, (s, w) in totals.items()}
 
 
 def _print_table(rows: dict[str, dict], metrics, goals: dict) -> None:

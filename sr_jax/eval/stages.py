@@ -11,17 +11,27 @@ and locate records.
                      matching (`match_boxes`: an unparsed answer has no boxes, IoU 0); box recall
                      at IoU 0.5. Baselines: a box of the mean training size centred in the image,
                      and the mean training box.
+
+Also shared by the tool and `sr-jax demo`'s learn step: `heldout_spec` (the training source on
+unseen seeds), `image_reliance` (the held-out answer loss with true vs blank images) and
+`draw_tiles` (a contact sheet of held-out images with boxes and captions).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw
 
+from sr_jax.data.image import open_image
+from sr_jax.data.pipeline import SYNTHETIC_PREFIX, DataPipeline
 from sr_jax.data.records import BOX_GRID
+from sr_jax.data.vocab import vocab_map_of
 from sr_jax.eval.metrics import match_boxes
 from sr_jax.special_tokens import DEFAULT_STOP_IDS
 
@@ -126,3 +136,68 @@ def greedy_answers(model, processor, records, max_new_tokens: int, batch_size: i
                           stop_ids=stop_ids)
         texts += decode_completions(processor.tokenizer, tokens, completion_mask(tokens, stop_ids))
     return texts
+
+
+def heldout_spec(spec: str, n: int, seed: int, split: str = "test") -> str:
+    """The training source `spec` (synthetic:...) with its count, seed and split replaced: the same
+    task mix and image sizes on examples training never sees."""
+    if not spec.startswith(SYNTHETIC_PREFIX):
+        raise ValueError(f"the learning check needs a synthetic training source, got {spec!r}")
+    items = [i for i in spec[len(SYNTHETIC_PREFIX):].split(",") if i and i.split("=")[0].strip() not in
+             ("n", "seed", "split")]
+    return SYNTHETIC_PREFIX + ",".join([f"n={n}", f"seed={seed}", f"split={split}"] + items)
+
+
+def image_reliance(model, data_cfg, source: str, tokenizer: str) -> dict:
+    """Held-out teacher-forced loss with the true images and with every image blanked (all patches
+    at the normalised value 0, a flat grey): a model that reads its images loses accuracy without
+    them; one that answers from the text prior alone scores the same either way."""
+    import jax
+
+    from sr_jax.data.packing import model_inputs
+    from sr_jax.train.config import LossConfig
+    from sr_jax.train.step import forward_loss
+
+    cfg = dataclasses.replace(data_cfg, sources=[source], shuffle=False, num_epochs=1, workers=0, tokenizer=tokenizer)
+    loss_cfg = LossConfig(max_label_tokens=max(cfg.seq_lens) * cfg.batch_size)
+    run = jax.jit(lambda b: forward_loss(model, b, loss_cfg))
+    totals = {"true images": [0.0, 0.0], "blank images": [0.0, 0.0]}
+    for batch in DataPipeline(cfg, vision=model.config.vision, vocab_map=vocab_map_of(model)):
+        inputs = model_inputs(batch)
+        blank = {**inputs, "pixel_values": np.zeros_like(inputs["pixel_values"])}
+        for name, b in (("true images", inputs), ("blank images", blank)):
+            stats = run(b)
+            totals[name][0] += float(stats.loss_sum)
+            totals[name][1] += float(stats.weight)
+    return {name: s / max(w, 1.0) for name, (s, w) in totals.items()}
+
+
+def draw_tiles(items, path: str | Path, scale: int = 2) -> None:
+    """A contact sheet of held-out examples: `items` = (image, true boxes, predicted boxes, caption)
+    with boxes on the 0..1000 grid (true green, predicted red) and the caption under each tile.
+    Nothing is written for no items."""
+    tiles = []
+    for image, truth, predicted, caption in items:
+        img = open_image(image).convert("RGB")
+        w, h = img.size
+        img = img.resize((w * scale, h * scale), Image.NEAREST)
+        tile = Image.new("RGB", (img.width, img.height + (14 if caption else 0)), "white")
+        tile.paste(img, (0, 0))
+        draw = ImageDraw.Draw(tile)
+        for boxes, colour in ((truth, (0, 200, 0)), (predicted, (230, 0, 0))):
+            for b in boxes:
+                draw.rectangle([b[0] * w * scale / BOX_GRID, b[1] * h * scale / BOX_GRID,
+                                b[2] * w * scale / BOX_GRID, b[3] * h * scale / BOX_GRID], outline=colour, width=2)
+        if caption:
+            draw.text((2, img.height + 1), caption, fill=(0, 0, 0))
+        tiles.append(tile)
+    if not tiles:
+        return
+    width = sum(t.width for t in tiles) + 8 * (len(tiles) + 1)
+    height = max(t.height for t in tiles) + 16
+    sheet = Image.new("RGB", (width, height), "white")
+    x = 8
+    for t in tiles:
+        sheet.paste(t, (x, 8))
+        x += t.width + 8
+    sheet.save(path)
