@@ -99,14 +99,17 @@ def run_vocab_map(cfg, tokenizer, run_dir: str | Path | None, build=None) -> Voc
     """The reduced vocabulary of a run (None: full vocabulary), checked against `tokenizer`.
 
     The map a run directory holds wins (a resumed run keeps its map); then a compact
-    `init_from`'s; then `model.vocab_map` as a file, or `synthetic`: `build()` makes it. Two of
-    these that disagree are an error rather than a silent renumbering of trained rows."""
+    `init_from`'s (also when `model.vocab_map` is unset); then `model.vocab_map` as a file, or
+    `synthetic`: `build()` makes it. Two of these that disagree are an error rather than a silent
+    renumbering of trained rows."""
     spec = cfg.model.vocab_map
     saved = Path(run_dir) / VOCAB_MAP_FILE if run_dir is not None else None
     if spec is None:
         if saved is not None and saved.is_file() and (Path(run_dir) / CHECKPOINTS).is_dir():
             raise ValueError(f"{run_dir} holds a reduced-vocabulary run ({VOCAB_MAP_FILE}): resume it with "
                              f"model.vocab_map set, or use another run.out_dir")
+        if init_from_map(cfg.model):  # a compact model keeps its rows' meaning: it brings its own map
+            return VocabMap.load(init_from_map(cfg.model), tokenizer)
         return None
     candidates = []
     if saved is not None and saved.is_file():
@@ -135,7 +138,7 @@ class Trainer:
     def __init__(self, cfg, *, devices=None, abstract: bool = False, total_steps: int | None = None,
                  make_step: Callable | None = None, vocab_map: VocabMap | None = None):
         self.cfg = cfg
-        if cfg.model.vocab_map is not None and vocab_map is None:
+        if (cfg.model.vocab_map is not None or init_from_map(cfg.model)) and vocab_map is None:
             raise ValueError(f"model.vocab_map={cfg.model.vocab_map!r}: only `sr-jax train`/`sr-jax rl` runs and "
                              "their checkpoints resolve a reduced vocabulary (sr_jax.train.loop.run_vocab_map); "
                              "this entry point builds full-vocabulary models")

@@ -309,7 +309,7 @@ def test_checkpoint_export_and_grpo_rollouts_keep_the_map(compact_run, tmp_path)
 
     cfg = load_config(RLConfig, ROOT / "configs" / "rl" / "demo_cpu.yaml", [
         f"run.out_dir={tmp_path / 'rl'}", "run.total_steps=1", "run.progress_bar=false", "run.tensorboard=false",
-        "run.async_checkpoint=false", f"model.init_from={summary['model_dir']}", "model.vocab_map=synthetic",
+        "run.async_checkpoint=false", f"model.init_from={summary['model_dir']}",  # no model.vocab_map: it brings its own
         "data.sources=['synthetic:n=8,seed=5,split=train,min_side=48,max_side=56,tasks=sc']",
         "data.prompts_per_step=1", "grpo.group_size=2", "grpo.max_completion_tokens=8"])
     rl = rl_train(cfg)
