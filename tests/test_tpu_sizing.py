@@ -111,6 +111,7 @@ def test_driver_resumes_from_the_jsonl_and_skips_rows_by_ram(tmp_path, monkeypat
     assert calls == [("2b/lora/v6e", 8)]  # 4 chips known not to fit: straight to 8
     records = sizing.load_records(os.path.join(out, "sizing.jsonl"))  # the cut line did not swallow the next
     assert [r["status"] for r in records if r["kind"] == "row" and r["row"] == "2b/lora/v6e"] == ["fits"]
+    assert [r["chips"] for r in records if r["kind"] == "compile" and r["row"] == "2b/lora/v6e"] == [4, 8]
 
 
 @needs_libtpu
@@ -130,3 +131,51 @@ def test_one_real_compile_of_the_tiny_model_for_v6e(tmp_path):
     assert any(k.startswith("custom-call") or "custom-call" in k for k in kinds)
     assert b["unknown_trip_loops"] == 0  # scanned layers: the trip counts are known
     assert "op kind" in sizing.format_breakdown(b)
+
+
+HLO = """HloModule m
+
+%cond (p: (s32[], f32[8,16])) -> pred[] {
+  %p = (s32[], f32[8,16]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%fused_dot (a: f32[8,32], b: f32[32,16]) -> f32[8,16] {
+  %a = f32[8,32]{1,0} parameter(0)
+  %b = f32[32,16]{1,0} parameter(1)
+  ROOT %conv = f32[8,16]{1,0} convolution(%a, %b), dim_labels=bf_io->bf, metadata={op_name="jit(f)/dot_general"}
+}
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]) parameter(0)
+  %x = f32[8,32]{1,0} constant({...})
+  %w = f32[32,16]{1,0} constant({...})
+  %f = f32[8,16]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[8,16]) tuple(%i, %f)
+}
+
+ENTRY %main (x: f32[8,16]) -> f32[16,16] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %z = s32[] constant(0)
+  %t = (s32[], f32[8,16]) tuple(%z, %x)
+  %w = (s32[], f32[8,16]) while(%t), condition=%cond, body=%body
+  %ag = f32[16,16]{1,0} all-gather(%x), dimensions={0}
+  ROOT %d = f32[16,16]{1,0} dot(%ag, %ag), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+
+
+def test_breakdown_weights_loop_bodies_by_their_trip_count():
+    """A scan's body (a matmul fusion) counts 5 times (trip count read from `i < 5`), operands
+    printed by name are looked up, collectives are their own kind."""
+    b = sizing.breakdown(HLO)
+    g = b["groups"]
+    assert g["matmul fusion"]["flops"] == 5 * 2 * 8 * 16 * 32
+    assert g["matmul fusion"]["bytes"] == 5 * 4 * (8 * 32 + 32 * 16 + 8 * 16)
+    assert g["dot"]["flops"] == 2 * 16 * 16 * 16
+    assert g["all-gather"]["bytes"] == 4 * (16 * 16 + 8 * 16)
+    assert b["unknown_trip_loops"] == 0
+    assert "matmul fusion" in sizing.format_breakdown(b)

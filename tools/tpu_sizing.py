@@ -189,7 +189,8 @@ def compile_one(row: Row, chips: int, *, shape: dict | None = None, hlo_path: st
             resident=m["params"] + m["frozen"] + m["optimizer"], memory=m,
             flops_xla=report["flops_per_step"]["xla"], flops_analytic=report["flops_per_step"]["analytic"],
             bytes_xla_per_device=report["bytes_per_step"]["xla_per_device"],
-            step_seconds=r["step_seconds"], bound=r["bound"], mfu=r["mfu"],
+            step_seconds=r["step_seconds"], bound=r["bound"], mfu=r["mfu"], compute_seconds=r["compute_seconds"],
+            memory_seconds=r["memory_seconds"],
             tokens_per_second_per_chip=r["tokens_per_second_per_chip"], tokens_per_step=report["tokens_per_step"],
             compile_seconds=report["seconds"]["compile"], num_params=report["num_params"],
             num_trainable=report["num_trainable"])
@@ -261,6 +262,23 @@ def _rss_of(pid: int) -> int:
     return 0
 
 
+def _watch(proc, kill_rss: float, timeout: float, t0: float) -> tuple[int, str | None]:
+    """Waits for the child, sampling its RSS; kills it past kill_rss bytes or timeout seconds."""
+    peak, killed = 0, None
+    while proc.poll() is None:
+        peak = max(peak, _rss_of(proc.pid))
+        if peak > kill_rss:
+            killed = f"killed: RSS passed {kill_rss / 1e9:.0f} GB"
+        elif time.perf_counter() - t0 > timeout:
+            killed = f"killed: compile passed {timeout:.0f} s"
+        if killed:
+            proc.kill()
+            proc.wait()
+            break
+        time.sleep(0.5)
+    return peak, killed
+
+
 def run_child(row: Row, chips: int, out_dir: str, *, kill_rss: float, timeout: float,
               shape: dict | None = None) -> dict:
     """One compile in a fresh `nice -n 10` process; killed past `kill_rss` bytes or `timeout` s."""
@@ -271,20 +289,15 @@ def run_child(row: Row, chips: int, out_dir: str, *, kill_rss: float, timeout: f
     # every other libtpu process on the machine (tests, `sr-jax plan`) fail at start
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    # the child's output goes to files: a pipe nobody reads while polling would stall a chatty libtpu
+    logs = os.path.join(out_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    stem = os.path.join(logs, f"{row.key.replace('/', '_')}_{chips}")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak, killed = 0, None
-    while proc.poll() is None:
-        peak = max(peak, _rss_of(proc.pid))
-        if peak > kill_rss:
-            killed = f"killed: RSS passed {kill_rss / 1e9:.0f} GB"
-        elif time.perf_counter() - t0 > timeout:
-            killed = f"killed: compile passed {timeout:.0f} s"
-        if killed:
-            proc.kill()
-            break
-        time.sleep(0.5)
-    out, err = proc.communicate()
+    with open(stem + ".out", "w") as fo, open(stem + ".err", "w") as fe:
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env)
+        peak, killed = _watch(proc, kill_rss, timeout, t0)
+    out, err = open(stem + ".out").read(), open(stem + ".err").read()
     wall = time.perf_counter() - t0
     base = {"kind": "compile", "row": row.key, "chips": chips, "topology": topology_name(row.gen, chips),
             "wall_seconds": wall, "date": time.strftime("%Y-%m-%d", time.gmtime())}
@@ -325,7 +338,7 @@ def summarize(row: Row, tried: dict[int, dict], chip) -> dict:
     r = tried[fit[0]]
     keep = ("topology", "chips", "device_kind", "attention", "hbm_used", "hbm_available", "flops_xla",
             "flops_analytic", "bytes_xla_per_device", "step_seconds", "bound", "mfu", "tokens_per_second_per_chip",
-            "compile_seconds", "hlo")
+            "compile_seconds", "hlo", "compute_seconds", "tokens_per_step")
     out = dict(base, status="fits", **{k: r.get(k) for k in keep})
     out["compile_peak_rss"] = r.get("peak_rss")
     return out
@@ -378,7 +391,32 @@ COLUMNS = ["model", "mode", "gen", "status", "topology", "chips", "hbm_used_gib"
            "compiles"]
 
 
-def table_rows(records: list[dict]) -> list[dict]:
+def estimate(r: dict, out_dir: str | None) -> dict:
+    """Step time, MFU and tokens/s per chip of a fitting row: the plan's compute time (analytic
+    FLOPs + remat's recomputed forward at peak) against the HBM time of the compiled program's
+    bytes with every loop body counted as often as it runs (the saved HLO's breakdown; XLA's own
+    cost analysis counts a scanned layer once). No communication, perfect overlap."""
+    from sr_jax import tpu
+
+    chip = tpu.CHIPS[r["gen"]]
+    compute = r.get("compute_seconds") or (r["step_seconds"] if r.get("bound") == "compute" else None)
+    hlo_bytes = r.get("hlo_bytes")
+    path = os.path.join(out_dir, r["hlo"]) if out_dir and r.get("hlo") else None
+    if hlo_bytes is None and path and os.path.exists(path):
+        with gzip.open(path, "rt") as f:
+            b = breakdown(f.read())
+        hlo_bytes = sum(g["bytes"] for g in b["groups"].values())
+    memory = hlo_bytes / chip.hbm_bandwidth if hlo_bytes else None
+    if compute is None:
+        return {"step": r["step_seconds"], "mfu": r["mfu"], "tps": r["tokens_per_second_per_chip"], "bound": r["bound"]}
+    step = max(compute, memory or 0.0)
+    tokens = r.get("tokens_per_step") or r["chips"] * SEQ
+    return {"step": step, "mfu": r["flops_analytic"] / (r["chips"] * chip.peak_bf16_flops * step),
+            "tps": tokens / step / r["chips"], "bound": "compute" if compute >= (memory or 0) else "HBM",
+            "hbm_seconds": memory}
+
+
+def table_rows(records: list[dict], out_dir: str | None = None) -> list[dict]:
     rows = {}
     for r in records:
         if r.get("kind") == "row":
@@ -388,6 +426,7 @@ def table_rows(records: list[dict]) -> list[dict]:
     out = []
     for r in sorted(rows.values(), key=lambda r: order.get((r["model"], r["mode"], r["gen"]), 1e9)):
         fits = r["status"] == "fits"
+        e = estimate(r, out_dir) if fits else {}
         out.append({
             "model": r["model"], "mode": "LoRA r32" if r["mode"] == "lora" else "full", "gen": r["gen"],
             "status": r["status"] if not fits else "fits",
@@ -395,9 +434,9 @@ def table_rows(records: list[dict]) -> list[dict]:
             "hbm_used_gib": f"{r['hbm_used'] / 2**30:.1f}" if fits else "",
             "hbm_available_gib": f"{r['hbm_available'] / 2**30:.1f}" if fits else "",
             "step_tflops": f"{max(r['flops_xla'] or 0, r['flops_analytic']) / 1e12:.0f}" if fits else "",
-            "step_seconds_est": f"{r['step_seconds']:.2f}" if fits else "",
-            "mfu_est": f"{100 * r['mfu']:.0f}%" if fits else "",
-            "tokens_per_s_per_chip_est": f"{r['tokens_per_second_per_chip']:.0f}" if fits else "",
+            "step_seconds_est": f"{e['step']:.2f} ({e['bound']})" if fits else "",
+            "mfu_est": f"{100 * e['mfu']:.0f}%" if fits else "",
+            "tokens_per_s_per_chip_est": f"{e['tps']:.0f}" if fits else "",
             "compile_s": f"{r['compile_seconds']:.0f}" if fits else "",
             "peak_rss_gb": f"{(r.get('compile_peak_rss') or r.get('peak_rss') or 0) / 1e9:.1f}"
             if (r.get('compile_peak_rss') or r.get('peak_rss')) else "",
@@ -408,7 +447,7 @@ def table_rows(records: list[dict]) -> list[dict]:
 
 
 def write_tables(records: list[dict], out_dir: str) -> str:
-    rows = table_rows(records)
+    rows = table_rows(records, out_dir)
     with open(os.path.join(out_dir, "sizing.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS + ["reason"])
         w.writeheader()
@@ -542,6 +581,17 @@ def parse_hlo(text: str) -> dict:
     return {"computations": comps, "entry": entry}
 
 
+def _trip_from_condition(comps: dict, attrs: str) -> int | None:
+    """A scan's trip count from its loop condition `counter < N` (counter from 0 by 1, as
+    lax.scan/fori_loop lower), when the compiler did not annotate it."""
+    cond = re.search(r"condition=%?([\w.\-]+)", attrs)
+    body = comps.get(cond.group(1), []) if cond else []
+    consts = [int(m.group(1)) for ins in body if ins["opcode"] == "constant"
+              for m in [re.fullmatch(r"\s*(\d+)\s*", ins["operands"])] if m]
+    lt = [ins for ins in body if ins["opcode"] == "compare" and "direction=LT" in ins["attrs"]]
+    return consts[0] if len(consts) == 1 and len(lt) == 1 else None
+
+
 def breakdown(text: str) -> dict:
     """Per-op FLOPs (dots and convolutions, inside fusions too) and HBM bytes (each top-level op's
     operands + result), weighted by loop trip counts, grouped by op kind."""
@@ -582,7 +632,7 @@ def breakdown(text: str) -> dict:
         for ins in comps.get(name, []):
             op = ins["opcode"]
             if op == "while":
-                trip = ins["trip"]
+                trip = ins["trip"] or _trip_from_condition(comps, ins["attrs"])
                 if trip is None:
                     unknown_loops += 1
                 body = re.search(r"body=%?([\w.\-]+)", ins["attrs"])
@@ -725,7 +775,7 @@ def main(argv=None) -> int:
         print(format_breakdown(breakdown(text), args.top))
         return 0
 
-    done = {r["row"] for r in records if r.get("kind") == "row"}
+    done = {r["row"] for r in records if r.get("kind") == "row" and r["status"] != "error"}  # errors are retried
     rows = [Row(m, mo, g) for m in _csv(args.models, MODELS, "models") for mo in _csv(args.modes, MODES, "modes")
             for g in _csv(args.gens, GENS, "generations")]
     if args.rows:
