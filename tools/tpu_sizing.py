@@ -581,6 +581,20 @@ def parse_hlo(text: str) -> dict:
     return {"computations": comps, "entry": entry}
 
 
+def _op_bytes(ins: dict, operands: list) -> float:
+    """HBM bytes of a top-level op: its operands and result, except that a dynamic-update-slice
+    (a scan stacking its per-layer residuals) writes only its update in place, and a dynamic-slice
+    reads only the slice it returns, not the whole stacked buffer."""
+    out = _nbytes(_shapes(ins["out"]))
+    sizes = sorted((_nbytes([o]) for o in operands), reverse=True)
+    tag = ins["opcode"] if ins["opcode"] != "fusion" else ins["name"]
+    if "dynamic-update-slice" in tag and sizes:
+        return 2.0 * sum(sizes[1:])  # the buffer (largest operand) is aliased by the result
+    if "dynamic-slice" in tag and sizes and sizes[0] > out:
+        return 2.0 * out + sum(sizes[1:])
+    return out + sum(sizes)
+
+
 def _trip_from_condition(comps: dict, attrs: str) -> int | None:
     """A scan's trip count from its loop condition `counter < N` (counter from 0 by 1, as
     lax.scan/fori_loop lower), when the compiler did not annotate it."""
@@ -661,7 +675,7 @@ def breakdown(text: str) -> dict:
                 if op == "custom-call":
                     target = re.search(r'custom_call_target="([^"]*)"', ins["attrs"])
                     kind = f"custom-call {target.group(1) if target else ''}".strip()
-            nbytes = _nbytes(_shapes(ins["out"])) + _nbytes(_operand_shapes(ins["operands"], tables[name]))
+            nbytes = _op_bytes(ins, _operand_shapes(ins["operands"], tables[name]))
             g = groups[kind]
             g["flops"] += flops * mult
             g["bytes"] += nbytes * mult
