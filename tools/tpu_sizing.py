@@ -434,7 +434,8 @@ def table_rows(records: list[dict], out_dir: str | None = None) -> list[dict]:
             "hbm_used_gib": f"{r['hbm_used'] / 2**30:.1f}" if fits else "",
             "hbm_available_gib": f"{r['hbm_available'] / 2**30:.1f}" if fits else "",
             "step_tflops": f"{max(r['flops_xla'] or 0, r['flops_analytic']) / 1e12:.0f}" if fits else "",
-            "step_seconds_est": f"{e['step']:.2f} ({e['bound']})" if fits else "",
+            "step_seconds_est": (f"{e['step']:.2f} ({e['bound']}" + (f"; HBM {e['hbm_seconds']:.2f}" if e.get("hbm_seconds")
+                                                                   else "") + ")") if fits else "",
             "mfu_est": f"{100 * e['mfu']:.0f}%" if fits else "",
             "tokens_per_s_per_chip_est": f"{e['tps']:.0f}" if fits else "",
             "compile_s": f"{r['compile_seconds']:.0f}" if fits else "",
