@@ -163,6 +163,9 @@ ENTRY %main (x: f32[8,16]) -> f32[16,16] {
   %t = (s32[], f32[8,16]) tuple(%z, %x)
   %w = (s32[], f32[8,16]) while(%t), condition=%cond, body=%body
   %ag = f32[16,16]{1,0} all-gather(%x), dimensions={0}
+  %cl = f32[2,8,1]{2,1,0} parameter(1)
+  %cr = f32[4,16,8]{2,1,0} parameter(2)
+  %cv = f32[2,4,16]{2,1,0} convolution(%cl, %cr), window={size=4 pad=3_3 rhs_reversal=1}, dim_labels=bf0_0oi->b0f
   ROOT %d = f32[16,16]{1,0} dot(%ag, %ag), lhs_contracting_dims={1}, rhs_contracting_dims={0}
 }
 """
@@ -177,5 +180,7 @@ def test_breakdown_weights_loop_bodies_by_their_trip_count():
     assert g["matmul fusion"]["bytes"] == 5 * 4 * (8 * 32 + 32 * 16 + 8 * 16)
     assert g["dot"]["flops"] == 2 * 16 * 16 * 16
     assert g["all-gather"]["bytes"] == 4 * (16 * 16 + 8 * 16)
+    # a batched dot written as a convolution over a padded size-1 dim: one real tap per output
+    assert g["convolution"]["flops"] == 2 * (2 * 4 * 16) * 8
     assert b["unknown_trip_loops"] == 0
     assert "matmul fusion" in sizing.format_breakdown(b)

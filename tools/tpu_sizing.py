@@ -539,8 +539,15 @@ def _dot_flops(out_type: str, ops: list, attrs: str, opcode: str) -> float:
     k = lhs[m.group(1).index("f")]
     g = re.search(r"feature_group_count=(\d+)", attrs)
     k //= int(g.group(1)) if g else 1
+    # Taps per output along each spatial dim, at most the input's extent there: the TPU compiler
+    # writes some batched dots as a convolution over a padded size-1 dim (window 32, pad 31_31),
+    # where each output sees one real tap.
     w = re.search(r"window=\{size=([\dx]+)", attrs)
-    window = math.prod(int(x) for x in w.group(1).split("x")) if w else 1
+    sizes = [int(x) for x in w.group(1).split("x")] if w else []
+    window = 1
+    for d, size in enumerate(sizes):
+        where = m.group(1).find(str(d))
+        window *= min(size, lhs[where]) if 0 <= where < len(lhs) else size
     return 2.0 * n_out * k * window
 
 
