@@ -42,7 +42,8 @@ CHIPS = {
     # bidirectional per chip, 2 TensorCores per chip, 4-chip VMs; the smallest slice is 2x2x1 (v5p-8).
     "v5p": TpuChip("v5p", 459e12, 2765e9, 95 * GiB, 2, 3, 1200e9, 4, 4),
     # https://docs.cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GB HBM at 1638 GBps, ICI 800 GBps
-    # bidirectional per chip, 8 chips per host, slices from 1 chip (v6e-1).
+    # bidirectional per chip, 8 chips per host, slices from 1 chip (v6e-1). (libtpu's compiler itself
+    # reports 31.25 GiB available on a v6e chip; the published 32 GB = 29.8 GiB is the safer bound.)
     "v6e": TpuChip("v6e", 918e12, 1638e9, 32 * 10**9, 1, 2, 800e9, 8, 1),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "trillium": "v6e"}
