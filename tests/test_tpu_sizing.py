@@ -46,6 +46,8 @@ def test_search_grows_until_it_fits_then_stops_at_the_fewest_chips():
     assert sizing.next_chips(row, chip, {64: _rec("does not fit", 130 * GiB, 10 * GiB)}) is None
     # refused before compiling (state alone too big, size of the rest unknown): double
     assert sizing.next_chips(row, chip, {4: _rec("does not fit", None, 200 * GiB)}) == 8
+    # out of HBM in the compiler (temporaries known, the state's share not): double
+    assert sizing.next_chips(row, chip, {4: _rec("does not fit", 120 * GiB, None)}) == 8
 
 
 def test_first_guess_comes_from_the_hbm_estimate():

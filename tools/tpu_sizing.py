@@ -129,11 +129,13 @@ def next_chips(row: Row, chip, tried: dict[int, dict]) -> int | None:
     if n * 2 > MAX_CHIPS[row.gen]:
         return None
     need, resident = r.get("hbm_used") or 0, r.get("resident") or 0
+    if not (need and resident):  # refused early or out of HBM in the compiler: the split is unknown
+        return n * 2
     rest = need - resident  # activations and everything that does not shrink with more chips
-    if need and rest >= chip.hbm_bytes:
+    if rest >= chip.hbm_bytes:
         return None  # one row's activations alone exceed the chip: no slice helps
     m = n * 2
-    while need and m < MAX_CHIPS[row.gen] and rest + resident * n / m > chip.hbm_bytes:
+    while m < MAX_CHIPS[row.gen] and rest + resident * n / m > chip.hbm_bytes:
         m *= 2
     return m
 
@@ -213,7 +215,8 @@ def _oom_line(text: str) -> str:
 
 
 def _oom_used(text: str) -> int | None:
-    m = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", text)
+    m = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", text) \
+        or re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", text)  # temporaries alone: a lower bound
     if not m:
         return None
     return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
