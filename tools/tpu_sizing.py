@@ -416,7 +416,14 @@ def estimate(r: dict, out_dir: str | None) -> dict:
     tokens = r.get("tokens_per_step") or r["chips"] * SEQ
     return {"step": step, "mfu": r["flops_analytic"] / (r["chips"] * chip.peak_bf16_flops * step),
             "tps": tokens / step / r["chips"], "bound": "compute" if compute >= (memory or 0) else "HBM",
-            "hbm_seconds": memory}
+            "hbm_seconds": memory, "compute_seconds": compute}
+
+
+def _step_cell(e: dict) -> str:
+    if e.get("hbm_seconds") is None:
+        return f"{e['step']:.2f} ({e['bound']}-bound)"
+    other = (f"HBM {e['hbm_seconds']:.2f}" if e["bound"] == "compute" else f"compute {e['compute_seconds']:.2f}")
+    return f"{e['step']:.2f} ({e['bound']}-bound; {other})"
 
 
 def table_rows(records: list[dict], out_dir: str | None = None) -> list[dict]:
@@ -437,8 +444,7 @@ def table_rows(records: list[dict], out_dir: str | None = None) -> list[dict]:
             "hbm_used_gib": f"{r['hbm_used'] / 2**30:.1f}" if fits else "",
             "hbm_available_gib": f"{r['hbm_available'] / 2**30:.1f}" if fits else "",
             "step_tflops": f"{max(r['flops_xla'] or 0, r['flops_analytic']) / 1e12:.0f}" if fits else "",
-            "step_seconds_est": (f"{e['step']:.2f} ({e['bound']}" + (f"; HBM {e['hbm_seconds']:.2f}" if e.get("hbm_seconds")
-                                                                   else "") + ")") if fits else "",
+            "step_seconds_est": _step_cell(e) if fits else "",
             "mfu_est": f"{100 * e['mfu']:.0f}%" if fits else "",
             "tokens_per_s_per_chip_est": f"{e['tps']:.0f}" if fits else "",
             "compile_s": f"{r['compile_seconds']:.0f}" if fits else "",
@@ -594,14 +600,14 @@ def parse_hlo(text: str) -> dict:
 
 def _op_bytes(ins: dict, operands: list) -> float:
     """HBM bytes of a top-level op: its operands and result, except that a dynamic-update-slice
-    (a scan stacking its per-layer residuals) writes only its update in place, and a dynamic-slice
-    reads only the slice it returns, not the whole stacked buffer."""
+    (a scan stacking its per-layer residuals) writes only its update in place, and a (dynamic-)slice
+    reads only the slice it returns, not the whole buffer."""
     out = _nbytes(_shapes(ins["out"]))
     sizes = sorted((_nbytes([o]) for o in operands), reverse=True)
     tag = ins["opcode"] if ins["opcode"] != "fusion" else ins["name"]
     if "dynamic-update-slice" in tag and sizes:
         return 2.0 * sum(sizes[1:])  # the buffer (largest operand) is aliased by the result
-    if "dynamic-slice" in tag and sizes and sizes[0] > out:
+    if ("dynamic-slice" in tag or tag == "slice") and sizes and sizes[0] > out:
         return 2.0 * out + sum(sizes[1:])
     return out + sum(sizes)
 
