@@ -758,8 +758,9 @@ def main(argv=None) -> int:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--chips", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--hlo", default=None, help=argparse.SUPPRESS)
-    # tests: other rows (e.g. tiny/lora/v6e) and a smaller step shape (JSON, keys of DEFAULT_SHAPE)
-    ap.add_argument("--rows", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rows", default=None, metavar="MODEL/MODE/GEN,...",
+                    help="these rows, in this order, instead of --models x --modes x --gens")
+    # tests: a smaller step shape (JSON, keys of DEFAULT_SHAPE)
     ap.add_argument("--shape", type=json.loads, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
