@@ -393,7 +393,7 @@ def fits(report: dict) -> tuple[bool, str | None]:
         return True, None
     need = report["memory_per_device"]["xla"]["total"]
     per = "chip" if report["target"]["devices_per_chip"] == 1 else "device"
-    line = f"needs {_short_gib(need)} of {hbm / 2**30:.0f} GiB HBM per {per}"
+    line = f"needs {_short_gib(need)} of {hbm / 2**30:.3g} GiB HBM per {per}"  # v6e: 32 GB = 29.8 GiB
     return need <= hbm, line
 
 
@@ -575,7 +575,7 @@ def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = No
     hbm, per = target["hbm_bytes_per_device"], "chip" if target["devices_per_chip"] == 1 else "device"
     resident = sum(v for v in memory.values() if isinstance(v, int))
     if hbm and resident > hbm:
-        raise DoesNotFit(f"needs {resident / 2**30:.1f} GiB of {hbm / 2**30:.0f} GiB HBM per {per} for the "
+        raise DoesNotFit(f"needs {resident / 2**30:.1f} GiB of {hbm / 2**30:.3g} GiB HBM per {per} for the "
                          f"parameters, optimizer state and batch alone, before any activation")
     compiled, t_compile = _compile(lowered)
     main = _program_report(compiled, analytic, n, {"build": t_build, "lower": t_lower, "compile": t_compile})

@@ -22,19 +22,29 @@ class TpuChip:
     hbm_bytes: int          # HBM per chip
     cores_per_chip: int     # TensorCores per chip: `vN-<count>` names count cores on v4/v5p
     dims: int               # topology dimensions (3-D torus or 2-D)
+    ici_bandwidth: float | None = None  # bidirectional inter-chip interconnect bytes/s per chip
+    chips_per_host: int = 4            # chips one TPU VM host drives (full host)
+    min_chips: int = 1                 # smallest slice Cloud TPU provisions
 
 
 GiB = 2**30
-# Published per-chip figures (Google Cloud TPU system architecture pages):
+# Published per-chip figures, checked against the Cloud TPU system architecture pages (Nov 2026).
+# Units as the page gives them: GiB where it says GiB, GB (1e9) where it says GB, so a plan that
+# fits here fits the published capacity.
 CHIPS = {
-    # https://cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2, 1200 GB/s
-    "v4": TpuChip("v4", 275e12, 1200e9, 32 * GiB, 2, 3),
-    # https://cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GB HBM2, 819 GB/s
-    "v5e": TpuChip("v5e", 197e12, 819e9, 16 * GiB, 1, 2),
-    # https://cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GB HBM2e, 2765 GB/s
-    "v5p": TpuChip("v5p", 459e12, 2765e9, 95 * GiB, 2, 3),
-    # https://cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GB HBM, 1640 GB/s
-    "v6e": TpuChip("v6e", 918e12, 1640e9, 32 * GiB, 1, 2),
+    # https://cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, HBM2 32 GiB at 1200 GBps, 2 TensorCores
+    # per chip. The page lists no per-chip ICI figure; a v4-8 (2x2x1, 4 chips) is one host.
+    "v4": TpuChip("v4", 275e12, 1200e9, 32 * GiB, 2, 3, None, 4, 4),
+    # https://docs.cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GiB HBM2 at 819 GBps, ICI 400 GBps
+    # bidirectional per chip, 8 chips per host, slices from 1 chip (v5litepod-1).
+    "v5e": TpuChip("v5e", 197e12, 819e9, 16 * GiB, 1, 2, 400e9, 8, 1),
+    # https://docs.cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM2e at 2765 GBps, ICI 1200 GBps
+    # bidirectional per chip, 2 TensorCores per chip, 4-chip VMs; the smallest slice is 2x2x1 (v5p-8).
+    "v5p": TpuChip("v5p", 459e12, 2765e9, 95 * GiB, 2, 3, 1200e9, 4, 4),
+    # https://docs.cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GB HBM at 1638 GBps, ICI 800 GBps
+    # bidirectional per chip, 8 chips per host, slices from 1 chip (v6e-1). (libtpu's compiler itself
+    # reports 31.25 GiB available on a v6e chip; the published 32 GB = 29.8 GiB is the safer bound.)
+    "v6e": TpuChip("v6e", 918e12, 1638e9, 32 * 10**9, 1, 2, 800e9, 8, 1),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "trillium": "v6e"}
 
@@ -99,4 +109,7 @@ def topology_devices(topology: Topology) -> list:
 
     if not libtpu_available():
         raise RuntimeError("libtpu is not installed: pip install -e \".[tpu]\"")
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.name).devices)
+    kwargs = {}
+    if topology.chips < 4:  # libtpu assumes 2x2x1 chips per host: a 1- or 2-chip slice is one smaller host
+        kwargs["chips_per_host_bounds"] = tuple(topology.shape) + (1,) * (3 - len(topology.shape))
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.name, **kwargs).devices)
