@@ -19,7 +19,8 @@ Stage goals (exit 0 only when met):
      recall at IoU 0.5 and two baselines: a centred box of the mean training size, the mean box.
   3  the synthetic SC task restricted to single-region edits: mean IoU >= 0.5, success and
      over-editing MAE <= 3, each better than both constant baselines.
-  4  held-out greedy IoU (the GRPO `iou` reward) after a short GRPO run > before it.
+  4  held-out greedy IoU (the GRPO `iou` reward) after a short GRPO run above before it: the paired
+     bootstrap 95% interval of the per-prompt gain lies above 0.
   5  issue 8's goals (parse rate, IoU, four score MAEs, reward Spearman).
 Each stage writes `learning_check.json`, the loss (or reward) curve and a picture of held-out
 predictions (true boxes green, predicted red; colours as captions) into `run.out_dir`. A second
@@ -299,7 +300,12 @@ def _grpo_stage(args) -> tuple[dict, bool]:
     print(f"{'held-out greedy':<18}{'before':>10}{'after':>10}")
     for m in ("iou", "parse_rate", "strict_parse_rate", "box_recall"):
         print(f"{m:<18}{_fmt(before[m]):>10}{_fmt(after[m]):>10}")
-    met = {"iou after > before": after["iou"] > before["iou"]}
+    from sr_jax.eval.stages import paired_gain
+
+    gain = paired_gain(before["per_example_iou"], after["per_example_iou"])
+    print(f"IoU gain {gain['mean']:+.3f} (paired bootstrap 95% interval {gain['low']:+.3f} .. {gain['high']:+.3f}); "
+          f"{gain['better']:.0%} of prompts better, {gain['worse']:.0%} worse")
+    met = {"iou gain > 0 (95% interval)": gain["low"] > 0}
     ok = _verdict(met)
 
     plot_metrics(out / "metrics.jsonl", out / "reward_curve.png", keys=("reward/iou", "kl"))
@@ -307,7 +313,7 @@ def _grpo_stage(args) -> tuple[dict, bool]:
                 for r, p, b, a in zip(records, after["predicted_boxes"], before["per_example_iou"],
                                       after["per_example_iou"])][:8], out / "heldout_examples.png")
     report = {"stage": 4, "out_dir": str(out), "train_summary": summary, "seeds": seeds, "eval_examples": len(records),
-              "start_model": start, "before": before, "after": after, "goals_met": met, "passed": ok,
+              "start_model": start, "before": before, "after": after, "iou_gain": gain, "goals_met": met, "passed": ok,
               "config": args.config, "init_from": args.init_from, "overrides": args.overrides}
     return report, ok
 

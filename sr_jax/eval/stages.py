@@ -121,6 +121,20 @@ def box_baselines(train_boxes: Sequence[Sequence[float]], truth: Sequence[list])
             for name, b in (("centre box", centre), ("mean train box", mean))}
 
 
+def paired_gain(before: Sequence[float], after: Sequence[float], samples: int = 10000, seed: int = 0) -> dict:
+    """Mean per-example gain (after - before) on the same held-out items, with a paired bootstrap
+    95% interval: a gain counts only when the interval's lower end is above 0, so resampling
+    noise on ~100 prompts is not read as learning."""
+    diff = np.asarray(after, np.float64) - np.asarray(before, np.float64)
+    if diff.size == 0:
+        return {"mean": 0.0, "low": 0.0, "high": 0.0, "better": 0.0, "worse": 0.0}
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, (samples, diff.size))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(diff.mean()), "low": float(low), "high": float(high),
+            "better": float((diff > 0).mean()), "worse": float((diff < 0).mean())}
+
+
 def greedy_answers(model, processor, records, max_new_tokens: int, batch_size: int = 8, stop_ids=None) -> list[str]:
     """Greedy answer texts (stop token and special tokens dropped) for the records' prompts."""
     from sr_jax.generation import generate

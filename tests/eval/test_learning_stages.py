@@ -270,5 +270,17 @@ def test_stages_2_3_and_4_end_to_end(tool, tmp_path):
     for side in ("before", "after"):
         assert len(s4[side]["per_example_iou"]) == 2
         assert s4[side]["iou"] == pytest.approx(np.mean(s4[side]["per_example_iou"]))
-    assert s4["goals_met"] == {"iou after > before": s4["after"]["iou"] > s4["before"]["iou"]}
+    gain = s4["iou_gain"]
+    assert gain["mean"] == pytest.approx(s4["after"]["iou"] - s4["before"]["iou"])
+    assert s4["goals_met"] == {"iou gain > 0 (95% interval)": gain["low"] > 0}
     assert s4["seeds"]["eval_seed"] == 20261123 and s4["seeds"]["train_data_seed"] == 7
+
+
+def test_paired_gain_needs_the_interval_above_zero():
+    from sr_jax.eval.stages import paired_gain
+    before = np.linspace(0.0, 0.5, 100)
+    clear = paired_gain(before, before + 0.1)
+    assert clear["mean"] == pytest.approx(0.1) and clear["low"] == pytest.approx(0.1) and clear["better"] == 1.0
+    noisy = np.random.default_rng(0).normal(0.0, 0.2, 100)
+    flat = paired_gain(before, before + noisy - noisy.mean() + 0.005)  # a +0.005 mean gain in noise
+    assert flat["mean"] == pytest.approx(0.005) and flat["low"] < 0 < flat["high"]
