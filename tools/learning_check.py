@@ -94,7 +94,9 @@ def _load_sft(args):
     from sr_jax.config import load_config
     from sr_jax.train.sft import SFTConfig
 
-    overrides = [f"run.max_seconds={args.budget}"] + ([f"model.init_from={args.init_from}"] if args.init_from else [])
+    overrides = [f"run.max_seconds={args.budget}"]
+    if args.init_from:  # trained weights: the config's from-scratch init levers do not apply
+        overrides += [f"model.init_from={args.init_from}", "model.init_std=[]"]
     return load_config(SFTConfig, args.config, overrides + args.overrides)
 
 
