@@ -203,7 +203,8 @@ def _synthetic_stage(args, stage: int) -> tuple[dict, bool]:
     synth = SyntheticSource(data.sources[0]).config  # held-out examples follow the training mix
     processor = _processor(data, out / "tokenizer")
     options = ScorerOptions(max_new_tokens=args.max_new_tokens, batch_size=16, grounding=False,
-                            min_pixels=data.min_pixels, max_pixels=data.max_pixels, templates=data.templates)
+                            min_pixels=data.min_pixels, max_pixels=data.max_pixels, templates=data.templates,
+                            pq="pq" in synth.tasks)  # stage 3 never trains (or maps) the PQ prompt
     scorer = Scorer(load_model(out / "model"), processor, options)
     examples = list(generate_examples(args.eval_examples, seed=args.eval_seed, split="test", config=synth))
     t1 = time.perf_counter()

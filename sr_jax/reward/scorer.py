@@ -53,6 +53,10 @@ class ScorerOptions:
     a: float = _REWARD.a
     score_range: float = _REWARD.score_range
     grounding: bool = True          # compute the changed-pixel check
+    # False: only the SC prompt is asked (edit localisation and scores); the PQ scores are then
+    # missing and read as the parser's default, like an unparsed answer. For SC-only evaluation,
+    # and for models that never learned the PQ prompt (e.g. a reduced vocabulary without it).
+    pq: bool = True
     grounding_weight: float = 0.0   # > 0 folds the grounding score into the reward
     min_pixels: int = MIN_PIXELS
     max_pixels: int = EVAL_MAX_PIXELS  # SpatialReward's evaluation budget
@@ -156,16 +160,16 @@ class Scorer:
         return max(1, self.options.batch_size // 2)  # items per call: each item makes two prompts
 
     # ---- generation ----
-    def _encode_prompts(self, originals, edited, instructions) -> list[dict]:
+    def _encode_prompts(self, originals, edited, instructions, pq: bool = True) -> list[dict]:
         prompts = []
         for i, (orig, edit, instr) in enumerate(zip(originals, edited, instructions)):
             origs = [open_image(o) for o in _as_list(orig)]
             edit = open_image(edit)
             sc = SpatialExample(id=f"item-{i}-sc", task="sc", images=origs + [edit], instruction=instr)
             prompts.append(self.processor.encode(sc, with_target=False))
-        for i, edit in enumerate(edited):
-            pq = SpatialExample(id=f"item-{i}-pq", task="pq", images=[open_image(edit)])
-            prompts.append(self.processor.encode(pq, with_target=False))
+        for i, edit in enumerate(edited if pq else []):
+            example = SpatialExample(id=f"item-{i}-pq", task="pq", images=[open_image(edit)])
+            prompts.append(self.processor.encode(example, with_target=False))
         return prompts
 
     def generate_texts(self, prompts: list[dict], opts: ScorerOptions, should_stop=None) -> list[str]:
@@ -215,8 +219,11 @@ class Scorer:
                              f"({len(instructions)}) must have the same length")
         if not edited:
             return []
-        texts, cut = self.generate_answers(self._encode_prompts(originals, edited, instructions), opts, should_stop)
+        texts, cut = self.generate_answers(self._encode_prompts(originals, edited, instructions, opts.pq), opts,
+                                           should_stop)
         n = len(edited)
+        if not opts.pq:
+            texts, cut = texts + [""] * n, cut + [False] * n
         return [self._result(originals[i], edited[i], texts[i], texts[n + i], opts,
                              {"sc": cut[i], "pq": cut[n + i]}) for i in range(n)]
 

@@ -49,6 +49,19 @@ def test_batched_scoring_equals_single_prompts(scorer):
         assert r["reward"] == pytest.approx(aggregate(sc["score"], pq["score"])[0])
 
 
+def test_sc_only_scoring_asks_no_pq_prompt(scorer, monkeypatch):
+    originals, edited, instructions = [picture(96, 64, 0)], [picture(96, 64, 4)], ["remove the tree"]
+    asked = []
+    real = scorer.generate_answers
+    monkeypatch.setattr(scorer, "generate_answers", lambda prompts, *a, **k: asked.append(len(prompts)) or real(prompts, *a, **k))
+    both = scorer.score(originals, edited, instructions)
+    (sc_only,) = scorer.score(originals, edited, instructions, pq=False)
+    assert asked == [2, 1]  # SC + PQ prompts, then the SC prompt alone
+    assert sc_only["raw"]["sc"] == both[0]["raw"]["sc"] and sc_only["raw"]["pq"] == ""
+    assert sc_only["pq_scores"] == parse_output("", with_region=False)["score"]  # missing: the default
+    assert sc_only["sc_scores"] == both[0]["sc_scores"]
+
+
 def test_result_from_known_answers(scorer):
     before = picture(100, 80, 7)
     after = picture(100, 80, 7, square=(20, 16, 60, 48))
