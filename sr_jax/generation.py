@@ -20,8 +20,7 @@ import numpy as np
 from flax import nnx
 
 from sr_jax.data.vocab import vocab_map_of
-from sr_jax.models.qwen3_vl.rope_index import get_rope_index
-from sr_jax.models.qwen3_vl.vision import attention_slots, pad_patches
+from sr_jax.models import family_of
 from sr_jax.sharding import active_rules, constrain
 from sr_jax.special_tokens import DEFAULT_STOP_IDS, PAD_ID  # noqa: F401  (also imported from here)
 
@@ -218,9 +217,10 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
         stop_ids = [vmap.compact_id(i) for i in stop_ids if vmap.contains([i])[0]]
         pad_id = vmap.compact_id(PAD_ID) if vmap.contains([PAD_ID])[0] else 0
     cfg = model.config
+    family = family_of(model)  # its position ids and host-side vision layout
     grids = None if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
-    positions, _ = get_rope_index(ids, grids, mask, spatial_merge_size=cfg.vision.spatial_merge_size,
-                                  image_token_id=cfg.image_token_id)
+    positions, _ = family.module("rope_index").get_rope_index(
+        ids, grids, mask, spatial_merge_size=cfg.vision.spatial_merge_size, image_token_id=cfg.image_token_id)
     next_pos = np.where(mask.astype(bool)[None], positions, -1).max(axis=(0, 2)) + 1
 
     batch, seq = ids.shape
@@ -236,8 +236,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
             raise ValueError("pixel_values given without image_grid_thw")
         pv = np.asarray(pixel_values, np.float32)
         num_patches = pv.shape[0]
-        pv, vinputs = pad_patches(pv, model.prepare_vision(grids), bucket_length(num_patches, 256))
-        layout = attention_slots(vinputs.segment, num_real=num_patches)
+        vision_host = family.module("vision")
+        pv, vinputs = vision_host.pad_patches(pv, model.prepare_vision(grids), bucket_length(num_patches, 256))
+        layout = vision_host.attention_slots(vinputs.segment, num_real=num_patches)
         pixel_values, vision = pv, vinputs.as_tuple()
 
     static = _Static(

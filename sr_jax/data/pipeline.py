@@ -51,7 +51,7 @@ from sr_jax.data.storage import ArrayRecordSource
 from sr_jax.data.synthetic import SynthConfig, generate_example
 from sr_jax.data.templates import PromptTemplates
 from sr_jax.data.vocab import VocabMissError
-from sr_jax.models.qwen3_vl.config import VisionConfig
+from sr_jax.models import get_family
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -373,7 +373,7 @@ class DataPipeline:
                  process_index: int | None = None, process_count: int | None = None, vocab_map=None):
         self.config = config.validate()
         self.processor = processor or make_processor(config)
-        self.vision = vision or VisionConfig()
+        self.vision = vision or get_family().config_class().vision  # the default family's
         self.vocab_map = vocab_map
         if process_index is None or process_count is None:
             import jax

@@ -18,7 +18,7 @@ from sr_jax.data.processor import Processor
 from sr_jax.data.records import RecordError, SpatialExample
 from sr_jax.data.vocab import VocabMissError, vocab_map_of
 from sr_jax.generation import PAD_ID, bucket_length, generate
-from sr_jax.models.qwen3_vl.rope_index import get_rope_index
+from sr_jax.models import family_of
 from sr_jax.reward import parse_output
 from sr_jax.train.step import vision_arrays
 
@@ -112,8 +112,9 @@ def _pixels(prompts: list[dict]):
 
 def _positions(model, ids, mask, grids) -> np.ndarray:
     """M-RoPE ids that skip the left padding (as `generate` numbers the prompt and completion)."""
-    positions, _ = get_rope_index(ids, grids, mask, spatial_merge_size=model.config.vision.spatial_merge_size,
-                                  image_token_id=model.config.image_token_id)
+    positions, _ = family_of(model).module("rope_index").get_rope_index(
+        ids, grids, mask, spatial_merge_size=model.config.vision.spatial_merge_size,
+        image_token_id=model.config.image_token_id)
     return np.asarray(positions, np.int32)
 
 
