@@ -23,7 +23,8 @@ Sources: ArrayRecord files or directories (see `storage.py`), and `synthetic:KEY
 (keys: n (required), seed, split, min_side, max_side, tasks as `sc+pq` (or one of colour,
 locate), pq_fraction, edit_types as `add+remove+recolor+resize`, outcome_weights as five numbers
 `0.5+0.13+0.12+0.1+0.15` in synthetic.OUTCOMES order, min_objects, max_objects, locate_size
-as `0.2+0.45`: the locate object's side over the image's), all
+as `0.2+0.45`: the locate object's side over the image's, object_size the same for sc/pq scene
+objects, backgrounds as `solid+gradient` (of noise, stripes too)), all
 concatenated in the order given. A record's index in that concatenation is its `record_index`.
 """
 
@@ -130,7 +131,7 @@ class SyntheticSource:
     """Random access to the embedded synthetic dataset (each example is rendered on demand)."""
 
     KEYS = ("n", "seed", "split", "min_side", "max_side", "tasks", "pq_fraction", "edit_types", "outcome_weights",
-            "min_objects", "max_objects", "locate_size")
+            "min_objects", "max_objects", "locate_size", "object_size", "backgrounds")
 
     def __init__(self, spec: str):
         fields = dict(SynthConfig().__dict__)
@@ -157,7 +158,7 @@ class SyntheticSource:
         self.split = opts.get("split", "train")
         lo, hi = fields["image_size"]
         fields["image_size"] = (number("min_side", default=lo), number("max_side", default=hi))
-        for key in ("tasks", "edit_types"):
+        for key in ("tasks", "edit_types", "backgrounds"):
             if key in opts:
                 fields[key] = tuple(opts[key].split("+"))
         if "pq_fraction" in opts:
@@ -169,11 +170,12 @@ class SyntheticSource:
                 raise ValueError(f"{spec!r}: outcome_weights={opts['outcome_weights']!r} is not numbers joined by +") from None
         for key in ("min_objects", "max_objects"):
             fields[key] = number(key, default=fields[key])
-        if "locate_size" in opts:
-            try:
-                fields["locate_size"] = tuple(float(v) for v in opts["locate_size"].split("+"))
-            except ValueError:
-                raise ValueError(f"{spec!r}: locate_size={opts['locate_size']!r} is not two numbers joined by +") from None
+        for key in ("locate_size", "object_size"):
+            if key in opts:
+                try:
+                    fields[key] = tuple(float(v) for v in opts[key].split("+"))
+                except ValueError:
+                    raise ValueError(f"{spec!r}: {key}={opts[key]!r} is not two numbers joined by +") from None
         try:
             self.config = SynthConfig(**fields)
         except ValueError as e:

@@ -81,12 +81,14 @@ class SynthConfig:
     clean_pq_fraction: float = 0.2  # PQ examples without any artifact
     png_compress_level: int = 1  # speed over size; PNG stays lossless either way
     locate_size: tuple[float, float] = (0.2, 0.45)  # locate: object's mean side / image's shorter side
+    object_size: tuple[float, float] = (0.2, 0.34)  # sc/pq: an object's side / image's shorter side
+    backgrounds: tuple[str, ...] = R.BACKGROUND_KINDS  # sc/pq scene backgrounds (background edits too)
 
     def __post_init__(self):
         lo, hi = self.image_size
         if not 48 <= lo <= hi:
             raise ValueError(f"image_size must satisfy 48 <= min <= max, got {self.image_size}")
-        for key, known in (("tasks", TASKS), ("edit_types", EDIT_TYPES)):
+        for key, known in (("tasks", TASKS), ("edit_types", EDIT_TYPES), ("backgrounds", R.BACKGROUND_KINDS)):
             bad = set(getattr(self, key)) - set(known)
             if bad or not getattr(self, key):
                 raise ValueError(f"unknown or empty {key}: {sorted(bad) or '[]'} (known: {', '.join(known)})")
@@ -95,8 +97,13 @@ class SynthConfig:
             raise ValueError(f"task {sorted(solo)[0]!r} cannot be mixed with other tasks, got {list(self.tasks)}")
         if len(self.outcome_weights) != len(OUTCOMES) or min(self.outcome_weights) < 0:
             raise ValueError(f"outcome_weights needs {len(OUTCOMES)} non-negative numbers {OUTCOMES}")
+        for key in ("locate_size", "object_size"):
+            if len(getattr(self, key)) != 2:
+                raise ValueError(f"{key} must be two numbers (min, max), got {getattr(self, key)}")
         if not 0.05 <= self.locate_size[0] <= self.locate_size[1] <= 0.9:
             raise ValueError(f"locate_size must satisfy 0.05 <= min <= max <= 0.9, got {self.locate_size}")
+        if not 0.05 <= self.object_size[0] <= self.object_size[1] <= 0.6:
+            raise ValueError(f"object_size must satisfy 0.05 <= min <= max <= 0.6, got {self.object_size}")
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
 
@@ -133,9 +140,10 @@ def _describe(obj: R.Obj) -> str:
     return " ".join(p for p in (R.TEXTURE_ADJECTIVE[obj.texture], obj.colour, obj.shape) if p)
 
 
-def _random_obj(rng: np.random.Generator, width: int, height: int, *, shape=None, colour=None, centre=None) -> R.Obj:
+def _random_obj(rng: np.random.Generator, width: int, height: int, *, shape=None, colour=None, centre=None,
+                size: tuple[float, float] = (0.2, 0.34)) -> R.Obj:
     shape = shape or str(rng.choice(R.SHAPES))
-    side = rng.uniform(0.2, 0.34) * min(width, height)
+    side = rng.uniform(*size) * min(width, height)
     w = h = side
     if shape in R.ELONGATED_SHAPES:
         ratio = rng.uniform(1.35, 1.7)
@@ -175,10 +183,11 @@ def _unambiguous(objects, obj: R.Obj, scene_w: int, scene_h: int) -> bool:
     return None not in cells and len(set(cells)) == len(cells)
 
 
-def _random_background(rng: np.random.Generator, avoid: R.Background | None = None) -> R.Background:
+def _random_background(rng: np.random.Generator, avoid: R.Background | None = None,
+                       kinds: tuple[str, ...] = R.BACKGROUND_KINDS) -> R.Background:
     names = list(R.BACKGROUND_COLOURS)
     while True:
-        kind = str(rng.choice(R.BACKGROUND_KINDS))
+        kind = str(rng.choice(kinds))
         c1, c2 = (str(c) for c in rng.choice(names, 2, replace=False))
         bg = R.Background(kind, (c1, c2), int(rng.integers(2**31)), int(rng.integers(8, 24)))
         if avoid is None or (bg.kind, bg.colours[0]) != (avoid.kind, avoid.colours[0]):
@@ -204,10 +213,11 @@ def random_scene(rng: np.random.Generator, cfg: SynthConfig, n_objects: int | No
         if len(objects) == n:
             break
         twin = objects[int(rng.integers(len(objects)))] if objects and rng.random() < 0.15 else None
-        obj = _random_obj(rng, width, height, shape=twin and twin.shape, colour=twin and twin.colour)
+        obj = _random_obj(rng, width, height, shape=twin and twin.shape, colour=twin and twin.colour,
+                          size=cfg.object_size)
         if _fits(obj, objects) and _unambiguous(objects, obj, width, height):
             objects.append(obj)
-    return R.Scene(width, height, _random_background(rng), tuple(objects))
+    return R.Scene(width, height, _random_background(rng, kinds=cfg.backgrounds), tuple(objects))
 
 
 def _where_suffix(obj: R.Obj, scene: R.Scene) -> str:
@@ -304,8 +314,9 @@ def _place_new(rng, scene: R.Scene, make: Callable[[tuple[float, float]], R.Obj]
     return None, None
 
 
-def _plan_add(rng, scene: R.Scene) -> EditPlan | None:
-    obj, cell = _place_new(rng, scene, lambda c: _random_obj(rng, scene.width, scene.height, centre=c))
+def _plan_add(rng, scene: R.Scene, cfg: SynthConfig) -> EditPlan | None:
+    obj, cell = _place_new(rng, scene, lambda c: _random_obj(rng, scene.width, scene.height, centre=c,
+                                                             size=cfg.object_size))
     if obj is None:
         return None
     edited = _with_objects(scene, scene.objects + (obj,))
@@ -374,8 +385,8 @@ def _plan_resize(rng, scene: R.Scene) -> EditPlan | None:
     )  # fmt: skip
 
 
-def _plan_background(rng, scene: R.Scene) -> EditPlan | None:
-    bg = _random_background(rng, avoid=scene.background)
+def _plan_background(rng, scene: R.Scene, cfg: SynthConfig) -> EditPlan | None:
+    bg = _random_background(rng, avoid=scene.background, kinds=cfg.backgrounds)
     edited = dataclasses.replace(scene, background=bg)
     desc = _background_desc(bg)
     template = rng.choice(["Replace the background with {d}.", "Change the background to {d}.",
@@ -417,10 +428,9 @@ def _plan_transfer(rng, scene: R.Scene, cfg: SynthConfig) -> EditPlan | None:
 
 
 def plan_edit(rng, scene: R.Scene, edit_type: str, cfg: SynthConfig) -> EditPlan | None:
-    if edit_type == "transfer":
-        return _plan_transfer(rng, scene, cfg)
-    builder = {"add": _plan_add, "remove": _plan_remove, "recolor": _plan_recolor, "move": _plan_move,
-               "resize": _plan_resize, "background": _plan_background}[edit_type]  # fmt: skip
+    if edit_type in ("transfer", "add", "background"):  # the builders that draw objects or backgrounds
+        return {"transfer": _plan_transfer, "add": _plan_add, "background": _plan_background}[edit_type](rng, scene, cfg)
+    builder = {"remove": _plan_remove, "recolor": _plan_recolor, "move": _plan_move, "resize": _plan_resize}[edit_type]
     return builder(rng, scene)
 
 

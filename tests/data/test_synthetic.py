@@ -1,5 +1,6 @@
 """The synthetic edit data: determinism, splits, and ground truth recomputed from the pixels."""
 
+import dataclasses
 import hashlib
 import io
 import re
@@ -202,3 +203,32 @@ def test_throughput():
     n = sum(1 for _ in generate_examples(100, seed=1, image_size=(96, 256)))
     rate = n / (time.perf_counter() - start)
     assert rate > 10, f"{rate:.1f} examples/s"
+
+
+def test_scene_backgrounds_and_object_sizes_follow_the_config():
+    """`backgrounds` and `object_size` shape every drawn scene, the objects an `add` edit draws and
+    the background a `background` edit picks; the defaults keep the generator's earlier draws."""
+    from sr_jax.data.synthetic import example_rng, plan_edit, random_scene
+
+    cfg = SynthConfig(image_size=(128, 160), backgrounds=("solid", "gradient"), object_size=(0.4, 0.45),
+                      max_objects=2)
+    kinds, adds = set(), 0
+    for i in range(40):
+        rng = example_rng(5, "train", i)
+        scene = random_scene(rng, cfg)
+        kinds.add(scene.background.kind)
+        plan = plan_edit(rng, scene, "add", cfg)
+        objects = scene.objects + ((plan.edited.objects[-1],) if plan else ())
+        adds += plan is not None
+        for obj in objects:
+            if obj.shape not in R.ELONGATED_SHAPES:
+                assert 0.4 * min(scene.width, scene.height) - 1e-6 <= obj.w <= 0.45 * min(scene.width, scene.height) + 1e-6
+        bg = plan_edit(example_rng(6, "train", i), scene, "background", dataclasses.replace(cfg, backgrounds=("solid",)))
+        assert bg.edited.background.kind == "solid"
+    assert kinds == {"solid", "gradient"} and adds > 10
+    wide = SynthConfig()
+    assert wide.backgrounds == R.BACKGROUND_KINDS and wide.object_size == (0.2, 0.34)
+    with pytest.raises(ValueError, match="backgrounds"):
+        SynthConfig(backgrounds=("plaid",))
+    with pytest.raises(ValueError, match="object_size"):
+        SynthConfig(object_size=(0.5, 0.3))

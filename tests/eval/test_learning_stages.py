@@ -130,6 +130,8 @@ def test_single_region_sc_source():
         assert e.task == "sc" and e.meta["edit_type"] in source.config.edit_types
         assert e.meta["outcome"] in ("full", "overedit") and len(e.edit_region) == 1
         assert e.meta["image_sizes"] == [[96, 96], [96, 96]]
+    scoped = SyntheticSource(spec + ",backgrounds=solid+gradient,object_size=0.3+0.4").config
+    assert scoped.backgrounds == ("solid", "gradient") and scoped.object_size == (0.3, 0.4)
     # The defaults leave the SC/PQ stream exactly as it was.
     plain = SyntheticSource("synthetic:n=3,seed=5,min_side=96,max_side=96")
     assert [plain.fetch(i).images for i in range(3)] == \
@@ -145,6 +147,9 @@ def test_single_region_sc_source():
     ("synthetic:n=4,outcome_weights=1+2", "outcome_weights needs 5"),
     ("synthetic:n=4,min_objects=3,max_objects=2", "need 1 <= min_objects <= max_objects"),
     ("synthetic:n=4,colours=3", "unknown keys ['colours']"),
+    ("synthetic:n=4,backgrounds=solid+plaid", "unknown or empty backgrounds: ['plaid']"),
+    ("synthetic:n=4,object_size=0.3", "object_size must be two numbers"),
+    ("synthetic:n=4,object_size=big+1", "object_size='big+1' is not two numbers"),
 ])
 def test_source_spec_errors_name_the_key(spec, named):
     with pytest.raises(ValueError) as e:
