@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 # Shared with `sr-jax demo`'s learn step, so they live in the package (tools/ is not importable).
-from sr_jax.eval.stages import draw_tiles, heldout_spec, image_reliance  # noqa: F401
+from sr_jax.eval.stages import draw_tiles, heldout_spec, image_reliance, paired_gain  # noqa: F401
 
 GOALS = {"parse_rate": (">=", 1.0), "mean_iou": (">=", 0.5), "mae_success": ("<=", 3.0),
          "mae_overediting": ("<=", 3.0), "mae_naturalness": ("<=", 3.0), "mae_artifacts": ("<=", 3.0),
@@ -303,8 +303,6 @@ def _grpo_stage(args) -> tuple[dict, bool]:
     print(f"{'held-out greedy':<18}{'before':>10}{'after':>10}")
     for m in ("iou", "parse_rate", "strict_parse_rate", "box_recall"):
         print(f"{m:<18}{_fmt(before[m]):>10}{_fmt(after[m]):>10}")
-    from sr_jax.eval.stages import paired_gain
-
     gain = paired_gain(before["per_example_iou"], after["per_example_iou"])
     print(f"IoU gain {gain['mean']:+.3f} (paired bootstrap 95% interval {gain['low']:+.3f} .. {gain['high']:+.3f}); "
           f"{gain['better']:.0%} of prompts better, {gain['worse']:.0%} worse")
