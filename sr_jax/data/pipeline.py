@@ -21,7 +21,8 @@ checkpoint must be restored with the same `workers`).
 
 Sources: ArrayRecord files or directories (see `storage.py`), and `synthetic:KEY=VALUE,...`
 (keys: n (required), seed, split, min_side, max_side, tasks as `sc+pq` (or one of colour,
-locate), pq_fraction, edit_types as `add+remove+recolor+resize`, outcome_weights as five numbers
+locate), pq_fraction, edit_types as `add+remove+recolor+resize` (a type named twice is drawn
+twice as often), outcome_weights as five numbers
 `0.5+0.13+0.12+0.1+0.15` in synthetic.OUTCOMES order, min_objects, max_objects, locate_size
 as `0.2+0.45`: the locate object's side over the image's, object_size the same for sc/pq scene
 objects, backgrounds as `solid+gradient` (of noise, stripes too)), all

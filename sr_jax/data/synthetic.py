@@ -74,7 +74,7 @@ class SynthConfig:
     image_size: tuple[int, int] = (96, 256)  # min and max side, pixels (each side independently)
     tasks: tuple[str, ...] = ("sc", "pq")
     pq_fraction: float = 0.3  # share of PQ examples when both tasks are on
-    edit_types: tuple[str, ...] = EDIT_TYPES
+    edit_types: tuple[str, ...] = EDIT_TYPES  # drawn uniformly from this tuple: a type listed twice, twice as often
     outcome_weights: tuple[float, ...] = (0.5, 0.13, 0.12, 0.1, 0.15)  # aligned with OUTCOMES
     min_objects: int = 2
     max_objects: int = 5

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from sr_jax.data import synth_render as R
+from sr_jax.data.pipeline import SyntheticSource
 from sr_jax.data.records import SpatialExample
 from sr_jax.data.synthetic import (
     EDIT_TYPES,
@@ -232,3 +233,13 @@ def test_scene_backgrounds_and_object_sizes_follow_the_config():
         SynthConfig(backgrounds=("plaid",))
     with pytest.raises(ValueError, match="object_size"):
         SynthConfig(object_size=(0.5, 0.3))
+
+
+def test_an_edit_type_listed_twice_is_drawn_twice_as_often():
+    """Repeating a name in `edit_types` weights it (stage 3 of the learning check doubles recolor)."""
+    spec = "synthetic:n=600,seed=2,split=train,min_side=96,max_side=96,tasks=sc,edit_types=add+recolor+recolor"
+    source = SyntheticSource(spec)
+    assert source.config.edit_types == ("add", "recolor", "recolor")
+    kinds = [source.fetch(i).meta["edit_type"] for i in range(len(source))]
+    share = kinds.count("recolor") / len(kinds)
+    assert set(kinds) == {"add", "recolor"} and 0.6 < share < 0.73, share  # 2/3 expected; 1/2 if deduplicated
