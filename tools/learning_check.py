@@ -55,7 +55,7 @@ STAGE_CONFIGS = {1: "configs/sft/learn_stage1_colour.yaml", 2: "configs/sft/lear
 STAGE_BUDGETS = {1: 600.0, 2: 1800.0, 3: 1800.0, 4: 900.0, 5: 1800.0}
 STAGE_NEW_TOKENS = {1: 16, 2: 64, 3: 192, 5: 192}  # stage 4: the config's grpo.max_completion_tokens
 # Held-out examples per stage. Stage 3's MAEs are means of mostly-0 errors with a few of 25, so 100
-# examples leave ~0.7 of noise on a goal of 3 (one model: success MAE 3.16 on 100, 3.72 on 400);
+# examples are a noisy read of a goal of 3 (one model: success MAE 3.16 on 100, 3.72 on 400);
 # 400 take under half a minute to answer with the reduced vocabulary.
 STAGE_EVAL_EXAMPLES = {1: 100, 2: 100, 3: 400, 4: 100, 5: 100}
 BASELINE_TRAIN_EXAMPLES = 500  # training examples the baselines are fitted on
@@ -226,6 +226,10 @@ def _synthetic_stage(args, stage: int) -> tuple[dict, bool]:
     _print_table(table, metrics, goals)
     print(f"held-out answer loss (teacher forced): {reliance['true images']:.4f} with the true images, "
           f"{reliance['blank images']:.4f} with blank images")
+    by_outcome = result["tables"].get("by outcome", {})  # where the errors are (failed, partial, ...)
+    if by_outcome:
+        print("the model by outcome:")
+        _print_table(by_outcome, ["n_sc", "mean_iou", "empty_agreement", "mae_success", "mae_overediting"], {})
     names = list(table)
     model = table[names[0]]
     met = {m: goal_met(model.get(m), g) for m, g in goals.items()}
@@ -237,8 +241,8 @@ def _synthetic_stage(args, stage: int) -> tuple[dict, bool]:
     draw_examples(examples, result["items"], out / "heldout_examples.png")
     report = {"stage": stage, "out_dir": str(out), "train_summary": summary, "train_seconds": train_s,
               "eval_seconds": eval_s,
-              "eval_examples": len(examples), "eval_seed": args.eval_seed, "table": table, "goals_met": met,
-              "passed": ok, "image_reliance": reliance,
+              "eval_examples": len(examples), "eval_seed": args.eval_seed, "table": table, "by_outcome": by_outcome,
+              "goals_met": met, "passed": ok, "image_reliance": reliance,
               "config": args.config, "init_from": args.init_from, "overrides": args.overrides}
     return report, ok
 
