@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from sr_jax.data import synth_render as R
@@ -215,6 +216,8 @@ def test_tool_helpers():
     assert not tool.goal_met(None, (">=", 0.0))
     for stage, config in tool.STAGE_CONFIGS.items():
         assert (ROOT / config).is_file(), (stage, config)
+    for stage, (config, _) in tool.STAGE_GRPO.items():
+        assert (ROOT / config).is_file(), (stage, config)
 
 
 # ---- each stage end to end on the tiny model ------------------------------------------------------
@@ -262,11 +265,18 @@ def test_stages_2_3_and_4_end_to_end(tool, tmp_path):
     assert set(s2["figures"]["baselines"]) == {"centre box", "mean train box"}
     assert s2["goals_met"].keys() == {"parse_rate", "mean_iou"}
     assert s2["figures"]["parse_rate"] == np.mean([S.parse_regions(a["answer"]) is not None for a in s2["answers"]])
-    # Stage 3 starts from stage 2's exported model (init_from), trains a step and evaluates.
+    # Stage 3 starts from stage 2's exported model (init_from), trains a step, evaluates that model,
+    # runs its GRPO phase from it and evaluates the GRPO phase's model.
+    grpo = ["run.total_steps=1", "run.progress_bar=false", "run.tensorboard=false", "run.async_checkpoint=false",
+            "grpo.max_completion_tokens=4", "grpo.group_size=2", "data.prompts_per_step=1"]
     s3 = _run(tool, tmp_path / "s3", 3, "--max-new-tokens", "4", "--init-from", str(tmp_path / "s2" / "model"),
-              overrides=TINY[1:])
+              "--grpo-budget", "100", *[f"--grpo-set={o}" for o in grpo], overrides=TINY[1:])
     assert "beats baselines" in s3["goals_met"] and s3["init_from"].endswith("model")
     assert {"model", "empty boxes + mean scores"} <= set(s3["table"])
+    assert s3["grpo_summary"]["step"] == 1 and s3["evaluated_model"] == str(tmp_path / "s3" / "grpo" / "model")
+    assert set(s3["sft_figures"]) >= {"mean_iou", "mae_success"}
+    # The SFT phase gets the stage's budget less the GRPO phase's.
+    assert yaml.safe_load((tmp_path / "s3" / "run_config.yaml").read_text())["run"]["max_seconds"] == 200
     # Stage 4: held-out greedy IoU before and after one GRPO step from stage 2's model.
     s4 = _run(tool, tmp_path / "s4", 4, "--init-from", str(tmp_path / "s2" / "model"),
               overrides=["run.total_steps=1", "run.progress_bar=false", "run.tensorboard=false",
