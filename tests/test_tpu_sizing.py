@@ -40,10 +40,17 @@ def test_search_grows_until_it_fits_then_stops_at_the_fewest_chips():
     assert sizing.next_chips(row, chip, {16: _rec("fits", 40 * GiB, 20 * GiB)}) == 8
     # never below the generation's smallest slice
     assert sizing.next_chips(row, chip, {4: _rec("fits", 10 * GiB, 5 * GiB)}) is None
-    # far from fitting: jump straight to where the measured state would fit, not one doubling
+    # far from fitting: skip the doublings where even all of it shrunk by the chip count stays
+    # too big (420 GiB on 4 chips: 105 GiB on 16, 52.5 on 32), not one doubling at a time
     assert sizing.next_chips(row, chip, {4: _rec("does not fit", 420 * GiB, 400 * GiB)}) == 32
-    # one row's activations alone exceed the chip: no slice helps
-    assert sizing.next_chips(row, chip, {64: _rec("does not fit", 130 * GiB, 10 * GiB)}) is None
+    # temporaries shrink with the chips too (measured), so a big non-state share does not stop
+    # the search: 130 GiB on 64 chips of which 120 are not sharded state -> try 128
+    assert sizing.next_chips(row, chip, {64: _rec("does not fit", 130 * GiB, 10 * GiB)}) == 128
+    # the generation's largest slice did not fit: no answer
+    assert sizing.next_chips(row, chip, {1024: _rec("does not fit", 130 * GiB, 10 * GiB)}) is None
+    # 32B LoRA on v6e measured 38.6 GiB of 29.8 on 8 chips: 16 chips are next, not the pod
+    v6e = sizing.Row("32b", "lora", "v6e")
+    assert sizing.next_chips(v6e, CHIPS["v6e"], {8: _rec("does not fit", 38.6 * GiB, 8.9 * GiB)}) == 16
     # refused before compiling (state alone too big, size of the rest unknown): double
     assert sizing.next_chips(row, chip, {4: _rec("does not fit", None, 200 * GiB)}) == 8
     # out of HBM in the compiler (temporaries known, the state's share not): double

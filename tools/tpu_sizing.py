@@ -15,8 +15,8 @@ fewest chips whose compiled program fits the chip's published HBM (`sr_jax.tpu.C
 
 Search: an HBM estimate (parameters + gradients + optimizer state over the chips, plus one row's
 activations) picks the first slice to compile; a slice that does not fit doubles the chips (or
-jumps to where the measured per-chip state would fit), one that fits tries half the chips while
-its measured state says half could fit. Each compile runs in its own process under `nice -n 10`,
+jumps past the doublings where even the whole per-chip program shrunk by the chip count would not
+fit), one that fits tries half the chips while its measured state says half could fit. Each compile runs in its own process under `nice -n 10`,
 one at a time; its peak RSS is recorded, and a row is skipped ("skipped: RAM") when the same
 mode and generation needed more than --max-rss-gb for a smaller model. Every compile and every
 finished row is appended to <out>/sizing.jsonl as it ends: a rerun skips finished rows and reuses
@@ -128,14 +128,13 @@ def next_chips(row: Row, chip, tried: dict[int, dict]) -> int | None:
     r = tried[n]
     if n * 2 > MAX_CHIPS[row.gen]:
         return None
-    need, resident = r.get("hbm_used") or 0, r.get("resident") or 0
-    if not (need and resident):  # refused early or out of HBM in the compiler: the split is unknown
-        return n * 2
-    rest = need - resident  # activations and everything that does not shrink with more chips
-    if rest >= chip.hbm_bytes:
-        return None  # one row's activations alone exceed the chip: no slice helps
+    need = r.get("hbm_used") or 0
+    # Skip doublings that cannot fit even if the whole per-chip program shrank with the chips. Only
+    # that is a safe bound: the temporaries shrink too, not just the sharded state (measured: 8B
+    # full on v6e, 8 -> 16 chips: state 11.7 -> 5.9 GiB, the rest 20.1 -> 15.4 GiB; 4B LoRA on
+    # v5e, 2 -> 4 chips: the rest 12.3 -> 9.3 GiB), so "the rest stays" would overshoot.
     m = n * 2
-    while m < MAX_CHIPS[row.gen] and rest + resident * n / m > chip.hbm_bytes:
+    while m < MAX_CHIPS[row.gen] and need * n / m > chip.hbm_bytes:
         m *= 2
     return m
 
