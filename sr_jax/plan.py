@@ -285,7 +285,8 @@ def shard_bytes(tree) -> int:
     per_device: dict[Any, int] = {}
     for leaf in jax.tree.leaves(tree):
         sharding = leaf.sharding
-        nbytes = math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        # `.itemsize` of the dtype itself: typed PRNG keys (LoRA dropout's rng state) are not numpy dtypes
+        nbytes = math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
         for device in sharding.device_set:
             per_device[device] = per_device.get(device, 0) + nbytes
     return max(per_device.values(), default=0)
@@ -554,7 +555,8 @@ def run_plan(spec: PlanSpec, *, devices=None, compiler_options: dict | None = No
         params, batch, cache, programs = _generate_programs(trainer, spec)
         memory = {"params": shard_bytes(params), "frozen": 0, "optimizer": 0, "batch": shard_bytes(batch),
                   "kv_cache": shard_bytes(cache)}
-        num_params = num_trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+        num_params = num_trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(params)
+                                         if jnp.issubdtype(x.dtype, jnp.floating))  # not rng keys/counts
         t_build = time.perf_counter() - t0
         (_, lowered, analytic), (_, lowered_decode, decode_flops) = programs
         t_lower = 0.0

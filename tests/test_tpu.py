@@ -177,14 +177,15 @@ def test_plan_that_does_not_fit_says_so_and_exits_nonzero(capsys):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("stage", ["rl", "generate"])
-def test_plan_stages_compile_for_tpu(stage):
+@pytest.mark.parametrize("stage, lora", [("rl", False), ("generate", False), ("generate", True)])
+def test_plan_stages_compile_for_tpu(stage, lora):
     """`--stage rl` compiles the GRPO update and `--stage generate` a prefill and a decode step
-    for the TPU, each with its memory figures and roofline estimate."""
+    for the TPU, each with its memory figures and roofline estimate; with LoRA (the 8B SFT config)
+    the model's state holds a typed PRNG key (dropout), which the byte count must take."""
     from sr_jax.plan import BatchShape, PlanSpec, format_report, run_plan
 
     spec = PlanSpec(model="tiny", mesh={"fsdp": 4}, topology="v6e:2x2", stage=stage, completion_tokens=32,
-                    batch=BatchShape(rows=4, seq=128), model_overrides=SMALL_VOCAB)
+                    batch=BatchShape(rows=4, seq=128), model_overrides=SMALL_VOCAB, lora=lora)
     report = run_plan(spec)
     assert report["target"]["platform"] == "tpu" and report["fits"]
     assert report["memory_per_device"]["xla"]["total"] > 0 and report["roofline"]["step_seconds"] > 0
