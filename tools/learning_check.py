@@ -249,6 +249,10 @@ def _synthetic_stage(args, stage: int) -> tuple[dict, bool]:
     if by_outcome:
         print("the model by outcome:")
         _print_table(by_outcome, ["n_sc", "mean_iou", "empty_agreement", "mae_success", "mae_overediting"], {})
+    by_edit_type = result["tables"].get("by edit type", {})  # which requested edit it misses (all outcomes)
+    if by_edit_type:
+        print("the model by edit type:")
+        _print_table(by_edit_type, ["n_sc", "mean_iou", "empty_agreement", "mae_success", "mae_overediting"], {})
     names = list(table)
     model = table[names[0]]
     met = {m: goal_met(model.get(m), g) for m, g in goals.items()}
@@ -264,7 +268,7 @@ def _synthetic_stage(args, stage: int) -> tuple[dict, bool]:
     report = {"stage": stage, "out_dir": str(out), "train_summary": summary, "train_seconds": train_s,
               "grpo_summary": grpo_summary, "grpo_seconds": grpo_s, "sft_figures": sft_figures,
               "evaluated_model": str(final), "eval_seconds": eval_s,
-              "eval_examples": len(examples), "eval_seed": args.eval_seed, "table": table, "by_outcome": by_outcome,
+              "eval_examples": len(examples), "eval_seed": args.eval_seed, "table": table, "by_outcome": by_outcome, "by_edit_type": by_edit_type,
               "goals_met": met, "passed": ok, "image_reliance": reliance,
               "config": args.config, "init_from": args.init_from, "overrides": args.overrides}
     return report, ok

@@ -532,6 +532,7 @@ class SyntheticBench(Benchmark):
                 "id": ex.id, "index": index, "task": ex.task, "truth_score": [float(s) for s in ex.score],
                 "truth_boxes": [list(r.bbox_2d) for r in ex.edit_region],
                 "group": f"{ex.task}:{group or 'unknown'}", "jobs": [ex.id],
+                "edit_type": f"sc:{ex.meta.get('edit_type') or 'unknown'}" if ex.task == "sc" else None,
             })
 
     @classmethod
@@ -612,10 +613,13 @@ class SyntheticBench(Benchmark):
         model = self._metrics(self.records, predictions)
         overall = model | answer_counts(results, self.job_ids())
         groups: dict = {}
+        edit_types: dict = {}  # SC only: which requested edits the model misses (a recolor vs an add)
         for r, p in zip(self.records, predictions):
-            groups.setdefault(r["group"], ([], []))
-            groups[r["group"]][0].append(r)
-            groups[r["group"]][1].append(p)
+            for table, key in ((groups, r["group"]), (edit_types, r["edit_type"])):
+                if key is not None:
+                    table.setdefault(key, ([], []))
+                    table[key][0].append(r)
+                    table[key][1].append(p)
         items = []
         for r, p in zip(self.records, predictions):
             item = {"id": r["id"], "task": r["task"], "group": r["group"], "truth_score": r["truth_score"],
@@ -635,6 +639,7 @@ class SyntheticBench(Benchmark):
                     "whole image + mean scores": self._metrics(self.records, self._baseline([[0, 0, 1000, 1000]])),
                 },
                 "by outcome": {g: self._metrics(*groups[g]) for g in sorted(groups)},
+                "by edit type": {g: self._metrics(*edit_types[g]) for g in sorted(edit_types)},
             },
             "plot": [["model vs baselines", ["box_precision", "box_recall", "mean_iou"]],
                      ["model vs baselines", ["mae_success", "mae_overediting", "mae_naturalness", "mae_artifacts"]]],

@@ -596,6 +596,14 @@ def test_synthetic_imperfect_scorer(synthetic_examples):
     assert model["strict_json_rate"] == pytest.approx(1 - 1 / len(synthetic_examples))
     assert model["mae_success"] == pytest.approx(2.0) and model["mae_overediting"] == pytest.approx(1.5)
     assert model["mae_naturalness"] == pytest.approx(2.0) and model["mae_artifacts"] == pytest.approx(1.5)
+    # the per-edit-type table: every SC example once, the dropped boxes in their own edit type's IoU
+    by_type = evaluate_synthetic(scorer, synthetic_examples, batch_size=5)["tables"]["by edit type"]
+    kinds = {ex.id: f"sc:{ex.meta['edit_type']}" for ex in sc}
+    assert set(by_type) == set(kinds.values()) and garbage.isdisjoint(kinds)
+    for kind, row in by_type.items():
+        members = [i for i, k in kinds.items() if k == kind]
+        assert row["n_sc"] == len(members)
+        assert row["mean_iou"] == pytest.approx(1 - len(dropped & set(members)) / len(members))
 
 
 def test_synthetic_sources(synthetic_examples, tmp_path):
