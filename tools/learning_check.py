@@ -268,7 +268,8 @@ def _synthetic_stage(args, stage: int) -> tuple[dict, bool]:
     report = {"stage": stage, "out_dir": str(out), "train_summary": summary, "train_seconds": train_s,
               "grpo_summary": grpo_summary, "grpo_seconds": grpo_s, "sft_figures": sft_figures,
               "evaluated_model": str(final), "eval_seconds": eval_s,
-              "eval_examples": len(examples), "eval_seed": args.eval_seed, "table": table, "by_outcome": by_outcome, "by_edit_type": by_edit_type,
+              "eval_examples": len(examples), "eval_seed": args.eval_seed, "table": table, "by_outcome": by_outcome,
+              "by_edit_type": by_edit_type,
               "goals_met": met, "passed": ok, "image_reliance": reliance,
               "config": args.config, "init_from": args.init_from, "overrides": args.overrides}
     return report, ok
