@@ -17,9 +17,9 @@ Search: an HBM estimate (parameters + gradients + optimizer state over the chips
 activations) picks the first slice to compile; a slice that does not fit doubles the chips (or
 jumps past the doublings where even the whole per-chip program shrunk by the chip count would not
 fit), one that fits tries half the chips while its measured state says half could fit. Each
-compile runs in its own process under `nice -n 10`, one at a time; its peak RSS is recorded, and a row is skipped ("skipped: RAM") when the same
-mode and generation needed more than --max-rss-gb for a smaller model. Every compile and every
-finished row is appended to <out>/sizing.jsonl as it ends: a rerun skips finished rows and reuses
+compile runs in its own process under `nice -n 10`, one at a time; its peak RSS is recorded, and
+a row is skipped ("skipped: RAM") when the same mode and generation needed more than
+--max-rss-gb for a smaller model. Every compile and every finished row is appended to <out>/sizing.jsonl as it ends: a rerun skips finished rows and reuses
 finished compiles. <out>/sizing.csv and sizing.md (the README table) are rewritten from it.
 
 Step time, MFU and tokens/s are a roofline ESTIMATE (`sr_jax.plan.roofline`: analytic FLOPs +
