@@ -56,9 +56,10 @@ STAGE_CONFIGS = {1: "configs/sft/learn_stage1_colour.yaml", 2: "configs/sft/lear
                  5: "configs/sft/learn_synthetic_cpu.yaml"}
 STAGE_BUDGETS = {1: 600.0, 2: 1800.0, 3: 1800.0, 4: 900.0, 5: 1800.0}
 # Stage 3 can end with a short GRPO phase on its own prompts (its config, and the default seconds of
-# the stage's budget it takes; the SFT phase gets the rest). Off by default: after a full 30-minute
-# SFT run it lowered the success MAE (3.24 -> 3.07 in 8 more minutes), but inside the 30 minutes
-# the shorter SFT phase left more to fix than GRPO fixed (22 + 8 min: 5.98). README, stage 3 rows.
+# the stage's budget it takes; the SFT phase gets the rest). Off by default: after v7's 30-minute
+# SFT run it lowered the success MAE (3.24 -> 3.07 in 8 more minutes), after v12's it raised it
+# (7.04 -> 7.90), and inside the 30 minutes the shorter SFT phase left more to fix than GRPO fixed
+# (22 + 8 min: 5.98). README, stage 3 rows.
 STAGE_GRPO = {3: ("configs/rl/learn_stage3_grpo.yaml", 0.0)}
 STAGE_NEW_TOKENS = {1: 16, 2: 64, 3: 192, 5: 192}  # stage 4: the config's grpo.max_completion_tokens
 # Held-out examples per stage. Stage 3's MAEs are means of mostly-0 errors with a few of 25, so 100
