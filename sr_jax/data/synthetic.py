@@ -37,6 +37,12 @@ and builds verbatim records (records.py) whose prompt and answer are trained as 
            {"edit_region": [{"id": 0, "label": NAME, "bbox_2d": BOX}]}, BOX = normalize_box of
            the bounding box of the object's pixels; truth in `edit_region` (answer_parsed), so
            the metrics and the GRPO `iou` reward read it like an SC record's. task "sc".
+  diff     an SC edit (original, edited) with no instruction: "which area differs?"; answer
+           {"edit_region": [...], "reasoning": "<|bbox_k|> what now looks different ... <|global|> ..."},
+           the SC record's boxes and part descriptions ([] and "identical"/"imperceptible" for a
+           failed edit). Every answer token needs the two images compared, where in an SC answer
+           most boxes can be placed from the instruction and the edited image alone. Outcomes full,
+           partial and failed only (wrong/overedit changes are not boxed, so their weights must be 0).
 meta["synthetic_task"] names the task of these records (sc and pq records leave it out).
 """
 
@@ -62,8 +68,8 @@ OVEREDIT_FULL_PENALTY = 0.2  # changing this share of the untouched pixels score
 NATURALNESS_WEIGHT = {"none": 0.0, "blur": 0.5, "noise": 0.6, "blotch": 0.9, "jpeg": 0.6}
 MIN_CHANGED_PIXELS = 24  # an edit part smaller than this is not a visible edit
 GENERATOR = "sr_jax.synthetic/1"
-TASKS = ("sc", "pq", "colour", "locate")
-SOLO_TASKS = ("colour", "locate")  # built by their own generator: never mixed with other tasks
+TASKS = ("sc", "pq", "colour", "locate", "diff")
+SOLO_TASKS = ("colour", "locate", "diff")  # built by their own generator: never mixed with other tasks
 # The colour task's classes: the object colours farthest apart (white/black/brown/gray left out).
 COLOUR_TASK_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "cyan")
 LOCATE_MIN_CONTRAST = 80  # max channel difference between an object's and its background's colours
@@ -97,6 +103,9 @@ class SynthConfig:
             raise ValueError(f"task {sorted(solo)[0]!r} cannot be mixed with other tasks, got {list(self.tasks)}")
         if len(self.outcome_weights) != len(OUTCOMES) or min(self.outcome_weights) < 0:
             raise ValueError(f"outcome_weights needs {len(OUTCOMES)} non-negative numbers {OUTCOMES}")
+        unboxed = [o for o, w in zip(OUTCOMES, self.outcome_weights) if w > 0 and o in ("wrong", "overedit")]
+        if self.tasks == ("diff",) and unboxed:
+            raise ValueError(f"task 'diff' boxes only the requested edit: outcome_weights for {unboxed} must be 0")
         for key in ("locate_size", "object_size"):
             if len(getattr(self, key)) != 2:
                 raise ValueError(f"{key} must be two numbers (min, max), got {getattr(self, key)}")
@@ -639,17 +648,17 @@ LOCATE_PROMPTS = (
 
 
 def _verbatim_example(kind: str, task: str, index: int, seed: int, split: str, cfg: SynthConfig,
-                      image: np.ndarray, prompt: str, answer: dict, *, regions=(), instruction: str = "",
+                      images: list[np.ndarray], prompt: str, answer: dict, *, regions=(), instruction: str = "",
                       meta: dict) -> SpatialExample:
     return SpatialExample(
         id=f"synth-{kind}-{split}-{index:06d}",
         task=task,
-        images=[_png(image, cfg.png_compress_level)],
+        images=[_png(image, cfg.png_compress_level) for image in images],
         instruction=instruction,
         edit_region=list(regions),
         meta={
             "source": "synthetic", "generator": GENERATOR, "split": split, "seed": seed, "index": index,
-            "image_sizes": [[int(image.shape[1]), int(image.shape[0])]], "synthetic_task": kind,
+            "image_sizes": [[int(im.shape[1]), int(im.shape[0])] for im in images], "synthetic_task": kind,
             "verbatim": True, "prompt": prompt, "answer": json.dumps(answer, separators=(", ", ": ")),
             "answer_parsed": bool(regions), **meta,
         },
@@ -671,7 +680,7 @@ def colour_example(index: int, seed: int, split: str, cfg: SynthConfig) -> Spati
     noise = rng.normal(0.0, 6.0, (height, width, 1)).astype(np.float32)
     image = np.clip(np.asarray(R.COLOURS[name], np.float32) + shift + noise, 0, 255).astype(np.uint8)
     prompt = str(rng.choice(COLOUR_PROMPTS))
-    return _verbatim_example("colour", "pq", index, seed, split, cfg, image, prompt, {"colour": name},
+    return _verbatim_example("colour", "pq", index, seed, split, cfg, [image], prompt, {"colour": name},
                              meta={"colour": name})
 
 
@@ -701,11 +710,41 @@ def locate_example(index: int, seed: int, split: str, cfg: SynthConfig) -> Spati
     box_px = R.mask_bbox(R.visible_mask(scene, 0))
     region = Region(0, obj.name, R.normalize_box(box_px, width, height))
     prompt = str(rng.choice(LOCATE_PROMPTS)).format(d=_describe(obj))
-    return _verbatim_example("locate", "sc", index, seed, split, cfg, R.render(scene), prompt,
+    return _verbatim_example("locate", "sc", index, seed, split, cfg, [R.render(scene)], prompt,
                              {"edit_region": [region.to_json()]}, regions=[region],
                              instruction=prompt.replace(IMAGE_TAG, ""),
                              meta={"object": obj.name, "shape": obj.shape, "texture": obj.texture,
                                    "background": bg.kind, "box_px": list(box_px)})
+
+
+DIFF_PROMPTS = (  # words the SC prompts and answers already use, so the stage vocabulary covers them
+    "<image><image>Which area of the edited image differs from the original? Answer in JSON with edit_region "
+    "(boxes 0-1000) and reasoning.",
+    "<image><image>Find what changed in the edited image. Give its box as JSON edit_region, coordinates 0-1000, "
+    "and reasoning.",
+    "<image><image>What changed from the original to the edited image? Answer in JSON with edit_region "
+    "(boxes 0-1000) and reasoning.",
+)
+
+
+def diff_example(index: int, seed: int, split: str, cfg: SynthConfig) -> SpatialExample:
+    """An SC edit without its instruction: box and describe what differs between the two images."""
+    rng = example_rng(seed, split, index)
+    plan, images, fields = _edit_example(rng, "sc", index, seed, split, cfg)
+    meta = fields["meta"]
+    parts = fields["reasoning"].split("<|global|>")[0].strip()  # "<|bbox_k|> what the part looks like now."
+    if meta["outcome"] == "failed" and meta["failure"] == "identity":
+        tail = "The edited image is identical to the original."
+    elif meta["outcome"] == "failed":
+        tail = "The edited image differs from the original only by imperceptible pixel noise."
+    else:
+        tail = "The rest of the scene is unchanged."
+    # No closing full stop: '."' is a token the stage vocabulary (configs/vocab/learn_stages.json) lacks.
+    answer = {"edit_region": [r.to_json() for r in fields["regions"]],
+              "reasoning": " ".join(filter(None, [parts, f"<|global|> {tail[:-1]}"]))}
+    return _verbatim_example("diff", "sc", index, seed, split, cfg, images, str(rng.choice(DIFF_PROMPTS)), answer,
+                             regions=fields["regions"],
+                             meta={k: meta[k] for k in ("edit_type", "outcome", "failure", "changed_bbox_px")})
 
 
 def split_code(split: str) -> int:
@@ -718,14 +757,8 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, split_code(split), index])
 
 
-def generate_example(index: int, seed: int, split: str = "train", cfg: SynthConfig | None = None) -> SpatialExample:
-    cfg = cfg or SynthConfig()
-    if cfg.tasks == ("colour",):
-        return colour_example(index, seed, split, cfg)
-    if cfg.tasks == ("locate",):
-        return locate_example(index, seed, split, cfg)
-    rng = example_rng(seed, split, index)
-    task = cfg.tasks[0] if len(cfg.tasks) == 1 else ("pq" if rng.random() < cfg.pq_fraction else "sc")
+def _edit_example(rng, task: str, index: int, seed: int, split: str, cfg: SynthConfig):
+    """(plan, images, fields) of one SC or PQ example drawn from `rng`."""
     for _ in range(100):
         scene = random_scene(rng, cfg)
         edit_type = str(rng.choice(cfg.edit_types))
@@ -734,10 +767,21 @@ def generate_example(index: int, seed: int, split: str = "train", cfg: SynthConf
             continue
         built = _pq_example(rng, cfg, plan) if task == "pq" else _sc_example(rng, cfg, scene, plan)
         if built is not None:
-            break
-    else:
-        raise RuntimeError(f"could not build example {index} (seed {seed}, split {split})")
-    images, fields = built
+            return (plan, *built)
+    raise RuntimeError(f"could not build example {index} (seed {seed}, split {split})")
+
+
+def generate_example(index: int, seed: int, split: str = "train", cfg: SynthConfig | None = None) -> SpatialExample:
+    cfg = cfg or SynthConfig()
+    if cfg.tasks == ("colour",):
+        return colour_example(index, seed, split, cfg)
+    if cfg.tasks == ("locate",):
+        return locate_example(index, seed, split, cfg)
+    if cfg.tasks == ("diff",):
+        return diff_example(index, seed, split, cfg)
+    rng = example_rng(seed, split, index)
+    task = cfg.tasks[0] if len(cfg.tasks) == 1 else ("pq" if rng.random() < cfg.pq_fraction else "sc")
+    plan, images, fields = _edit_example(rng, task, index, seed, split, cfg)
     meta = {
         "source": "synthetic", "generator": GENERATOR, "split": split, "seed": seed, "index": index,
         "image_sizes": [[int(im.shape[1]), int(im.shape[0])] for im in images],

@@ -139,6 +139,52 @@ def test_single_region_sc_source():
         [generate_example(i, 5, "train", SynthConfig(image_size=(96, 96))).images for i in range(3)]
 
 
+DIFF = ("synthetic:n=40,seed=2,split=test,min_side=96,max_side=96,tasks=diff,edit_types=add+remove+recolor+resize,"
+        "min_objects=1,max_objects=2,outcome_weights=0.4+0.3+0.3+0+0")
+
+
+def test_diff_boxes_are_where_the_two_images_differ():
+    """The diff task's truth is read off the pixels: each box bounds the pixels that differ
+    between its two images, a failed edit has no box, and the answer is the record's own."""
+    source = SyntheticSource(DIFF)
+    outcomes = collections.Counter()
+    for i in range(len(source)):
+        e = source.fetch(i)
+        original, edited = (_pixels(im).astype(np.int16) for im in e.images)
+        answer = json.loads(e.meta["answer"])
+        assert e.task == "sc" and e.verbatim and e.meta["synthetic_task"] == "diff" and not e.instruction
+        assert e.meta["prompt"].count("<image>") == 2 and e.meta["image_sizes"] == [[96, 96], [96, 96]]
+        assert answer["edit_region"] == [r.to_json() for r in e.edit_region]
+        diff = (np.abs(original - edited) > R.CHANGE_TOL).any(axis=-1)
+        outcomes[e.meta["outcome"]] += 1
+        if e.meta["outcome"] == "failed":
+            assert not diff.any() and answer["edit_region"] == [] and "original" in answer["reasoning"]
+            assert np.abs(original - edited).max() <= 3
+            continue
+        assert len(e.edit_region) == 1 and answer["reasoning"].startswith("<|bbox_0|> ")
+        assert tuple(e.edit_region[0].bbox_2d) == R.normalize_box(R.mask_bbox(diff), 96, 96)
+    assert set(outcomes) == {"full", "partial", "failed"}
+    # the same stream of scenes and edits as the SC task: only the prompt and answer differ
+    sc = SyntheticSource(DIFF.replace("tasks=diff", "tasks=sc")).fetch(3)
+    assert sc.images == source.fetch(3).images and sc.edit_region == source.fetch(3).edit_region
+
+
+def test_stage3_sources_fit_the_stage_vocabulary(tokenizer):
+    """Stage k starts from stage k-1's model, so every stage's data must encode inside the one
+    reduced vocabulary (configs/vocab/learn_stages.json) the stages share; the diff task's too."""
+    from sr_jax.data.templates import PromptTemplates
+    from sr_jax.data.vocab import VocabMap, build_vocab_map
+
+    cfg = yaml.safe_load((ROOT / "configs" / "sft" / "learn_stage3_sc_single.yaml").read_text())
+    stage_map = VocabMap.load(ROOT / cfg["model"]["vocab_map"], tokenizer)
+    templates = PromptTemplates(**{k: str(ROOT / v) for k, v in cfg["data"]["templates"].items()})
+    sc = cfg["data"]["sources"][0]
+    diff = sc.replace("tasks=sc", "tasks=diff").replace("0.4+0.1+0.35+0+0.15", "0.5+0.15+0.35+0+0")
+    for spec in [*cfg["data"]["sources"], diff]:  # the diff task's words are the SC task's (README, stage 3 v15)
+        seen = build_vocab_map([spec], Processor(tokenizer, templates=templates), samples_per_source=60)
+        assert set(seen.ids) <= set(stage_map.ids), spec
+
+
 @pytest.mark.parametrize("spec, named", [
     ("synthetic:n=4,min_objects=two", "min_objects='two' is not an integer"),
     ("synthetic:n=4,edit_types=add+fly", "unknown or empty edit_types: ['fly']"),
@@ -151,6 +197,8 @@ def test_single_region_sc_source():
     ("synthetic:n=4,backgrounds=solid+plaid", "unknown or empty backgrounds: ['plaid']"),
     ("synthetic:n=4,object_size=0.3", "object_size must be two numbers"),
     ("synthetic:n=4,object_size=big+1", "object_size='big+1' is not two numbers"),
+    ("synthetic:n=4,tasks=diff+sc", "task 'diff' cannot be mixed"),
+    ("synthetic:n=4,tasks=diff", "task 'diff' boxes only the requested edit: outcome_weights for ['wrong', 'overedit']"),
 ])
 def test_source_spec_errors_name_the_key(spec, named):
     with pytest.raises(ValueError) as e:
