@@ -47,6 +47,12 @@ class LossConfig:
     # long answers weigh more). "example": mean over examples (packed segments) of each
     # example's mean token loss.
     weighting: Literal["token", "example"] = "token"
+    # Extra weight for the loss at positions whose target is one of these tokens, keyed by the
+    # token's text (it must encode to exactly one token), e.g. {' [],': 10, ' [{"': 10}: the two
+    # ways an SC answer's region list opens, i.e. the "was anything edited?" decision, one token per
+    # answer. Under "token" weighting the loss stays a weighted mean (divided by the sum of weights).
+    # The SFT stage resolves the texts to model ids (compact ids under a reduced vocabulary).
+    token_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

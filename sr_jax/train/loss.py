@@ -78,9 +78,11 @@ def _score(project, hidden, targets):
 
 
 def label_loss(project: Callable[[jax.Array], jax.Array], hidden, labels, *, segment_ids=None,
-               max_label_tokens: int | None = None, chunk_size: int = 0, weighting: str = "token") -> LossStats:
+               max_label_tokens: int | None = None, chunk_size: int = 0, weighting: str = "token",
+               token_weights: tuple = ()) -> LossStats:
     """project: hidden rows (N, H) -> logits (N, V) (the model's `logits`); hidden (B, T, H);
-    labels (B, T) with -100 = ignore; segment_ids (B, T) for packed rows."""
+    labels (B, T) with -100 = ignore; segment_ids (B, T) for packed rows; token_weights
+    ((target id, weight), ...) multiplies the weight of positions predicting those ids."""
     if weighting not in ("token", "example"):
         raise ValueError(f"unknown loss weighting {weighting!r}; use 'token' or 'example'")
     b, t, h = hidden.shape
@@ -100,6 +102,13 @@ def label_loss(project: Callable[[jax.Array], jax.Array], hidden, labels, *, seg
     else:
         per_position, weight_total = _example_weights(valid, segment_ids)
         weights = jnp.where(scored, jnp.take(per_position, rows), 0.0)
+    if token_weights:
+        ids = jnp.asarray([int(i) for i, _ in token_weights], picked_targets.dtype)
+        values = jnp.asarray([float(w) for _, w in token_weights], jnp.float32)
+        hit = picked_targets[:, None] == ids[None, :]
+        weights = weights * jnp.where(hit.any(-1), jnp.sum(jnp.where(hit, values, 0.0), -1), 1.0)
+        if weighting == "token":  # a weighted mean over label tokens
+            weight_total = jnp.sum(weights)
 
     if not chunk_size or chunk_size >= capacity:
         nll, correct = _score(project, picked, picked_targets)
@@ -116,3 +125,18 @@ def label_loss(project: Callable[[jax.Array], jax.Array], hidden, labels, *, seg
         correct=jnp.sum(correct & scored).astype(f32),
         dropped=jnp.maximum(total - capacity, 0).astype(f32),
     )
+
+
+def resolve_token_weights(token_weights: dict, tokenizer, vocab_map=None) -> tuple:
+    """`train.loss.token_weights` ({token text: weight}) as ((model id, weight), ...): each text
+    must be exactly one token of `tokenizer`; under a reduced vocabulary the id is its compact id."""
+    resolved = []
+    for text, weight in token_weights.items():
+        ids = tokenizer.encode(text)
+        if len(ids) != 1:
+            raise ValueError(f"train.loss.token_weights: {text!r} is {len(ids)} tokens {ids}, not one token")
+        if not float(weight) > 0:
+            raise ValueError(f"train.loss.token_weights: the weight of {text!r} must be > 0, got {weight!r}")
+        token = ids[0] if vocab_map is None else vocab_map.compact_id(ids[0])
+        resolved.append((int(token), float(weight)))
+    return tuple(resolved)

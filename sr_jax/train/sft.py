@@ -27,11 +27,12 @@ from sr_jax.data.pipeline import DataConfig, DataPipeline, make_processor
 from sr_jax.data.vocab import build_vocab_map
 from sr_jax.sharding import shard_batch
 from sr_jax.train.config import ModelSection, RunSection, TrainConfig
+from sr_jax.train.loss import resolve_token_weights
 from sr_jax.train.loop import run_vocab_map, tokenizer_source
 # Re-exported: these were defined here before the loop was shared with RL.
 from sr_jax.train.loop import Trainer, build_for_restore, model_config, register_command, run
 from sr_jax.train.metrics import peak_flops_per_device, train_flops
-from sr_jax.train.step import count_step_labels, stack_microbatches
+from sr_jax.train.step import SFTLoss, TrainStep, count_step_labels, stack_microbatches
 
 __all__ = ["ModelSection", "RunSection", "SFTConfig", "SFTStage", "Trainer", "build_for_restore",
            "estimate_total_steps", "model_config", "register", "train"]
@@ -72,7 +73,11 @@ class SFTStage:
         pipeline = DataPipeline(data_cfg, processor=processor, vision=mcfg.vision, vocab_map=self.vocab_map)
         self.processor = pipeline.processor
         self.total_steps = estimate_total_steps(cfg, len(pipeline.sources))
-        self.trainer = Trainer(cfg, devices=devices, total_steps=self.total_steps, vocab_map=self.vocab_map)
+        # train.loss.token_weights name tokens by text: their ids are known once the vocabulary is
+        weights = resolve_token_weights(cfg.train.loss.token_weights, processor.tokenizer, self.vocab_map)
+        self.trainer = Trainer(cfg, devices=devices, total_steps=self.total_steps, vocab_map=self.vocab_map,
+                               make_step=lambda model, opt, mesh, train: TrainStep(
+                                   model, opt, mesh, train, loss=SFTLoss(train.loss, weights)))
         self.iterator = iter(pipeline)
         self.peak = peak_flops_per_device(cfg.run.peak_flops_per_device)
         self.vision_trainable = not (cfg.train.freeze_vision or (cfg.train.lora.enabled and not cfg.train.lora.vision))

@@ -123,8 +123,9 @@ def create_train_state(model, optimizer: Optimizer, mesh: Mesh, cfg: TrainConfig
 # the step
 
 
-def forward_loss(model, batch: Mapping[str, jax.Array], cfg: LossConfig) -> LossStats:
-    """Loss sums of one microbatch (arrays without the microbatch axis)."""
+def forward_loss(model, batch: Mapping[str, jax.Array], cfg: LossConfig, token_weights: tuple = ()) -> LossStats:
+    """Loss sums of one microbatch (arrays without the microbatch axis); token_weights: `cfg.token_weights`
+    as ((model id, weight), ...) (`sr_jax.train.loss.resolve_token_weights`)."""
     pixel_values, vision = batch.get("pixel_values"), None
     if pixel_values is not None:
         vision = tuple(batch[k] for k in VISION_KEYS)
@@ -132,7 +133,8 @@ def forward_loss(model, batch: Mapping[str, jax.Array], cfg: LossConfig) -> Loss
     out = model.features(batch["input_ids"], batch["attention_mask"], pixel_values,
                          position_ids=batch["position_ids"], vision=vision, segment_ids=segment_ids)
     return label_loss(model.logits, out.hidden, batch["labels"], segment_ids=segment_ids,
-                      max_label_tokens=cfg.max_label_tokens, chunk_size=cfg.chunk_size, weighting=cfg.weighting)
+                      max_label_tokens=cfg.max_label_tokens, chunk_size=cfg.chunk_size, weighting=cfg.weighting,
+                      token_weights=token_weights)
 
 
 class SFTLoss:
@@ -141,17 +143,19 @@ class SFTLoss:
 
     has_label_buffer = True  # the loss gathers labelled rows into a buffer (`loss.label_bucket` sizes it)
 
-    def __init__(self, cfg: LossConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: LossConfig, token_weights: tuple = ()):
+        # `cfg.token_weights` names tokens by text; the SFT stage (sr_jax.train.sft) resolves them to
+        # model ids (`resolve_token_weights`) and passes them here (a restore-only step needs none).
+        self.cfg, self.token_weights = cfg, tuple(token_weights)
 
     def with_label_capacity(self, capacity: int) -> "SFTLoss":
-        return SFTLoss(dataclasses.replace(self.cfg, max_label_tokens=capacity))
+        return SFTLoss(dataclasses.replace(self.cfg, max_label_tokens=capacity), self.token_weights)
 
     def zeros(self) -> LossStats:
         return LossStats.zeros()
 
     def __call__(self, model, microbatch) -> LossStats:
-        return forward_loss(model, microbatch, self.cfg)
+        return forward_loss(model, microbatch, self.cfg, self.token_weights)
 
     def denominator(self, stats: LossStats):
         return jnp.maximum(stats.weight, 1.0)
