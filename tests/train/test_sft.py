@@ -163,3 +163,15 @@ def jax_struct(x):
     import jax
 
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+def test_sft_run_applies_train_loss_token_weights(tmp_path):
+    """`train.loss.token_weights` (tests/train/test_token_weights.py): `sr-jax train` resolves the
+    texts and its step weighs those targets; each weighted target adds (weight - 1) to the step's
+    loss normaliser (token weighting)."""
+    cfg = small(tmp_path, **{"run.total_steps": 1, "train.loss.token_weights": "{' [],': 10, ' [{\"': 10}"})
+    assert cfg.train.loss.token_weights == {' [],': 10.0, ' [{"': 10.0}
+    train(cfg)
+    (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    extra = row["loss_weight"] - row["label_tokens"]
+    assert extra > 0 and extra % 9 == 0  # one region-list opening per SC answer in the batch

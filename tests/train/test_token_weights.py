@@ -62,3 +62,4 @@ def test_token_texts_resolve_to_model_ids(tokenizer):
         resolve_token_weights({' [],': 0}, tokenizer)
     with pytest.raises(VocabMissError):
         resolve_token_weights({" red": 2.0}, tokenizer, vmap)
+
