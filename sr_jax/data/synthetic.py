@@ -733,15 +733,15 @@ def diff_example(index: int, seed: int, split: str, cfg: SynthConfig) -> Spatial
     plan, images, fields = _edit_example(rng, "sc", index, seed, split, cfg)
     meta = fields["meta"]
     parts = fields["reasoning"].split("<|global|>")[0].strip()  # "<|bbox_k|> what the part looks like now."
-    if meta["outcome"] == "failed" and meta["failure"] == "identity":
-        tail = "The edited image is identical to the original."
-    elif meta["outcome"] == "failed":
-        tail = "The edited image differs from the original only by imperceptible pixel noise."
-    else:
-        tail = "The rest of the scene is unchanged."
     # No closing full stop: '."' is a token the stage vocabulary (configs/vocab/learn_stages.json) lacks.
+    if meta["outcome"] == "failed" and meta["failure"] == "identity":
+        tail = "The edited image is identical to the original"
+    elif meta["outcome"] == "failed":
+        tail = "The edited image differs from the original only by imperceptible pixel noise"
+    else:
+        tail = "The rest of the scene is unchanged"
     answer = {"edit_region": [r.to_json() for r in fields["regions"]],
-              "reasoning": " ".join(filter(None, [parts, f"<|global|> {tail[:-1]}"]))}
+              "reasoning": " ".join(filter(None, [parts, f"<|global|> {tail}"]))}
     return _verbatim_example("diff", "sc", index, seed, split, cfg, images, str(rng.choice(DIFF_PROMPTS)), answer,
                              regions=fields["regions"],
                              meta={k: meta[k] for k in ("edit_type", "outcome", "failure", "changed_bbox_px")})

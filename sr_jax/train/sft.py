@@ -73,7 +73,7 @@ class SFTStage:
         pipeline = DataPipeline(data_cfg, processor=processor, vision=mcfg.vision, vocab_map=self.vocab_map)
         self.processor = pipeline.processor
         self.total_steps = estimate_total_steps(cfg, len(pipeline.sources))
-        # train.loss.token_weights name tokens by text: their ids are known once the vocabulary is
+        # train.loss.token_weights name tokens by text: their ids are known only now (vocabulary map)
         weights = resolve_token_weights(cfg.train.loss.token_weights, processor.tokenizer, self.vocab_map)
         self.trainer = Trainer(cfg, devices=devices, total_steps=self.total_steps, vocab_map=self.vocab_map,
                                make_step=lambda model, opt, mesh, train: TrainStep(
