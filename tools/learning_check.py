@@ -130,6 +130,15 @@ def _train_sft(args, cfg) -> tuple[dict | None, float]:
     return summary, time.perf_counter() - t0
 
 
+def _steps(summary: dict | None) -> str:
+    """' (N steps)', and the configured length when run.fit_schedule shortened the schedule."""
+    if not summary:
+        return ""
+    fitted = summary.get("configured_steps", summary["total_steps"]) != summary["total_steps"]
+    return (f" ({summary['step']} steps" + (f"; schedule fitted to the budget: {summary['total_steps']} of "
+                                             f"{summary['configured_steps']} configured" if fitted else "") + ")")
+
+
 def _model_dir(out: Path) -> Path:
     if not (out / "model").is_dir():
         raise SystemExit(f"{out / 'model'} does not exist: train first (drop --skip-train, or check run.out_dir)")
@@ -165,7 +174,7 @@ def _grounding_stage(args, stage: int) -> tuple[dict, bool]:
     reliance = image_reliance(model, cfg.data, held_out, str(out / "tokenizer"))
 
     print(f"\nheld-out {task} examples: {len(records)} (seed {args.eval_seed}, split test); training "
-          f"{train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min")
+          f"{train_s / 60:.1f} min{_steps(summary)}, evaluation {eval_s / 60:.1f} min")
     if stage == 1:
         predicted = [S.parse_colour(t) for t in texts]
         truth = [r.meta["colour"] for r in records]
@@ -235,7 +244,8 @@ def _synthetic_stage(args, stage: int) -> tuple[dict, bool]:
     table = result["tables"]["model vs baselines"]
     metrics = ["parse_rate", "mean_iou", "box_recall", "box_precision", "mae_success", "mae_overediting",
                "mae_naturalness", "mae_artifacts", "reward_spearman"]
-    phases = f"SFT {train_s / 60:.1f} min" + (f" + GRPO {grpo_s / 60:.1f} min" if grpo_s is not None else "")
+    phases = f"SFT {train_s / 60:.1f} min{_steps(summary)}" + (
+        f" + GRPO {grpo_s / 60:.1f} min{_steps(grpo_summary)}" if grpo_s is not None else "")
     print(f"\nheld-out synthetic examples: {len(examples)} (seed {args.eval_seed}); training {phases}, "
           f"evaluation {eval_s / 60:.1f} min")
     if sft_figures is not None:
@@ -349,7 +359,7 @@ def _grpo_stage(args) -> tuple[dict, bool]:
     seeds = {"eval_seed": args.eval_seed, "eval_split": "test", "train_data_seed": source.seed,
              "train_split": source.split, "shuffle_seed": cfg.data.seed, "train_seed": cfg.train.seed}
     print(f"\nheld-out prompts: {len(records)} of {heldout_spec(cfg.data.sources[0], len(records), args.eval_seed)}; seeds {seeds}; "
-          f"GRPO from {start}, {(time.perf_counter() - t0) / 60:.1f} min in all")
+          f"GRPO from {start}{_steps(summary)}, {(time.perf_counter() - t0) / 60:.1f} min in all")
     print(f"{'held-out greedy':<18}{'before':>10}{'after':>10}")
     for m in ("iou", "parse_rate", "strict_parse_rate", "box_recall"):
         print(f"{m:<18}{_fmt(before[m]):>10}{_fmt(after[m]):>10}")

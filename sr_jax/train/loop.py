@@ -6,6 +6,9 @@ A stage's config has `model`, `train` and `run` sections (`sr_jax.train.config`)
 the stage's loss). `run` does the rest, the same for every stage: the run-directory lock, the run
 config and tokenizer files, build or restore the state (with the batch producer's position),
 iterate, checkpoint, metrics, progress bar, wall-clock budget, the final save with LoRA merged.
+With `run.fit_schedule` the budget also sets the schedule's length: after a few timed steps the
+lr schedule is shortened to the steps the remaining time allows (recorded in `schedule.json`, which
+a resumed run keeps), so a slower machine ends a complete schedule instead of stopping mid-way.
 
 What differs is a `Stage` object (built by the stage's `make_stage(cfg, devices)`):
   kind                        "sft" | "rl": recorded in every checkpoint's meta (see
@@ -177,6 +180,13 @@ class Trainer:
         self.step = (make_step or TrainStep)(model, self.optimizer, self.mesh, cfg.train)
         self.model = model
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """A new schedule length (optimizer updates) for the rest of the run: the optimizer's
+        state has the same layout for any length, so only the step is traced again."""
+        self.total_steps = total_steps
+        self.optimizer = make_optimizer(self.cfg.train.optim, total_steps)
+        self.step.use_optimizer(self.optimizer)
+
     def _load_weights(self, model) -> None:
         """Base weights from `init_from`, placed tensor by tensor into the sharded model."""
         loaded = load_model(self.cfg.model.init_from, dtype=self.cfg.model.param_dtype, device=jax.devices("cpu")[0])
@@ -287,6 +297,51 @@ class Stage(Protocol):
     def postfix(self, metrics: dict) -> dict: ...
 
 
+SCHEDULE_FILE = "schedule.json"  # a run's fitted schedule length (run.fit_schedule)
+FIT_AFTER_STEPS = 10  # timed steps (after the first, which compiles) before the schedule is fitted
+_clock = time.perf_counter  # the loop's clock (tests substitute their own)
+
+
+def fitted_total(total: int, step: int, elapsed: float, seconds_per_step: float, budget: float,
+                 retrace_seconds: float = 0.0) -> int:
+    """The schedule length (loop steps) that ends within `budget` seconds: the `step` steps done
+    after `elapsed` seconds, plus what the rest of the budget allows at `seconds_per_step` once the
+    step is traced again (`retrace_seconds`); never more than `total`, never fewer than `step` + 1."""
+    remaining = budget - elapsed - max(retrace_seconds, 0.0)
+    more = int(remaining // seconds_per_step) if seconds_per_step > 0 else total
+    return max(step + 1, min(total, step + more))
+
+
+def _apply_schedule_length(stage: Stage, steps: int) -> int:
+    """Sets the loop's and the optimizer's horizon (a GRPO rollout makes several updates), no
+    shorter than an explicit `train.optim.warmup_steps`; returns the loop's."""
+    per_step = max(1, stage.trainer.total_steps // max(stage.total_steps, 1))
+    warmup = stage.trainer.cfg.train.optim.warmup_steps or 0
+    steps = max(steps, -(-int(warmup) // per_step))
+    stage.total_steps = steps
+    stage.trainer.set_total_steps(steps * per_step)
+    return steps
+
+
+def _read_schedule(out: Path) -> dict | None:
+    path = out / SCHEDULE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return {"total_steps": int(record["total_steps"]), "configured_steps": int(record["configured_steps"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable schedule record ({e}); delete it to fit the schedule again") from e
+
+
+def _agreed(value: int) -> int:
+    """One process's decision for all (step times differ between hosts)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(jax.numpy.asarray(value, jax.numpy.int32)))
+
+
 def run(cfg, make_stage: Callable[..., Stage], *, devices=None, stop_after: int | None = None) -> dict:
     """Runs (or resumes) `cfg` with the stage `make_stage(cfg, devices)` builds; returns a summary.
     `stop_after` ends the loop after that many steps of this call (tests use it to simulate an
@@ -316,6 +371,15 @@ def _run_locked(cfg, make_stage, *, devices=None, stop_after: int | None = None)
         save_tokenizer(cfg, stage.processor, out / "tokenizer")
         if trainer.vocab_map is not None and not (out / VOCAB_MAP_FILE).is_file():
             trainer.vocab_map.save(out / VOCAB_MAP_FILE)
+    configured = total
+    fit = bool(cfg.run.fit_schedule and cfg.run.max_seconds)
+    record = _read_schedule(out)
+    if record is not None:  # fitted by an earlier call: the schedule the saved state follows
+        if record["configured_steps"] != total:
+            ckpt.close()
+            raise ValueError(f"{out / SCHEDULE_FILE}: fitted from {record['configured_steps']} steps, but this run is "
+                             f"configured for {total}; use another run.out_dir or delete the file")
+        total, fit = _apply_schedule_length(stage, record["total_steps"]), False
     if start is not None:
         state, data_state, _ = ckpt.restore(start, trainer.abstract_state())
         stage.set_state(data_state)
@@ -330,7 +394,8 @@ def _run_locked(cfg, make_stage, *, devices=None, stop_after: int | None = None)
     def meta(step):
         return {"kind": stage.kind, **stage.meta(), "step": step}
 
-    began, step, last = time.perf_counter(), start, {}
+    began, step, last = _clock(), start, {}
+    first_done = None  # clock after this call's first step (compilation included)
     try:
         while step < total:
             made = stage.advance(state, step)
@@ -338,6 +403,24 @@ def _run_locked(cfg, make_stage, *, devices=None, stop_after: int | None = None)
                 break  # data (prompts) used up
             state, metrics = made
             step += 1
+            now = _clock()
+            if first_done is None:
+                first_done = now
+            elif fit and step - start == FIT_AFTER_STEPS + 1:
+                per_step = (now - first_done) / FIT_AFTER_STEPS
+                fitted = _agreed(fitted_total(total, step, now - began, per_step, cfg.run.max_seconds,
+                                              retrace_seconds=(first_done - began) - per_step))
+                if fitted < total:
+                    log.info("run.fit_schedule: %.2f s per step, so the schedule ends at step %d of %d", per_step,
+                             fitted, total)
+                    total = _apply_schedule_length(stage, fitted)
+                    bar.total = total
+                    bar.refresh()
+                if is_main:
+                    (out / SCHEDULE_FILE).write_text(json.dumps({
+                        "total_steps": total, "configured_steps": configured, "seconds_per_step": round(per_step, 4),
+                        "fitted_at_step": step, "max_seconds": cfg.run.max_seconds}, indent=2))
+                fit = False
             writer.write(step, metrics)
             last = metrics
             bar.update(1)
@@ -345,7 +428,7 @@ def _run_locked(cfg, make_stage, *, devices=None, stop_after: int | None = None)
             ckpt.save(step, state, stage.get_state(), meta(step))
             if stop_after is not None and step - start >= stop_after:
                 break
-            if cfg.run.max_seconds and time.perf_counter() - began > cfg.run.max_seconds:
+            if cfg.run.max_seconds and _clock() - began > cfg.run.max_seconds:
                 log.info("wall-clock budget of %.0f s reached at step %d", cfg.run.max_seconds, step)
                 break
         if step > start and ckpt.latest_step() != step:
@@ -354,7 +437,7 @@ def _run_locked(cfg, make_stage, *, devices=None, stop_after: int | None = None)
         bar.close()
         ckpt.close()
         writer.close()
-    summary = {"step": step, "total_steps": total, "resumed_from": start, "last": last,
+    summary = {"step": step, "total_steps": total, "configured_steps": configured, "resumed_from": start, "last": last,
                "skipped": stage.skipped(), "out_dir": str(out)}
     finished = step >= total or stop_after is None
     if cfg.run.save_model and finished and step > start:  # every process: the weights may span hosts

@@ -228,6 +228,12 @@ class TrainStep:
         self.rest_shardings = tree_shardings(self.rest, mesh, self.rules)
         self._compiled: dict[tuple, Any] = {}
 
+    def use_optimizer(self, optimizer: Optimizer) -> None:
+        """Steps from now on update with `optimizer` (e.g. a shorter schedule); its state must have
+        the layout of the one the state was built with."""
+        self.optimizer = optimizer
+        self._compiled.clear()
+
     def _jitted(self, batch, label_capacity: int | None = None):
         signature = tuple(sorted((k, np.shape(v), str(v.dtype) if hasattr(v, "dtype") else str(np.asarray(v).dtype))
                                  for k, v in batch.items())) + (label_capacity,)
