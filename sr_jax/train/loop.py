@@ -37,6 +37,7 @@ from typing import Any, Callable, Protocol
 
 import jax
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sr_jax import lora
@@ -338,7 +339,6 @@ def _agreed(value: int) -> int:
     """One process's decision for all (step times differ between hosts)."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
     return int(multihost_utils.broadcast_one_to_all(jax.numpy.asarray(value, jax.numpy.int32)))
 
 
