@@ -23,7 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Many tests compile the same programs (one model config, several runs): a persistent
 # compilation cache turns the repeats into cache hits.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "sr_jax_test_jax_cache"))
+# JAX writes cache entries in place, so parallel workers (pytest-xdist) each keep their own: one
+# worker could otherwise read another's half-written entry.
+_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "sr_jax_test_jax_cache"))
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = f"{_CACHE}_{_WORKER}" if _WORKER else _CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 TINY_HF_SEED = 5
