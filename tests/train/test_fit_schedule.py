@@ -22,6 +22,10 @@ def test_fitted_total_arithmetic():
     assert loop.fitted_total(40, 11, 210.0, 20.0, 290.0, retrace_seconds=20.0) == 14
     assert loop.fitted_total(40, 11, 10.0, 1.0, 1000.0) == 40  # fast enough: the configured length stays
     assert loop.fitted_total(40, 11, 400.0, 20.0, 290.0) == 12  # over budget already: the next step ends it
+    # The pace is timed over 10 steps, or more where those took under 5% of the budget.
+    assert loop.fit_window(20.0, 140.0) == 10
+    assert loop.fit_window(0.74, 1800.0) == 122
+    assert loop.fit_window(0.0, 1800.0) == 10
 
 
 class StepClock:
@@ -40,10 +44,11 @@ def _learning_rates(out):
 
 
 def test_fit_schedule_ends_a_complete_schedule_within_the_budget(tmp_path, monkeypatch):
-    """40 configured steps, 20 s each, a 140 s budget, timed over 3 steps after the first: fitted
-    after step 4 to 7 steps. Steps 5-7 follow the 7-step cosine to its floor; a resumed call keeps
-    the recorded length."""
-    monkeypatch.setattr(loop, "FIT_AFTER_STEPS", 3)  # fewer steps to run than the default 10
+    """40 configured steps, 20 s each, a 140 s budget. The 2 steps after the first took under 40%
+    of the budget, so the pace is timed over 3: fitted after step 4 to 7 steps. Steps 5-7 follow
+    the 7-step cosine to its floor; a resumed call keeps the recorded length."""
+    monkeypatch.setattr(loop, "FIT_AFTER_STEPS", 2)  # fewer steps to run than the default 10 ...
+    monkeypatch.setattr(loop, "FIT_WINDOW_SHARE", 0.4)  # ... and a window that takes one more
     monkeypatch.setattr(loop, "_clock", StepClock())
     extra = {"run.total_steps": 40, "run.max_seconds": 140, "run.fit_schedule": "true", "run.checkpoint_every": 1,
              "train.optim.schedule": "cosine", "train.optim.warmup_ratio": 0.1, "train.optim.min_lr_ratio": 0.1}
