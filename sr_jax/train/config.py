@@ -99,7 +99,7 @@ class RunSection:
     num_devices: int | None = None      # use the first N devices (default: all)
     peak_flops_per_device: float | None = None  # for MFU; default: known accelerators, else measured
     max_seconds: float | None = None    # wall-clock budget; stops (and checkpoints) when exceeded
-    # With max_seconds: after 10 timed steps and 5% of the budget, shorten the lr schedule (total_steps) to the steps that
-    # fit the budget, so a slow machine ends a complete schedule instead of one cut mid-way.
+    # With max_seconds: after 10 timed steps and 5% of the budget, shorten the lr schedule (total_steps)
+    # to the steps that fit the budget, so a slow machine ends a complete schedule, not one cut mid-way.
     fit_schedule: bool = False
     save_model: bool = True             # write `out_dir/model` (LoRA merged) at the end
