@@ -7,8 +7,9 @@ the stage's loss). `run` does the rest, the same for every stage: the run-direct
 config and tokenizer files, build or restore the state (with the batch producer's position),
 iterate, checkpoint, metrics, progress bar, wall-clock budget, the final save with LoRA merged.
 With `run.fit_schedule` the budget also sets the schedule's length: after 10 timed steps and 5% of
-the budget the lr schedule is shortened to the steps the remaining time allows (recorded in `schedule.json`, which
-a resumed run keeps), so a slower machine ends a complete schedule instead of stopping mid-way.
+the budget the lr schedule is shortened to the steps the remaining time allows (recorded in
+`schedule.json`, which a resumed run keeps), so a slower machine ends a complete schedule instead
+of stopping mid-way.
 
 What differs is a `Stage` object (built by the stage's `make_stage(cfg, devices)`):
   kind                        "sft" | "rl": recorded in every checkpoint's meta (see
@@ -304,6 +305,7 @@ FIT_AFTER_STEPS = 10  # timed steps (after the first, which compiles) before the
 # ... and at least this share of the budget timed: a short window misses the checkpoint saves and
 # the slower packs (stage 3: 0.74 s per step over steps 2-11, 0.81 s over the first 800).
 FIT_WINDOW_SHARE = 0.05
+_clock = time.perf_counter  # the loop's clock (tests substitute their own)
 
 
 def fit_window(seconds_per_step: float, budget: float) -> int:
@@ -313,7 +315,6 @@ def fit_window(seconds_per_step: float, budget: float) -> int:
     if seconds_per_step <= 0:
         return FIT_AFTER_STEPS
     return max(FIT_AFTER_STEPS, math.ceil(FIT_WINDOW_SHARE * budget / seconds_per_step))
-_clock = time.perf_counter  # the loop's clock (tests substitute their own)
 
 
 def fitted_total(total: int, step: int, elapsed: float, seconds_per_step: float, budget: float,
