@@ -19,6 +19,9 @@ import pytest
 # Multi-device tests need 8 fake CPU devices; the flag must be set before JAX starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes /tmp/libtpu_lockfile to keep a second process off the TPU chips. The tests only
+# compile for a described topology (no chips), and two pytest-xdist workers load libtpu at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Many tests compile the same programs (one model config, several runs): a persistent
