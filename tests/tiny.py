@@ -97,8 +97,9 @@ def patch_count(rows):
     return sum(ex["pixels"].shape[0] for row in rows for ex in row if ex["grid"])
 
 
-def run_step(cfg, batch, mesh_shape, seed=0, model_factory=None):
-    """One optimizer step from a fresh tiny model; returns (metrics, trainable params, state, step)."""
+def run_step(cfg, batch, mesh_shape, seed=0, model_factory=None, spans=None):
+    """One optimizer step from a fresh tiny model; returns (metrics, trainable params, state, step).
+    `spans`: the step's attention spans (None: measured from the batch)."""
     model = (model_factory or (lambda s: init_model(tiny_config(), s)))(seed)
     n = int(np.prod(mesh_shape))
     mesh = make_mesh(MeshConfig(*mesh_shape), devices=jax.devices()[:n])
@@ -106,6 +107,6 @@ def run_step(cfg, batch, mesh_shape, seed=0, model_factory=None):
     validate_batch(batch, cfg)
     state = create_train_state(model, opt, mesh, cfg)
     step = make_train_step(model, opt, mesh, cfg, compiler_options=FAST_COMPILE)
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, spans=spans)
     flat = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state.params)}
     return {k: float(v) for k, v in metrics.items()}, flat, state, step

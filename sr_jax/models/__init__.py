@@ -64,6 +64,10 @@ class ModelFamily:
     vision_scope: str               # path component of the vision tower's parameters
     freeze_vision: str              # regex over dotted parameter paths: the whole vision tower
     set_remat: Callable[[Any, str], None]  # (model, policy): the remat policy of every layer stack
+    # (model, text, vision): the longest packed text segment and image (positions, patches) a
+    # full pass will see, or None; the portable attention kernels then skip the blocks no segment
+    # reaches (sr_jax.train.step.attention_spans)
+    set_attention_spans: Callable[[Any, int | None, int | None], None] = lambda model, text, vision: None
 
     def module(self, name: str):
         return importlib.import_module(f"{self.package}.{name}")

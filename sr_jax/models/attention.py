@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from sr_jax.models.layers import causal_attention, compile_platform, query_blocked_attention, to_heads_major
+from sr_jax.models.layers import (causal_attention, compile_platform, query_blocked_attention, to_heads_major,
+                                  windowed_segment_attention)
 from sr_jax.sharding import MESH_AXES, logical_to_spec
 
 BACKENDS = ("auto", "cpu", "splash", "cudnn")
@@ -141,12 +142,13 @@ def sharded_splash(q, k, v, q_segment, kv_segment, *, causal: bool, scale: float
 # entry points
 
 
-def text_attention(q, k, v, mask, *, scale: float, backend: str):
+def text_attention(q, k, v, mask, *, scale: float, backend: str, span: int | None = None):
     """Causal self-attention of a full forward pass: q (B, T, Hkv, G, D), k/v (B, T, Hkv, D) ->
-    (B, T, Hkv, G, D). `mask` is a dense (B, T, T) mask (the cpu backend's) or `Segments`."""
+    (B, T, Hkv, G, D). `mask` is a dense (B, T, T) mask (the cpu backend's) or `Segments`.
+    `span` (portable kernels): the longest packed segment, first to last token (`causal_attention`)."""
     backend = resolve_backend(backend)
     if not isinstance(mask, Segments):
-        return causal_attention(q, k, v, mask, scale=scale)
+        return causal_attention(q, k, v, mask, scale=scale, span=span)
     b, t, hkv, g, d = q.shape
     if backend == "splash":
         qh = q.reshape(b, t, hkv * g, d).transpose(0, 2, 1, 3)
@@ -155,7 +157,7 @@ def text_attention(q, k, v, mask, *, scale: float, backend: str):
         return out.transpose(0, 2, 1, 3).reshape(b, t, hkv, g, d)
 
     def portable(q, k, v, ids):
-        return causal_attention(q, k, v, Segments(ids=ids, packed=mask.packed).dense(), scale=scale)
+        return causal_attention(q, k, v, Segments(ids=ids, packed=mask.packed).dense(), scale=scale, span=span)
 
     if backend == "cudnn" and not mask.packed:
         # cuDNN's masks: causal plus per-row lengths, i.e. right padding. Anything else (left
@@ -173,12 +175,18 @@ def text_attention(q, k, v, mask, *, scale: float, backend: str):
     return portable(q, k, v, mask.ids)
 
 
-def vision_attention(q, k, v, segment, layout=None, *, scale: float, backend: str):
+def vision_attention(q, k, v, segment, layout=None, *, scale: float, backend: str, span: int | None = None):
     """Bidirectional attention within each image: q/k/v (N, H, D) of all patches, `segment` (N,)
     the image of each patch -> (N, H, D). `layout` (slots, inverse) from
-    `vision.attention_slots` regroups the patches per image first."""
+    `vision.attention_slots` regroups the patches per image first. `span` (portable kernels,
+    without `layout`): no image's patches reach over more than `span` rows, so each query block
+    meets only the keys within `span` of it (`windowed_segment_attention`); rows of padding
+    patches, never read, may then differ."""
     backend = resolve_backend(backend)
     if layout is None:
+        if span is not None and backend != "splash":
+            qh, kh, vh = to_heads_major(q[None, :, :, None], k[None], v[None])
+            return windowed_segment_attention(qh, kh, vh, segment, scale, span)[0, :, 0].transpose(1, 0, 2)
         if backend == "splash":
             qh, kh, vh = (x.transpose(1, 0, 2)[None] for x in (q, k, v))  # (1, H, N, D)
             seg = segment[None].astype(jnp.int32)

@@ -285,6 +285,20 @@ def query_blocks(n: int, target: int = 128) -> list[tuple[int, int]]:
     return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
+def windowed_segment_attention(q, k, v, segment, scale: float, span: int, target: int = 128):
+    """Bidirectional attention within segments (q/k/v (..., N, D) heads-major, `segment` (N,)),
+    for segments that reach over at most `span` consecutive rows (first to last): a query block
+    [a, b) meets only keys [a - span + 1, b + span - 1), a cost of N * (block + 2 * span)
+    instead of N^2. The same result as attention over all N rows for every row of such a segment."""
+    n = q.shape[-2]
+    outs = []
+    for a, b in query_blocks(n, target):
+        lo, hi = max(0, a - span + 1), min(n, b + span - 1)
+        allowed = segment[a:b, None] == segment[None, lo:hi]
+        outs.append(heads_major_attention(q[..., a:b, :], k[..., lo:hi, :], v[..., lo:hi, :], allowed, scale))
+    return jnp.concatenate(outs, axis=-2)
+
+
 def query_blocked_attention(q, k, v, allowed, scale: float, target: int = 128):
     """`heads_major_attention` in query blocks of about `target` rows, each against all keys:
     a block's scores stay in cache, which on a CPU is much faster than one score array per head
@@ -312,11 +326,14 @@ def masked_softmax_attention(q, k, v, mask, *, scale: float):
     return jnp.transpose(heads_major_attention(qh, kh, vh, mask[:, None, None], scale), (0, 3, 1, 2, 4))
 
 
-def causal_attention(q, k, v, mask, *, scale: float, block: int = 128):
+def causal_attention(q, k, v, mask, *, scale: float, block: int = 128, span: int | None = None):
     """`masked_softmax_attention` for a mask that is causal (no key after its query), as every
     mask of a full forward pass is: query block i only meets keys [0, (i + 1) * block), so the
     upper triangle is never computed (about half the work and memory for long rows, forward and
-    backward). Falls back to the plain form for short or unevenly divisible lengths."""
+    backward). `span`: no packed segment reaches over more than this many positions (first to
+    last token), so block i's keys start at i * block - span + 1: rows packed with short examples
+    skip the blocks of earlier examples too. Falls back to the plain form for short or unevenly
+    divisible lengths."""
     t = q.shape[1]
     block = max(block, t // 16)  # at most 16 blocks: bounded program size for long rows
     while t % block and block % 2 == 0 and block > 64:  # e.g. 640 = 5 x 128
@@ -327,6 +344,7 @@ def causal_attention(q, k, v, mask, *, scale: float, block: int = 128):
     outs = []
     for i in range(t // block):
         rows, end = slice(i * block, (i + 1) * block), (i + 1) * block
-        outs.append(heads_major_attention(qh[:, :, :, rows], kh[:, :, :end], vh[:, :, :end],
-                                          mask[:, None, None, rows, :end], scale))
+        first = 0 if span is None else max(0, i * block - span + 1)
+        outs.append(heads_major_attention(qh[:, :, :, rows], kh[:, :, first:end], vh[:, :, first:end],
+                                          mask[:, None, None, rows, first:end], scale))
     return jnp.transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4))

@@ -34,7 +34,7 @@ from sr_jax.lora import set_lora_dropout
 from sr_jax.sharding import batch_shardings, constrain, global_from_full, logical_sharding, use_mesh
 from sr_jax.batch import POLICY_KEYS as MODEL_KEYS, VISION_KEYS
 from sr_jax.models import family_of
-from sr_jax.train.step import TrainState, TrainStep, trainable_filter
+from sr_jax.train.step import TrainState, TrainStep, attention_spans, trainable_filter
 RL_AXES = {
     "completion_ids": (None, "batch", None),
     "completion_mask": (None, "batch", None),
@@ -187,9 +187,12 @@ class GRPOStep(TrainStep):
         self.eval_graphdef = nnx.split(model, trainable_filter(cfg, family_of(model)), nnx.Param, ...)[0]
         self._logprob_compiled: dict[tuple, Any] = {}
 
-    def __call__(self, state: TrainState, batch: Mapping[str, Any], label_counts=None):
-        # Every process holds the whole rollout (see `sr_jax.rl.trainer`): global arrays from it.
-        return super().__call__(state, global_from_full(batch, rl_batch_shardings(batch, self.mesh, self.rules)))
+    def __call__(self, state: TrainState, batch: Mapping[str, Any], label_counts=None, spans=None):
+        # Every process holds the whole rollout (see `sr_jax.rl.trainer`): global arrays from it,
+        # and the attention spans of the global batch from its own copy.
+        spans = attention_spans(batch) if spans is None else spans
+        return super().__call__(state, global_from_full(batch, rl_batch_shardings(batch, self.mesh, self.rules)),
+                                spans=spans)
 
     def logprobs(self, params, frozen, microbatch: Mapping[str, Any]) -> jax.Array:
         signature = _signature(microbatch)

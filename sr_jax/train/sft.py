@@ -32,7 +32,7 @@ from sr_jax.train.loop import run_vocab_map, tokenizer_source
 # Re-exported: these were defined here before the loop was shared with RL.
 from sr_jax.train.loop import Trainer, build_for_restore, model_config, register_command, run
 from sr_jax.train.metrics import peak_flops_per_device, train_flops
-from sr_jax.train.step import SFTLoss, TrainStep, count_step_labels, stack_microbatches
+from sr_jax.train.step import SFTLoss, TrainStep, attention_spans, count_step_labels, stack_microbatches
 
 __all__ = ["ModelSection", "RunSection", "SFTConfig", "SFTStage", "Trainer", "build_for_restore",
            "estimate_total_steps", "model_config", "register", "train"]
@@ -96,10 +96,11 @@ class SFTStage:
             return None  # end of data
         stacked = stack_microbatches([model_inputs(b) for b in microbatches])
         label_counts = count_step_labels(stacked, all_processes=True) if cfg.train.loss.label_bucket else None
+        spans = attention_spans(stacked, all_processes=True)
         if jax.process_count() > 1:
             stacked = shard_batch(stacked, trainer.mesh, cfg.train.mesh.axis_rules())
         t0 = time.perf_counter()
-        state, metrics = trainer.step(state, stacked, label_counts)
+        state, metrics = trainer.step(state, stacked, label_counts, spans)
         metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}
         dt = time.perf_counter() - t0
         tokens = sum(int(b["num_tokens"]) for b in microbatches) * jax.process_count()

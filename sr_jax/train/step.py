@@ -168,10 +168,11 @@ class SFTLoss:
         return batch_shardings(batch, mesh, rules)
 
 
-def _train_step(graphdef, optimizer: Optimizer, loss, state: TrainState, rest, batch):
+def _train_step(graphdef, optimizer: Optimizer, loss, state: TrainState, rest, batch, spans=(None, None)):
     """One optimizer update over the batch's k microbatches for any stage's `loss` (`SFTLoss`,
     `sr_jax.rl.grpo.GRPOLoss`): its per-microbatch sums are accumulated (scanned), then divided
-    once by `loss.denominator`, so the gradient is exactly that of the whole batch."""
+    once by `loss.denominator`, so the gradient is exactly that of the whole batch. `spans`:
+    the batch's `attention_spans`."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def micro_grads(mb, index):
@@ -180,6 +181,7 @@ def _train_step(graphdef, optimizer: Optimizer, loss, state: TrainState, rest, b
             # Variable of a layer, which is only allowed within the trace that created it.
             frozen = jax.tree.map(lambda x: x, frozen)
             model = nnx.merge(graphdef, params, frozen, _rekey(rest, jax.random.fold_in(key, index)))
+            family_of(model).set_attention_spans(model, *spans)
             stats = loss(model, mb)
             return stats.loss_sum, stats
         (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.frozen)
@@ -234,13 +236,13 @@ class TrainStep:
         self.optimizer = optimizer
         self._compiled.clear()
 
-    def _jitted(self, batch, label_capacity: int | None = None):
+    def _jitted(self, batch, label_capacity: int | None = None, spans=(None, None)):
         signature = tuple(sorted((k, np.shape(v), str(v.dtype) if hasattr(v, "dtype") else str(np.asarray(v).dtype))
-                                 for k, v in batch.items())) + (label_capacity,)
+                                 for k, v in batch.items())) + (label_capacity, tuple(spans))
         if signature not in self._compiled:
             replicated = NamedSharding(self.mesh, PartitionSpec())
             loss = self.loss if label_capacity is None else self.loss.with_label_capacity(label_capacity)
-            fn = lambda state, rest, b: _train_step(self.graphdef, self.optimizer, loss, state, rest, b)
+            fn = lambda state, rest, b: _train_step(self.graphdef, self.optimizer, loss, state, rest, b, tuple(spans))
             self._compiled[signature] = jax.jit(
                 fn,
                 in_shardings=(self.state_shardings, self.rest_shardings, self.loss.batch_shardings(batch, self.mesh, self.rules)),
@@ -259,14 +261,18 @@ class TrainStep:
         size = max(bucket, -(-max(int(n) for n in label_counts) // bucket) * bucket)
         return size if cap is None else min(size, cap)
 
-    def __call__(self, state: TrainState, batch: Mapping[str, Any], label_counts=None):
+    def __call__(self, state: TrainState, batch: Mapping[str, Any], label_counts=None, spans=None):
         """`label_counts`: label tokens per (global) microbatch, as `count_step_labels` gives;
-        counted here from the host arrays when not given (single process)."""
+        counted here from the host arrays when not given (single process). `spans`: the
+        batch's `attention_spans` (all hosts' when several run); measured here from the host
+        arrays when not given in a single process, otherwise none (attention over whole rows)."""
         capacity = None
         if getattr(self.loss, "has_label_buffer", False) and self.cfg.loss.label_bucket:
             capacity = self.label_capacity(count_step_labels(batch) if label_counts is None else label_counts)
+        if spans is None:
+            spans = attention_spans(batch) if jax.process_count() == 1 else (None, None)
         with use_mesh(self.mesh, self.rules):
-            return self._jitted(batch, capacity)(state, self.rest, dict(batch))
+            return self._jitted(batch, capacity, spans)(state, self.rest, dict(batch))
 
     def lower(self, state, batch: Mapping[str, Any]):
         """The step lowered for this state and batch without running it; both may be abstract
@@ -314,6 +320,46 @@ def count_step_labels(batch: Mapping[str, Any], *, all_processes: bool = False) 
     if all_processes and jax.process_count() > 1:
         counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, counts.size).sum(axis=0)
     return [int(n) for n in counts]
+
+
+def _reach(ids: np.ndarray, valid: np.ndarray) -> int:
+    """The most positions one id covers in a 1-D array, first to last occurrence (valid entries only)."""
+    where = np.nonzero(valid)[0]
+    if where.size == 0:
+        return 0
+    order = np.argsort(ids[where], kind="stable")
+    values, where = ids[where][order], where[order]
+    starts = np.r_[0, np.nonzero(np.diff(values))[0] + 1]
+    ends = np.r_[starts[1:], values.size] - 1
+    return int((where[ends] - where[starts]).max()) + 1
+
+
+def _bucket(reach: int, floor: int, whole: int) -> int | None:
+    """`reach` rounded up to a power of two (at least `floor`: few distinct compiled steps), or
+    None when that is no shorter than the whole axis."""
+    span = max(floor, 1 << max(reach - 1, 0).bit_length())
+    return None if span >= whole else span
+
+
+def attention_spans(batch: Mapping[str, Any], *, all_processes: bool = False) -> tuple[int | None, int | None]:
+    """(text, vision): the longest packed segment (positions, first to last real token) and the
+    largest image frame (patch rows) of a host batch, rounded up to powers of two, or None where
+    that covers a whole row or patch budget. The step's portable attention kernels then meet
+    only the keys within that reach of each query block (`family.set_attention_spans`): the
+    same result for every real token and patch, less work for rows packed with short examples.
+    With `all_processes`, every host passes its own part and gets the spans of the global batch."""
+    mask = np.asarray(batch["attention_mask"]) > 0
+    seg = np.asarray(batch["segment_ids"]) if "segment_ids" in batch else np.zeros(mask.shape, np.int64)
+    text = max(_reach(s, m) for s, m in zip(seg.reshape(-1, mask.shape[-1]), mask.reshape(-1, mask.shape[-1])))
+    vision = 0
+    if "vision_segment" in batch:
+        real = np.asarray(batch["vision_interp_weight"]).sum(-1) > 0  # padding patches weigh 0 (`pad_patches`)
+        vision = max(_reach(s, r) for s, r in zip(np.asarray(batch["vision_segment"]), real))
+    if all_processes and jax.process_count() > 1:
+        text, vision = (int(x) for x in np.asarray(
+            multihost_utils.process_allgather(np.array([text, vision], np.int64))).reshape(-1, 2).max(axis=0))
+    patches = np.shape(batch["vision_segment"])[-1] if "vision_segment" in batch else 0
+    return _bucket(text, 128, mask.shape[-1]), _bucket(vision, 16, patches) if vision else None
 
 
 def stack_microbatches(microbatches: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

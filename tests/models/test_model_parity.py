@@ -11,6 +11,7 @@ from flax import nnx
 
 from hf_oracle import (IMAGE, hf_inputs, image_prompt, our_model_from_hf, random_hf_model, random_pixels,
                        tiny_hf_config)
+from sr_jax.models import family_of
 from sr_jax.models.qwen3_vl import ModelConfig, get_rope_index
 
 TOL = 1e-4
@@ -110,10 +111,13 @@ def test_causal_attention_equals_masked_attention_with_gradients():
         return jnp.einsum("bhgqk,bkhd->bqhgd", jax.nn.softmax(s, axis=-1), v)
 
     blocked = jax.value_and_grad(lambda *a: loss(functools.partial(causal_attention, block=128), *a), (0, 1, 2))
+    # No segment reaches over more than 128 positions: block i needs keys from i * 128 - 127 on.
+    windowed = jax.value_and_grad(lambda *a: loss(functools.partial(causal_attention, block=128, span=128), *a),
+                                  (0, 1, 2))
     plain = jax.value_and_grad(lambda *a: loss(masked_softmax_attention, *a), (0, 1, 2))
     reference = jax.value_and_grad(lambda *a: loss(textbook, *a), (0, 1, 2))
     (lr, gr) = reference(q, k, v)
-    for lx, gx in (blocked(q, k, v), plain(q, k, v)):
+    for lx, gx in (blocked(q, k, v), windowed(q, k, v), plain(q, k, v)):
         assert_close(lx, lr, 1e-5)
         for a, b in zip(gx, gr):
             assert_close(a, b, 1e-5)
@@ -199,6 +203,21 @@ def test_per_image_vision_attention_matches_hf(tied):
     for a, b in zip(deep, ref.deepstack_features):
         assert_close(a[: n // 4], b.numpy())
     assert np.isfinite(np.asarray(merged)).all()  # padding rows too
+    # The training step's form: all patches in one array, each query block meeting only the keys
+    # within the largest frame's reach (12 x 12 = 144 patches: span 256) instead of all 2048.
+    def windowed(span):
+        model = nnx.clone(ours)
+        family_of(model).set_attention_spans(model, None, span)
+        return jax.jit(lambda p, v: model.model.visual(p, v))(padded, inputs.as_tuple())
+
+    merged, deep = windowed(256)
+    assert_close(merged[: n // 4], ref.pooler_output.numpy())
+    for a, b in zip(deep, ref.deepstack_features):
+        assert_close(a[: n // 4], b.numpy())
+    assert np.isfinite(np.asarray(merged)).all()
+    # A span shorter than the largest frame cuts keys off it: not the same (the test can fail).
+    error = lambda out: float(np.abs(np.asarray(out[0][: n // 4]) - ref.pooler_output.numpy()).max())
+    assert error(windowed(64)) > 10 * error((merged, deep)) + 1e-5
 
 
 def test_position_ids_match_hf_get_rope_index(untied):

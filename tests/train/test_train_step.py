@@ -17,7 +17,7 @@ from sr_jax.sharding import batch_shardings
 from sr_jax.train.config import LossConfig, OptimConfig, TrainConfig
 from sr_jax.train.loss import IGNORE, count_label_tokens, label_loss
 from sr_jax.train.optim import lr_schedule, make_optimizer
-from sr_jax.train.step import VISION_KEYS, count_step_labels, stack_microbatches, validate_batch
+from sr_jax.train.step import VISION_KEYS, attention_spans, count_step_labels, stack_microbatches, validate_batch
 from tiny import FAST_COMPILE, build_batch, make_examples, patch_count, run_step, tiny_config
 
 TOL = 1e-5
@@ -327,7 +327,7 @@ def test_label_buffer_sized_per_step(data, reference):
     size = -(-max(counts) // 16) * 16
     assert size < 96 and step.label_capacity(counts) == size
     assert step.label_capacity([1]) == 16 and step.label_capacity([500]) == 96  # at least one bucket; capped
-    assert list(step._compiled)[0][-1] == size
+    assert list(step._compiled)[0][-2] == size  # the signature ends (label buffer, attention spans)
     assert metrics["label_tokens_dropped"] == 0
     assert_same_step(reference, (metrics, params))
 
@@ -349,6 +349,35 @@ def test_frozen_vision_and_remat(data, reference, tiny_model):
         expected = base[path].get_value()
         np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(expected))
     assert abs(metrics["loss"] - reference[0]["loss"]) < TOL
+
+
+def test_attention_spans_skip_blocks_without_changing_the_step(tiny_model):
+    """Rows packed with short examples, a patch budget of many small images: the step whose
+    attention meets only the keys within the longest segment's and image's reach equals the one
+    over whole rows and patch budgets, and its program does less work."""
+    examples = make_examples(np.random.default_rng(9), 60)
+    rows = [examples[:30], examples[30:]]
+    batch = stack_microbatches([build_batch(tiny_model, rows, t=640, budget=patch_count(rows) + 40, packed=True)])
+    longest = max(len(e["ids"]) for e in examples)
+    assert longest <= 128 and attention_spans(batch) == (128, 16)  # images of 16 patches at most
+    cfg = TrainConfig(**{**STEP_CFG, "loss": LossConfig(max_label_tokens=640, chunk_size=64)})
+    windowed = run_step(cfg, batch, (1, 1, 1))
+    whole = run_step(cfg, batch, (1, 1, 1), spans=(None, None))
+    assert_same_step(windowed, whole, tol=1e-5)
+    step, state = windowed[3], windowed[2]
+    flops = {spans: step._jitted(batch, None, spans).lower(state, step.rest, dict(batch)).compile().cost_analysis()["flops"]
+             for spans in ((128, 16), (None, None))}
+    assert flops[(128, 16)] < 0.9 * flops[(None, None)], flops
+    # Spans from the longest segment and image, in powers of two; none where they would cover all.
+    one = {"attention_mask": np.ones((1, 1, 640), np.int32), "segment_ids": np.zeros((1, 1, 640), np.int32)}
+    assert attention_spans(one) == (None, None)  # one segment over the whole row
+    one["attention_mask"][..., 300:] = 0  # now 300 positions: span 512 of 640
+    assert attention_spans(one) == (512, None)
+    assert attention_spans({"attention_mask": one["attention_mask"]}) == (512, None)  # unpacked rows
+    one["segment_ids"][..., 100:] = 1  # segments of 100 and 200 real positions (the padding does not count)
+    assert attention_spans(one) == (256, None)
+    no_images = {k: v for k, v in batch.items() if k not in ("pixel_values",) + VISION_KEYS}
+    assert attention_spans(no_images) == (128, None)
 
 
 def test_validate_batch_errors(data):

@@ -11,6 +11,13 @@ def set_remat(model, policy: str) -> None:
     model.model.visual.remat = policy
 
 
+def set_attention_spans(model, text: int | None, vision: int | None) -> None:
+    for layer in model.model.language_model.layers:
+        layer.self_attn.segment_span = text
+    for block in model.model.visual.blocks:
+        block.attn.image_span = vision
+
+
 FAMILY = register_family(ModelFamily(
     model_type=MODEL_TYPE,
     package=__name__.rpartition(".")[0],
@@ -22,4 +29,5 @@ FAMILY = register_family(ModelFamily(
     vision_scope="visual",
     freeze_vision=r"model\.visual\..*",
     set_remat=set_remat,
+    set_attention_spans=set_attention_spans,
 ))

@@ -54,6 +54,7 @@ class TextAttention(nnx.Module):
         self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, axis_name="head_dim", param_dtype=param_dtype)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
         self.attention_backend = attention_backend
+        self.segment_span = None  # a training step's longest packed segment (family.set_attention_spans)
 
     def project_qkv(self, x, cos, sin):
         b, t, _ = x.shape
@@ -71,7 +72,8 @@ class TextAttention(nnx.Module):
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, tq, self.num_kv_heads, groups, self.head_dim)
         if causal:
-            out = text_attention(q, k, v, mask, scale=self.head_dim**-0.5, backend=self.attention_backend)
+            out = text_attention(q, k, v, mask, scale=self.head_dim**-0.5, backend=self.attention_backend,
+                                 span=self.segment_span)
         else:
             out = masked_softmax_attention(q, k, v, mask, scale=self.head_dim**-0.5)
         return self.o_proj(out.reshape(b, tq, self.num_heads * self.head_dim))

@@ -112,6 +112,7 @@ class VisionAttention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.dtype = dtype
         self.attention_backend = attention_backend
+        self.image_span = None  # a training step's largest image, in patches (family.set_attention_spans)
 
     def __call__(self, x, cos, sin, segment, layout=None):
         n = x.shape[0]
@@ -122,7 +123,8 @@ class VisionAttention(nnx.Module):
         k = apply_rope(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
         # Without `layout` every patch meets every patch, masked to its own image; with it, per-image
         # slots (see attention_slots).
-        out = vision_attention(q, k, v, segment, layout, scale=self.head_dim ** -0.5, backend=self.attention_backend)
+        out = vision_attention(q, k, v, segment, layout, scale=self.head_dim ** -0.5, backend=self.attention_backend,
+                               span=self.image_span)
         return self.proj(out.reshape(n, -1))
 
 
