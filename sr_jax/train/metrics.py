@@ -3,8 +3,9 @@
 FLOPs of one training step ("useful" FLOPs, the 6N convention: forward 2 per multiply-add,
 backward twice the forward):
   decoder   2 * (attention + MLP weights per layer) * layers * real tokens
-            + causal attention 2 * T_row^2 * heads * head_dim * layers per row (QK^T and PV,
-              half the square because of the causal mask)
+            + causal attention 2 * T^2 * heads * head_dim * layers per attention row (QK^T and PV,
+              half the square because of the causal mask), T the tokens of a row or, in a
+              packed row, of each segment (`attention_rows`): attention across segments is not useful
   lm head   2 * hidden * vocab * label tokens (the loss projects only labelled positions)
   vision    per patch: 2 * (patch embed + per block qkv/proj/MLP weights); attention
             4 * n_image^2 * width per block and image (not causal); mergers per merged token
@@ -66,8 +67,20 @@ def peak_flops_per_device(configured: float | None = None) -> float:
     return measured_matmul_peak()
 
 
+def attention_rows(attention_mask, segment_ids=None) -> np.ndarray:
+    """Real tokens of each row (B, T) or, with `segment_ids`, of each packed segment of each row:
+    the lengths `train_flops` squares for attention."""
+    mask = np.asarray(attention_mask) > 0
+    if segment_ids is None:
+        return mask.sum(axis=1)
+    seg = np.asarray(segment_ids)
+    counts = [np.bincount(seg[r][mask[r]]) for r in range(mask.shape[0])]
+    return np.concatenate([c[c > 0] for c in counts]) if counts else np.zeros(0, np.int64)
+
+
 def train_flops(model_cfg, row_tokens, label_tokens: int, image_grid_thw, *, vision_trainable: bool = True) -> float:
-    """Useful FLOPs of one step over rows with `row_tokens` real tokens each (see module doc)."""
+    """Useful FLOPs of one step over attention rows with `row_tokens` real tokens each (rows, or
+    packed segments: `attention_rows`; see module doc)."""
     t, v = model_cfg.text, model_cfg.vision
     d, hd = t.hidden_size, t.head_dim
     attn_w = d * t.num_attention_heads * hd * 2 + d * t.num_key_value_heads * hd * 2

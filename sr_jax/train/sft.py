@@ -31,7 +31,7 @@ from sr_jax.train.loss import resolve_token_weights
 from sr_jax.train.loop import run_vocab_map, tokenizer_source
 # Re-exported: these were defined here before the loop was shared with RL.
 from sr_jax.train.loop import Trainer, build_for_restore, model_config, register_command, run
-from sr_jax.train.metrics import peak_flops_per_device, train_flops
+from sr_jax.train.metrics import attention_rows, peak_flops_per_device, train_flops
 from sr_jax.train.step import SFTLoss, TrainStep, attention_spans, count_step_labels, stack_microbatches
 
 __all__ = ["ModelSection", "RunSection", "SFTConfig", "SFTStage", "Trainer", "build_for_restore",
@@ -79,20 +79,17 @@ class SFTStage:
                                make_step=lambda model, opt, mesh, train: TrainStep(
                                    model, opt, mesh, train, loss=SFTLoss(train.loss, weights)))
         self.iterator = iter(pipeline)
+        self._ahead = None  # (data position before it, the next step's microbatches): built during a step
         self.peak = peak_flops_per_device(cfg.run.peak_flops_per_device)
         self.vision_trainable = not (cfg.train.freeze_vision or (cfg.train.lora.enabled and not cfg.train.lora.vision))
 
     def advance(self, state, step: int):
         from sr_jax.data.packing import model_inputs
 
-        cfg, trainer, k = self.cfg, self.trainer, self.cfg.train.grad_accum_steps
-        microbatches = []
-        for _ in range(k):
-            batch = next(self.iterator, None)
-            if batch is None:
-                break
-            microbatches.append(batch)
-        if len(microbatches) < k:
+        cfg, trainer = self.cfg, self.trainer
+        _, microbatches = self._ahead or self._take()
+        self._ahead = None
+        if microbatches is None:
             return None  # end of data
         stacked = stack_microbatches([model_inputs(b) for b in microbatches])
         label_counts = count_step_labels(stacked, all_processes=True) if cfg.train.loss.label_bucket else None
@@ -101,29 +98,48 @@ class SFTStage:
             stacked = shard_batch(stacked, trainer.mesh, cfg.train.mesh.axis_rules())
         t0 = time.perf_counter()
         state, metrics = trainer.step(state, stacked, label_counts, spans)
+        # The step runs asynchronously: the host builds the next batch meanwhile (the data
+        # workers of small runs are this process) and only then waits for the step's metrics.
+        self._ahead = self._take()
         metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}
         dt = time.perf_counter() - t0
         tokens = sum(int(b["num_tokens"]) for b in microbatches) * jax.process_count()
         images = sum(int(b["num_images"]) for b in microbatches) * jax.process_count()
         flops = jax.process_count() * sum(
-            train_flops(self.model_cfg, np.asarray(b["attention_mask"]).sum(axis=1), int(b["num_label_tokens"]),
-                        b["image_grid_thw"], vision_trainable=self.vision_trainable) for b in microbatches)
+            train_flops(self.model_cfg, attention_rows(b["attention_mask"], b.get("segment_ids")),
+                        int(b["num_label_tokens"]), b["image_grid_thw"], vision_trainable=self.vision_trainable)
+            for b in microbatches)
         metrics.update(tokens_per_s=tokens / dt, images_per_s=images / dt, step_time_s=dt,
                        mfu=flops / (dt * trainer.num_devices * self.peak), examples=float(
                            sum(int(b["num_examples"]) for b in microbatches)))
         return state, metrics
 
+    def _take(self):
+        """((data position, skipped records) before them, the next step's k microbatches or None
+        at the end of data)."""
+        before = (self.iterator.get_state(), self.iterator.stats())
+        microbatches = []
+        for _ in range(self.cfg.train.grad_accum_steps):
+            batch = next(self.iterator, None)
+            if batch is None:
+                return before, None
+            microbatches.append(batch)
+        return before, microbatches
+
+    # A batch built ahead is not trained on yet: the saved position and the skipped-record
+    # counts are those from before it.
     def get_state(self):
-        return self.iterator.get_state()
+        return self._ahead[0][0] if self._ahead is not None else self.iterator.get_state()
 
     def set_state(self, state) -> None:
         self.iterator.set_state(state)
+        self._ahead = None
 
     def skipped(self) -> dict:
-        return self.iterator.stats()
+        return self._ahead[0][1] if self._ahead is not None else self.iterator.stats()
 
     def meta(self) -> dict:
-        return {"skipped": self.iterator.stats()}
+        return {"skipped": self.skipped()}
 
     def postfix(self, metrics: dict) -> dict:
         return dict(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['token_accuracy']:.3f}",

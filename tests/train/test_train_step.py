@@ -380,6 +380,20 @@ def test_attention_spans_skip_blocks_without_changing_the_step(tiny_model):
     assert attention_spans(no_images) == (128, None)
 
 
+def test_useful_flops_count_attention_within_packed_segments():
+    from sr_jax.train.metrics import attention_rows, train_flops
+
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    seg = np.array([[1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 2]])  # 0: padding
+    assert attention_rows(mask).tolist() == [4, 6]
+    assert attention_rows(mask, seg).tolist() == [2, 2, 5, 1]
+    cfg = tiny_config()
+    t = cfg.text
+    per_square = 2.0 * t.num_attention_heads * t.head_dim * t.num_hidden_layers * 3  # forward and backward
+    rows, segments = (train_flops(cfg, n, 4, np.zeros((0, 3))) for n in (attention_rows(mask), attention_rows(mask, seg)))
+    assert rows - segments == pytest.approx(per_square * ((16 + 36) - (4 + 4 + 25 + 1)))
+
+
 def test_validate_batch_errors(data):
     cfg = TrainConfig(**STEP_CFG)
     batch = dict(data[0])
