@@ -79,7 +79,7 @@ class SFTStage:
                                make_step=lambda model, opt, mesh, train: TrainStep(
                                    model, opt, mesh, train, loss=SFTLoss(train.loss, weights)))
         self.iterator = iter(pipeline)
-        self._ahead = None  # (data position before it, the next step's microbatches): built during a step
+        self._ahead = None  # the next step's batch, built during a step (see `_take`)
         self.peak = peak_flops_per_device(cfg.run.peak_flops_per_device)
         self.vision_trainable = not (cfg.train.freeze_vision or (cfg.train.lora.enabled and not cfg.train.lora.vision))
 

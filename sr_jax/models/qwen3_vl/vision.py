@@ -121,8 +121,9 @@ class VisionAttention(nnx.Module):
         # RoPE in float32, as the reference does, then back to the compute dtype.
         q = apply_rope(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
         k = apply_rope(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
-        # Without `layout` every patch meets every patch, masked to its own image; with it, per-image
-        # slots (see attention_slots).
+        # Without `layout` every patch meets every patch (or, with a training step's `image_span`,
+        # those within that many rows), masked to its own image; with it, per-image slots (see
+        # attention_slots).
         out = vision_attention(q, k, v, segment, layout, scale=self.head_dim ** -0.5, backend=self.attention_backend,
                                span=self.image_span)
         return self.proj(out.reshape(n, -1))
