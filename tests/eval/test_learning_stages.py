@@ -33,8 +33,8 @@ def _pixels(image: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("learning_check", ROOT / "tools" / "learning_check.py")
+def _tool(name: str = "learning_check"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -325,6 +325,7 @@ def test_stages_2_3_and_4_end_to_end(tool, tmp_path):
     assert set(s3["sft_figures"]) >= {"mean_iou", "mae_success"}
     # The SFT phase gets the stage's budget less the GRPO phase's.
     assert yaml.safe_load((tmp_path / "s3" / "run_config.yaml").read_text())["run"]["max_seconds"] == 200
+    _check_decision_margin(tmp_path / "s3")
     # Stage 4: held-out greedy IoU before and after one GRPO step from stage 2's model.
     s4 = _run(tool, tmp_path / "s4", 4, "--init-from", str(tmp_path / "s2" / "model"),
               overrides=["run.total_steps=1", "run.progress_bar=false", "run.tensorboard=false",
@@ -347,3 +348,41 @@ def test_paired_gain_needs_the_interval_above_zero():
     noisy = np.random.default_rng(0).normal(0.0, 0.2, 100)
     flat = paired_gain(before, before + noisy - noisy.mean() + 0.005)  # a +0.005 mean gain in noise
     assert flat["mean"] == pytest.approx(0.005) and flat["low"] < 0 < flat["high"]
+
+
+def _check_decision_margin(run_dir: Path) -> None:
+    """tools/decision_margin.py on stage 3's model: its probabilities of the region list's first token
+    (padded rows, one example each) against the training loss (packed rows): weighing the two
+    tokens 2 instead of 1 adds exactly their negative log-likelihoods once more."""
+    import dataclasses
+
+    from sr_jax.config import load_config
+    from sr_jax.convert.loading import load_model
+    from sr_jax.data.packing import model_inputs
+    from sr_jax.data.pipeline import DataPipeline
+    from sr_jax.data.vocab import vocab_map_of
+    from sr_jax.train.config import LossConfig
+    from sr_jax.train.loss import resolve_token_weights
+    from sr_jax.train.sft import SFTConfig
+    from sr_jax.train.step import forward_loss
+
+    margin = _tool("decision_margin")
+    cfg = load_config(SFTConfig, run_dir / "run_config.yaml")
+    source, tokenizer = S.heldout_spec(cfg.data.sources[0], 3, 20261123), str(run_dir / "tokenizer")
+    model = load_model(run_dir / "model")
+    probs = margin.decision_probabilities(model, cfg.data, source, tokenizer)
+    examples = list(generate_examples(3, seed=20261123, split="test", config=SyntheticSource(source).config))
+    assert sorted(probs) == [0, 1, 2]
+    assert all(0 < p_boxes < 1 and 0 < p_none < 1 and p_boxes + p_none <= 1 for p_boxes, p_none in probs.values())
+    nll = sum(-np.log(probs[i][0] if ex.edit_region else probs[i][1]) for i, ex in enumerate(examples))
+
+    data = dataclasses.replace(cfg.data, sources=[source], shuffle=False, num_epochs=1, workers=0, tokenizer=tokenizer)
+    twice = resolve_token_weights({margin.BOXES: 2.0, margin.NO_EDIT: 2.0}, Processor(tokenizer).tokenizer,
+                                  vocab_map_of(model))
+    loss_cfg = LossConfig(max_label_tokens=max(data.seq_lens) * data.batch_size)
+    plain = weighted = 0.0
+    for batch in DataPipeline(data, vision=model.config.vision, vocab_map=vocab_map_of(model)):
+        inputs = model_inputs(batch)
+        plain += float(forward_loss(model, inputs, loss_cfg).loss_sum)
+        weighted += float(forward_loss(model, inputs, loss_cfg, twice).loss_sum)
+    assert weighted - plain == pytest.approx(nll, rel=1e-3)
