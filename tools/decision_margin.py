@@ -25,7 +25,7 @@ BOXES, NO_EDIT = ' [{"', " [],"
 
 def decision_probabilities(model, data_cfg, source: str, tokenizer: str) -> dict[int, tuple[float, float]]:
     """{record index: (p(boxes), p(no edit))} at the first position whose target is one of the two
-    tokens, full-vocabulary softmax, true images."""
+    tokens, softmax over the model's vocabulary, true images."""
     import jax
     import jax.numpy as jnp
 
