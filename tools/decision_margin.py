@@ -1,7 +1,7 @@
 """Where a stage-3 model stands on the edit / no-edit decision: on the held-out SC examples of a
 learning-check config, the teacher-forced probability of the token that opens the region list
 (' [{"' = boxes follow, ' [],' = no edit) at that position, by outcome and edit type. Greedy
-decoding answers "no edit" where p(no edit) > p(boxes); the quartiles show whether the misses are
+decoding answers "no edit" where p(no edit) > p(boxes); the percentiles show whether the misses are
 near that line (a threshold a little off) or far from it (the images were not compared).
 
     python tools/decision_margin.py --model runs/learn_stage3_v24/model \
