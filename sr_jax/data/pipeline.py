@@ -25,8 +25,10 @@ locate), pq_fraction, edit_types as `add+remove+recolor+resize` (a type named tw
 twice as often), outcome_weights as five numbers
 `0.5+0.13+0.12+0.1+0.15` in synthetic.OUTCOMES order, min_objects, max_objects, locate_size
 as `0.2+0.45`: the locate object's side over the image's, object_size the same for sc/pq scene
-objects, backgrounds as `solid+gradient` (of noise, stripes too)), all
-concatenated in the order given. A record's index in that concatenation is its `record_index`.
+objects, backgrounds as `solid+gradient` (of noise, stripes too), failed_pairs as 0/1: sc
+contrast pairs, see `SynthConfig.failed_pairs`), all concatenated in the order given. A record's
+index in that concatenation is its `record_index`. `shuffle_group: k` shuffles runs of k
+consecutive records as units, so such pairs stay next to each other in the stream.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 from typing import Literal
 
 import msgpack
@@ -63,6 +66,7 @@ class DataConfig:
     sources: list[str] = dataclasses.field(default_factory=lambda: ["synthetic:n=1024"])
     seed: int = 0
     shuffle: bool = True
+    shuffle_group: int = 1  # runs of this many consecutive records move together (contrast pairs: 2)
     num_epochs: int | None = 1  # None: repeat forever (multi-host training: stop by step count)
     batch_size: int = 8  # rows per batch on this host
     mode: Literal["pad", "pack"] = "pad"
@@ -109,8 +113,8 @@ class DataConfig:
     def validate(self) -> "DataConfig":
         if not self.sources:
             raise ValueError("no data sources given")
-        if self.batch_size <= 0 or self.max_segments <= 0:
-            raise ValueError("batch_size and max_segments must be positive")
+        if self.batch_size <= 0 or self.max_segments <= 0 or self.shuffle_group <= 0:
+            raise ValueError("batch_size, max_segments and shuffle_group must be positive")
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise ValueError(f"num_epochs must be positive or null, got {self.num_epochs}")
         if self.mode not in ("pad", "pack") or self.too_long not in ("drop", "truncate"):
@@ -132,7 +136,7 @@ class SyntheticSource:
     """Random access to the embedded synthetic dataset (each example is rendered on demand)."""
 
     KEYS = ("n", "seed", "split", "min_side", "max_side", "tasks", "pq_fraction", "edit_types", "outcome_weights",
-            "min_objects", "max_objects", "locate_size", "object_size", "backgrounds")
+            "min_objects", "max_objects", "locate_size", "object_size", "backgrounds", "failed_pairs")
 
     def __init__(self, spec: str):
         fields = dict(SynthConfig().__dict__)
@@ -171,6 +175,10 @@ class SyntheticSource:
                 raise ValueError(f"{spec!r}: outcome_weights={opts['outcome_weights']!r} is not numbers joined by +") from None
         for key in ("min_objects", "max_objects"):
             fields[key] = number(key, default=fields[key])
+        if "failed_pairs" in opts:
+            if opts["failed_pairs"] not in ("0", "1"):
+                raise ValueError(f"{spec!r}: failed_pairs={opts['failed_pairs']!r} must be 0 or 1")
+            fields["failed_pairs"] = opts["failed_pairs"] == "1"
         for key in ("locate_size", "object_size"):
             if key in opts:
                 try:
@@ -364,6 +372,34 @@ def make_processor(config: DataConfig) -> Processor:
         processor_min_pixels=config.processor_min_pixels, processor_max_pixels=config.processor_max_pixels)
 
 
+@functools.cache
+def _grouped_indices_class():
+    import grain
+
+    class GroupedIndices(grain.MapDataset):
+        """Record indices of groups: element i is record `parent[i // k] * k + i % k`, so the k
+        records of a group follow each other wherever the shuffle put the group."""
+
+        def __init__(self, parent, k: int):
+            super().__init__(parent)
+            self._k = k
+
+        def __len__(self) -> int:
+            return min(sys.maxsize, len(self._parent) * self._k)  # repeat(None) is sys.maxsize long
+
+        def __getitem__(self, index):
+            if isinstance(index, slice):
+                return self.slice(index)
+            group = self._parent[index // self._k]
+            return None if group is None else int(group) * self._k + index % self._k
+
+    return GroupedIndices
+
+
+def GroupedIndices(parent, k: int):  # noqa: N802 (a class, built when grain is first needed)
+    return _grouped_indices_class()(parent, k)
+
+
 class DataPipeline:
     """`iter(pipeline)` gives a checkpointable Grain iterator of batch dicts (layout: packing.py).
 
@@ -388,6 +424,10 @@ class DataPipeline:
         self.sources = Sources(list(config.sources))
         if len(self.sources) == 0:
             raise ValueError(f"sources {config.sources} hold no records")
+        for spec, part in zip(config.sources, self.sources.parts):
+            if len(part) % config.shuffle_group:
+                raise ValueError(f"source {spec!r} holds {len(part)} records, not a multiple of data.shuffle_group "
+                                 f"{config.shuffle_group}: a group would straddle two sources")
         self._last_iterator = None
 
     def dataset(self):
@@ -398,12 +438,15 @@ class DataPipeline:
 
         cfg = self.config
         buckets = cfg.buckets()
-        ds = grain.MapDataset.range(len(self.sources))
+        group = cfg.shuffle_group
+        ds = grain.MapDataset.range(len(self.sources) // group)
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed)  # the shuffle reseeds per epoch (seed + epoch)
         ds = ds.repeat(cfg.num_epochs)
         if self.process_count > 1:
-            ds = ds[self.process_index :: self.process_count]
+            ds = ds[self.process_index :: self.process_count]  # whole groups per host
+        if group > 1:
+            ds = GroupedIndices(ds, group)
         ds = ds.map(EncodeStep(self.sources, self.processor, max(b.seq_len for b in buckets),
                                max(b.patch_budget for b in buckets), cfg.too_long, self.vocab_map))
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))

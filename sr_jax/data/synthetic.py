@@ -89,6 +89,10 @@ class SynthConfig:
     locate_size: tuple[float, float] = (0.2, 0.45)  # locate: object's mean side / image's shorter side
     object_size: tuple[float, float] = (0.2, 0.34)  # sc/pq: an object's side / image's shorter side
     backgrounds: tuple[str, ...] = R.BACKGROUND_KINDS  # sc/pq scene backgrounds (background edits too)
+    # Contrast pairs (sc only): examples 2j and 2j+1 share scene, instruction and edit; in 2j the
+    # edit failed, in 2j+1 its outcome is drawn from the other outcomes' weights. Trained next to
+    # each other (`data.shuffle_group: 2`), the pair's only difference is the edited image.
+    failed_pairs: bool = False
 
     def __post_init__(self):
         lo, hi = self.image_size
@@ -115,6 +119,10 @@ class SynthConfig:
             raise ValueError(f"object_size must satisfy 0.05 <= min <= max <= 0.6, got {self.object_size}")
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if self.failed_pairs and self.tasks != ("sc",):
+            raise ValueError(f"failed_pairs pairs SC edits: tasks must be sc alone, got {list(self.tasks)}")
+        if self.failed_pairs and sum(w for o, w in zip(OUTCOMES, self.outcome_weights) if o != "failed") <= 0:
+            raise ValueError("failed_pairs needs a positive outcome weight other than failed's")
 
 
 # ---------------------------------------------------------------- score rules
@@ -530,7 +538,9 @@ def _sc_reasoning(plan: EditPlan, outcome: str, part_done: list[float], unrelate
     return " ".join(chunks + [f"<|global|> {tail}"])
 
 
-def _sc_example(rng, cfg: SynthConfig, scene: R.Scene, plan: EditPlan) -> tuple[list[np.ndarray], dict] | None:
+def _sc_example(rng, cfg: SynthConfig, scene: R.Scene, plan: EditPlan,
+                outcome: str | None = None) -> tuple[list[np.ndarray], dict] | None:
+    """`outcome` "failed" forces a failed edit; "done" draws one of the other outcomes by weight."""
     original = R.render(scene)
     full = R.render(plan.edited)
     changed_full = R.changed_mask(original, full)
@@ -541,7 +551,10 @@ def _sc_example(rng, cfg: SynthConfig, scene: R.Scene, plan: EditPlan) -> tuple[
     if min(int(p.sum()) for p in parts) < MIN_CHANGED_PIXELS:
         return None
 
-    outcome = str(rng.choice(OUTCOMES, p=np.asarray(cfg.outcome_weights) / sum(cfg.outcome_weights)))
+    weights = np.asarray(cfg.outcome_weights, dtype=float)
+    if outcome == "done":
+        weights = np.where(np.asarray(OUTCOMES) == "failed", 0.0, weights)
+    outcome = "failed" if outcome == "failed" else str(rng.choice(OUTCOMES, p=weights / weights.sum()))
     failure, unrelated_text, unrelated_kind = "", "", ""
     if outcome in ("wrong", "overedit"):
         for _ in range(4):
@@ -757,15 +770,15 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, split_code(split), index])
 
 
-def _edit_example(rng, task: str, index: int, seed: int, split: str, cfg: SynthConfig):
-    """(plan, images, fields) of one SC or PQ example drawn from `rng`."""
+def _edit_example(rng, task: str, index: int, seed: int, split: str, cfg: SynthConfig, outcome: str | None = None):
+    """(plan, images, fields) of one SC or PQ example drawn from `rng` (`outcome`: `_sc_example`'s)."""
     for _ in range(100):
         scene = random_scene(rng, cfg)
         edit_type = str(rng.choice(cfg.edit_types))
         plan = plan_edit(rng, scene, edit_type, cfg)
         if plan is None:
             continue
-        built = _pq_example(rng, cfg, plan) if task == "pq" else _sc_example(rng, cfg, scene, plan)
+        built = _pq_example(rng, cfg, plan) if task == "pq" else _sc_example(rng, cfg, scene, plan, outcome)
         if built is not None:
             return (plan, *built)
     raise RuntimeError(f"could not build example {index} (seed {seed}, split {split})")
@@ -779,13 +792,16 @@ def generate_example(index: int, seed: int, split: str = "train", cfg: SynthConf
         return locate_example(index, seed, split, cfg)
     if cfg.tasks == ("diff",):
         return diff_example(index, seed, split, cfg)
-    rng = example_rng(seed, split, index)
+    # A pair draws the same scene and edit from one generator; its two members part at the outcome.
+    rng = example_rng(seed, split, index // 2 if cfg.failed_pairs else index)
     task = cfg.tasks[0] if len(cfg.tasks) == 1 else ("pq" if rng.random() < cfg.pq_fraction else "sc")
-    plan, images, fields = _edit_example(rng, task, index, seed, split, cfg)
+    outcome = ("done" if index % 2 else "failed") if cfg.failed_pairs else None
+    plan, images, fields = _edit_example(rng, task, index, seed, split, cfg, outcome)
     meta = {
         "source": "synthetic", "generator": GENERATOR, "split": split, "seed": seed, "index": index,
         "image_sizes": [[int(im.shape[1]), int(im.shape[0])] for im in images],
         **fields["meta"],
+        **({"pair": index // 2} if cfg.failed_pairs else {}),
     }  # fmt: skip
     return SpatialExample(
         id=f"synth-{split}-{index:06d}",

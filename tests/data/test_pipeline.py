@@ -500,3 +500,27 @@ def test_batch_layout_names_the_vision_tables_in_model_order():
     assert batch.VISION_KEYS == tuple(f"vision_{f.name}" for f in dataclasses.fields(VisionInputs))
     assert packing.VISION_KEYS is step.VISION_KEYS is grpo.VISION_KEYS is batch.VISION_KEYS
     assert set(batch.POLICY_KEYS) == set(batch.SFT_KEYS) - {"labels", "segment_ids"}
+
+
+def test_shuffle_group_keeps_contrast_pairs_together(proc):
+    """`shuffle_group: 2` shuffles pairs of consecutive records as units (a `failed_pairs` source's
+    failed / done couples), every record once per epoch, reshuffled per epoch, whole pairs per host."""
+    paired = f"synthetic:n=8,seed=5,{SMALL},tasks=sc,failed_pairs=1"
+    cfg = DataConfig(sources=[f"synthetic:n=6,seed=1,{SMALL}", paired], shuffle_group=2, batch_size=2,
+                     seq_lens=[1024], patch_budgets=[2000], seed=3, num_epochs=2)
+
+    def order(batches):
+        return [int(i) for b in batches for i in b["record_index"].ravel() if i >= 0]
+
+    stream = order(run(cfg, proc)[0])
+    first, second = stream[:14], stream[14:]
+    assert sorted(first) == sorted(second) == list(range(14)) and first != second
+    assert all(a % 2 == 0 and b == a + 1 for a, b in zip(stream[::2], stream[1::2]))  # pairs adjacent, in order
+    assert first != sorted(first)  # and shuffled
+    hosts = [order(run(dataclasses.replace(cfg, num_epochs=1), proc, process_index=h, process_count=2)[0])
+             for h in range(2)]
+    assert sorted(hosts[0] + hosts[1]) == list(range(14)) and len(hosts[0]) == len(hosts[1]) + 2 == 8
+    assert all(b == a + 1 for host in hosts for a, b in zip(host[::2], host[1::2]))
+    with pytest.raises(ValueError, match=r"holds 7 records, not a multiple of data.shuffle_group 2"):
+        DataPipeline(dataclasses.replace(cfg, sources=[f"synthetic:n=7,seed=1,{SMALL}", paired]), processor=proc,
+                     process_index=0, process_count=1)

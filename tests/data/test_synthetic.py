@@ -243,3 +243,31 @@ def test_an_edit_type_listed_twice_is_drawn_twice_as_often():
     kinds = [source.fetch(i).meta["edit_type"] for i in range(len(source))]
     share = kinds.count("recolor") / len(kinds)
     assert set(kinds) == {"add", "recolor"} and 0.6 < share < 0.73, share  # 2/3 expected; 1/2 if deduplicated
+
+
+def test_failed_pairs_differ_only_in_the_edited_image():
+    """`failed_pairs=1`: examples 2j and 2j+1 share scene, instruction and original image; 2j's edit
+    failed (the edited image shows no change), 2j+1's was carried out (boxes, a changed image)."""
+    spec = ("synthetic:n=40,seed=4,split=train,min_side=96,max_side=96,tasks=sc,min_objects=1,max_objects=2,"
+            "outcome_weights=0.4+0.1+0.35+0+0.15,failed_pairs=1")
+    source = SyntheticSource(spec)
+    assert source.config.failed_pairs
+    done_outcomes = set()
+    for j in range(len(source) // 2):
+        failed, done = source.fetch(2 * j), source.fetch(2 * j + 1)
+        assert failed.meta["pair"] == done.meta["pair"] == j
+        assert failed.instruction == done.instruction and failed.meta["edit_type"] == done.meta["edit_type"]
+        assert failed.images[0] == done.images[0]  # the same original image
+        assert failed.meta["outcome"] == "failed" and not failed.edit_region and failed.score[0] == 0
+        assert done.meta["outcome"] != "failed" and done.edit_region and done.score[0] > 0
+        assert not diff_mask(decode(failed.images[0]), decode(failed.images[-1])).any()
+        assert diff_mask(decode(done.images[0]), decode(done.images[-1])).any()
+        done_outcomes.add(done.meta["outcome"])
+    assert done_outcomes == {"full", "partial", "overedit"}  # drawn by the other outcomes' weights
+    # Without pairs the same index draws its own scene: the option changes nothing else.
+    plain = SyntheticSource(spec.replace(",failed_pairs=1", ""))
+    assert not plain.config.failed_pairs and "pair" not in plain.fetch(3).meta
+    with pytest.raises(ValueError, match="tasks must be sc alone"):
+        SynthConfig(tasks=("sc", "pq"), failed_pairs=True)
+    with pytest.raises(ValueError, match="failed_pairs"):
+        SyntheticSource(spec.replace("failed_pairs=1", "failed_pairs=yes"))

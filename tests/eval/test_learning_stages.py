@@ -386,3 +386,13 @@ def _check_decision_margin(run_dir: Path) -> None:
         plain += float(forward_loss(model, inputs, loss_cfg).loss_sum)
         weighted += float(forward_loss(model, inputs, loss_cfg, twice).loss_sum)
     assert weighted - plain == pytest.approx(nll, rel=1e-3)
+
+    # A training checkpoint reads like the model exported from it (how a run's curve is read).
+    from sr_jax.convert.cli import load_checkpoint_model
+
+    last = max((p for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    from_ckpt = margin.decision_probabilities(load_checkpoint_model(last)[0], cfg.data, source, tokenizer)
+    assert sorted(from_ckpt) == sorted(probs)
+    assert all(np.allclose(from_ckpt[i], probs[i], rtol=1e-5) for i in probs)
+    assert margin.main(["--model", str(run_dir / "model"), str(last), "--config", str(run_dir / "run_config.yaml"),
+                        "--examples", "3"]) == 0
