@@ -123,6 +123,8 @@ class SynthConfig:
             raise ValueError(f"failed_pairs pairs SC edits: tasks must be sc alone, got {list(self.tasks)}")
         if self.failed_pairs and sum(w for o, w in zip(OUTCOMES, self.outcome_weights) if o != "failed") <= 0:
             raise ValueError("failed_pairs needs a positive outcome weight other than failed's")
+        if self.failed_pairs and self.outcome_weights[OUTCOMES.index("wrong")] > 0:
+            raise ValueError("failed_pairs: the second of a pair carries the edit out, so outcome 'wrong' must weigh 0")
 
 
 # ---------------------------------------------------------------- score rules

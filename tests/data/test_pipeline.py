@@ -505,7 +505,7 @@ def test_batch_layout_names_the_vision_tables_in_model_order():
 def test_shuffle_group_keeps_contrast_pairs_together(proc):
     """`shuffle_group: 2` shuffles pairs of consecutive records as units (a `failed_pairs` source's
     failed / done couples), every record once per epoch, reshuffled per epoch, whole pairs per host."""
-    paired = f"synthetic:n=8,seed=5,{SMALL},tasks=sc,failed_pairs=1"
+    paired = f"synthetic:n=8,seed=5,{SMALL},tasks=sc,outcome_weights=0.4+0.1+0.35+0+0.15,failed_pairs=1"
     cfg = DataConfig(sources=[f"synthetic:n=6,seed=1,{SMALL}", paired], shuffle_group=2, batch_size=2,
                      seq_lens=[1024], patch_budgets=[2000], seed=3, num_epochs=2)
 

@@ -269,5 +269,7 @@ def test_failed_pairs_differ_only_in_the_edited_image():
     assert not plain.config.failed_pairs and "pair" not in plain.fetch(3).meta
     with pytest.raises(ValueError, match="tasks must be sc alone"):
         SynthConfig(tasks=("sc", "pq"), failed_pairs=True)
+    with pytest.raises(ValueError, match="'wrong' must weigh 0"):
+        SynthConfig(tasks=("sc",), failed_pairs=True, outcome_weights=(0.5, 0.1, 0.2, 0.1, 0.1))
     with pytest.raises(ValueError, match="failed_pairs"):
         SyntheticSource(spec.replace("failed_pairs=1", "failed_pairs=yes"))
