@@ -26,7 +26,8 @@ twice as often), outcome_weights as five numbers
 `0.5+0.13+0.12+0.1+0.15` in synthetic.OUTCOMES order, min_objects, max_objects, locate_size
 as `0.2+0.45`: the locate object's side over the image's, object_size the same for sc/pq scene
 objects, backgrounds as `solid+gradient` (of noise, stripes too), failed_pairs as 0/1: sc
-contrast pairs, see `SynthConfig.failed_pairs`), all concatenated in the order given. A record's
+contrast pairs, see `SynthConfig.failed_pairs`), locate_absent (the share of locate prompts naming
+an object the image lacks, answered with no region), all concatenated in the order given. A record's
 index in that concatenation is its `record_index`. `shuffle_group: k` shuffles runs of k
 consecutive records as units, so such pairs stay next to each other in the stream.
 """
@@ -136,7 +137,7 @@ class SyntheticSource:
     """Random access to the embedded synthetic dataset (each example is rendered on demand)."""
 
     KEYS = ("n", "seed", "split", "min_side", "max_side", "tasks", "pq_fraction", "edit_types", "outcome_weights",
-            "min_objects", "max_objects", "locate_size", "object_size", "backgrounds", "failed_pairs")
+            "min_objects", "max_objects", "locate_size", "object_size", "backgrounds", "failed_pairs", "locate_absent")
 
     def __init__(self, spec: str):
         fields = dict(SynthConfig().__dict__)
@@ -179,6 +180,8 @@ class SyntheticSource:
             if opts["failed_pairs"] not in ("0", "1"):
                 raise ValueError(f"{spec!r}: failed_pairs={opts['failed_pairs']!r} must be 0 or 1")
             fields["failed_pairs"] = opts["failed_pairs"] == "1"
+        if "locate_absent" in opts:
+            fields["locate_absent"] = number("locate_absent", float)
         for key in ("locate_size", "object_size"):
             if key in opts:
                 try:

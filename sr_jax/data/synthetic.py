@@ -93,6 +93,11 @@ class SynthConfig:
     # edit failed, in 2j+1 its outcome is drawn from the other outcomes' weights. Trained next to
     # each other (`data.shuffle_group: 2`), the pair's only difference is the edited image.
     failed_pairs: bool = False
+    # locate only: the share of examples whose prompt names an object the image does not hold (the
+    # drawn object's shape, or its colour, swapped for another); their answer is an empty region
+    # list. The region list then opens with ' [],' or ' [{"', the tokens of the SC edit / no-edit
+    # decision: a curriculum for "is what the text names in the image?" on a single image.
+    locate_absent: float = 0.0
 
     def __post_init__(self):
         lo, hi = self.image_size
@@ -119,6 +124,10 @@ class SynthConfig:
             raise ValueError(f"object_size must satisfy 0.05 <= min <= max <= 0.6, got {self.object_size}")
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if not 0.0 <= self.locate_absent <= 1.0:
+            raise ValueError(f"locate_absent must lie in 0..1, got {self.locate_absent}")
+        if self.locate_absent > 0 and self.tasks != ("locate",):
+            raise ValueError(f"locate_absent names objects for task 'locate' alone, got {list(self.tasks)}")
         if self.failed_pairs and self.tasks != ("sc",):
             raise ValueError(f"failed_pairs pairs SC edits: tasks must be sc alone, got {list(self.tasks)}")
         if self.failed_pairs and sum(w for o, w in zip(OUTCOMES, self.outcome_weights) if o != "failed") <= 0:
@@ -724,12 +733,33 @@ def locate_example(index: int, seed: int, split: str, cfg: SynthConfig) -> Spati
     scene = R.Scene(width, height, bg, (obj,))
     box_px = R.mask_bbox(R.visible_mask(scene, 0))
     region = Region(0, obj.name, R.normalize_box(box_px, width, height))
-    prompt = str(rng.choice(LOCATE_PROMPTS)).format(d=_describe(obj))
+    # drawn only when asked for, so that locate_absent=0 keeps the examples of earlier releases
+    named = _absent_object(rng, obj) if cfg.locate_absent > 0 and rng.random() < cfg.locate_absent else obj
+    prompt = str(rng.choice(LOCATE_PROMPTS)).format(d=_describe(named))
+    meta = {"object": obj.name, "shape": obj.shape, "texture": obj.texture, "background": bg.kind,
+            "box_px": list(box_px)}
+    if named is not obj:
+        # No closing full stop: '."' is a token the stage vocabulary (configs/vocab/learn_stages.json) lacks.
+        answer = {"edit_region": [], "reasoning": f"<|global|> The image has no {_describe(named)}"}
+        return _verbatim_example("locate", "sc", index, seed, split, cfg, [R.render(scene)], prompt, answer,
+                                 instruction=prompt.replace(IMAGE_TAG, ""),
+                                 meta={**meta, "absent": named.name})
     return _verbatim_example("locate", "sc", index, seed, split, cfg, [R.render(scene)], prompt,
                              {"edit_region": [region.to_json()]}, regions=[region],
-                             instruction=prompt.replace(IMAGE_TAG, ""),
-                             meta={"object": obj.name, "shape": obj.shape, "texture": obj.texture,
-                                   "background": bg.kind, "box_px": list(box_px)})
+                             instruction=prompt.replace(IMAGE_TAG, ""), meta=meta)
+
+
+def _absent_object(rng, obj: R.Obj) -> R.Obj:
+    """`obj` with its shape or its colour swapped for one it cannot be mistaken for: a shape of
+    another family, or a colour at least LOCATE_MIN_CONTRAST away in some channel."""
+    if rng.random() < 0.5:
+        # shapes a coarse look confuses: elongated twins, and a ring against a disc
+        kin = next((g for g in ({"square", "rectangle"}, {"circle", "ellipse", "ring"}) if obj.shape in g), {obj.shape})
+        shapes = [s for s in R.SHAPES if s not in kin]
+        return dataclasses.replace(obj, shape=str(rng.choice(shapes)))
+    here = np.asarray(R.COLOURS[obj.colour], np.int32)
+    colours = [c for c, v in R.COLOURS.items() if np.abs(np.asarray(v, np.int32) - here).max() >= LOCATE_MIN_CONTRAST]
+    return dataclasses.replace(obj, colour=str(rng.choice(colours)))
 
 
 DIFF_PROMPTS = (  # words the SC prompts and answers already use, so the stage vocabulary covers them

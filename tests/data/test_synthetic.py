@@ -273,3 +273,39 @@ def test_failed_pairs_differ_only_in_the_edited_image():
         SynthConfig(tasks=("sc",), failed_pairs=True, outcome_weights=(0.5, 0.1, 0.2, 0.1, 0.1))
     with pytest.raises(ValueError, match="failed_pairs"):
         SyntheticSource(spec.replace("failed_pairs=1", "failed_pairs=yes"))
+
+
+def test_locate_absent_names_an_object_the_image_lacks():
+    """`locate_absent`: that share of locate prompts names another object (a shape of another family
+    or a clearly different colour) and is answered with an empty region list; the images, and the
+    answers of the other examples, are those of the same source without the option."""
+    import json
+
+    spec = "synthetic:n=300,seed=3,split=train,min_side=96,max_side=96,tasks=locate,locate_size=0.3+0.6"
+    with_absent, plain = SyntheticSource(spec + ",locate_absent=0.4"), SyntheticSource(spec)
+    families = ({"square", "rectangle"}, {"circle", "ellipse", "ring"})
+    absent = 0
+    for i in range(len(plain)):
+        e, p = with_absent.fetch(i), plain.fetch(i)
+        assert e.images == p.images and "absent" not in p.meta
+        if "absent" not in e.meta:
+            assert e.meta["answer"] == p.meta["answer"] and e.edit_region == p.edit_region
+            continue
+        absent += 1
+        answer = json.loads(e.meta["answer"])
+        assert answer["edit_region"] == [] and not e.edit_region and e.meta["absent"] in answer["reasoning"]
+        drawn_colour, drawn_shape = e.meta["object"].split(" ")[-2:]
+        named_colour, named_shape = e.meta["absent"].split(" ")[-2:]
+        assert re.search(rf"\b{named_colour} {named_shape}\b", e.meta["prompt"])
+        assert named_shape in R.SHAPES and named_colour in R.COLOURS
+        if named_shape != drawn_shape:  # shape swapped: never a look-alike, colour kept
+            assert named_colour == drawn_colour
+            assert not any({named_shape, drawn_shape} <= family for family in families)
+        else:  # colour swapped: far from the drawn one in some channel
+            gap = np.abs(np.subtract(R.COLOURS[named_colour], R.COLOURS[drawn_colour])).max()
+            assert gap >= 80
+    assert 0.3 < absent / len(plain) < 0.5
+    with pytest.raises(ValueError, match="locate_absent"):
+        SynthConfig(tasks=("sc",), locate_absent=0.2)
+    with pytest.raises(ValueError, match="locate_absent must lie"):
+        SynthConfig(tasks=("locate",), locate_absent=1.5)
