@@ -32,6 +32,7 @@ run in the same out_dir resumes training (or, with --skip-train, only re-evaluat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -191,6 +192,16 @@ def _grounding_stage(args, stage: int) -> tuple[dict, bool]:
         rows = {"model": figures, **baselines}
         _print_table(rows, ["parse_rate", "mean_iou", "box_recall", "box_precision"], STAGE_GOALS[2])
         tiles = [(r.images[0], t, p or [], "") for r, t, p in zip(records, truth, predicted)]
+        if any(SyntheticSource(spec).config.locate_absent > 0 for spec in cfg.data.sources if spec.startswith("synthetic:")):
+            # Trained on prompts naming absent objects: the same held-out images, each prompt naming
+            # an object the image lacks (locate_absent=1 draws the same scenes), should get no region.
+            absent_cfg = dataclasses.replace(source.config, locate_absent=1.0)
+            absent = [generate_example(i, args.eval_seed, "test", absent_cfg) for i in range(args.eval_examples)]
+            absent_texts = S.greedy_answers(model, processor, absent, args.max_new_tokens)
+            figures["absent_no_region"] = float(np.mean([S.answers_no_region(t) for t in absent_texts]))
+            figures["absent_answers"] = absent_texts[:3]
+            print(f"the same images, prompts naming an absent object: {figures['absent_no_region']:.3f} answered "
+                  f"with no region (first: {absent_texts[:2]})")
     print(f"held-out answer loss (teacher forced): {reliance['true images']:.4f} with the true images, "
           f"{reliance['blank images']:.4f} with blank images")
     print(f"first answers: {texts[:3]}")

@@ -58,6 +58,13 @@ def _box(b) -> bool:
             and b[0] < b[2] and b[1] < b[3])
 
 
+def answers_no_region(text: str) -> bool:
+    """True for a JSON object whose `edit_region` is an empty list (other keys, such as a
+    `reasoning`, allowed): the answer to a locate prompt that names an absent object."""
+    answer = _json_object(text)
+    return answer is not None and answer.get("edit_region") == []
+
+
 def parse_regions(text: str) -> list[list[int]] | None:
     """The boxes of a strict region answer `{"edit_region": [{"id", "label", "bbox_2d"}, ...]}`
     (exactly that key, each region exactly those keys, integer boxes inside 0..1000 with

@@ -221,6 +221,9 @@ def test_strict_answer_parsers():
                 '{"edit_region": [{"id": 0, "bbox_2d": [1, 2, 30, 40]}]}',
                 '{"edit_region": [], "score": [1, 2]}', 'no json'):
         assert S.parse_regions(bad) is None, bad
+    assert S.answers_no_region('{"edit_region": [], "reasoning": "<|global|> The image has no red star"}')
+    for bad in (good, '{"edit_region": {}}', '{"region": []}', '[]', 'no json', '{"edit_region": [], '):
+        assert not S.answers_no_region(bad), bad
 
 
 def test_colour_metrics_and_majority_baseline():
